@@ -1,0 +1,1 @@
+"""FractureNode analysis pipeline: validation, models, explanations, synthetic data, training, evaluation."""

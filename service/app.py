@@ -1,0 +1,52 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response
+
+from config import Settings
+from service.db import Database
+from service.errors import register_error_handlers
+
+log = logging.getLogger(__name__)
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
+
+
+def create_app(settings: Settings | None = None, db: Database | None = None) -> Flask:
+    """Build the web application. Tests pass their own ``settings`` (and may share a ``db``)."""
+    settings = (settings or Settings.from_env()).with_secret_key()
+    settings.ensure_dirs()
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_NAME="fracturenode_session",
+        JSON_SORT_KEYS=False,
+    )
+    app.extensions["fracture.settings"] = settings
+    app.extensions["fracture.db"] = db or Database.from_settings(settings)
+
+    register_error_handlers(app)
+
+    from service import health
+
+    app.register_blueprint(health.bp)
+
+    @app.after_request
+    def _security_headers(response: Response) -> Response:
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
+        return response
+
+    return app
