@@ -36,9 +36,11 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
 
     register_error_handlers(app)
 
-    from service import health
+    from service import api, health, portal
 
     app.register_blueprint(health.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(portal.bp)
 
     @app.after_request
     def _security_headers(response: Response) -> Response:
