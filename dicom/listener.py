@@ -1,7 +1,16 @@
 """The DICOM listener: Verification (C-ECHO) and Storage SCP, guarded by the calling-AE allow-list.
 
 Handlers are bound as ``(event, handler, [args])`` so they get their dependencies passed in. The C-STORE
-handler is thin: it stores the instance, records it and returns a status (PS3.4 B.2.3).
+handler is thin (PS3.4 B.2.3): it hands the encoded instance, exactly as received, to
+:func:`service.ingest.ingest` (store the file, record instance and job in one transaction) and returns a
+status. No decoding, no inference: the sender is waiting. Our exceptions become DIMSE statuses in
+:mod:`dicom.status`.
+
+Accepted: the radiography storage SOP classes (CR, DX and intra-oral X-ray for presentation and for
+processing, Secondary Capture) and, so that a PACS sending a whole study is not refused mid-way, the other
+common image storage SOP classes; those are stored, recorded and then rejected by validation with a reason.
+Transfer syntaxes: the uncompressed ones, deflate, JPEG Baseline/Extended/Lossless, JPEG-LS, JPEG 2000
+and RLE (decoded later by the workers with the pylibjpeg plugins).
 """
 
 from __future__ import annotations
@@ -9,21 +18,80 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pydicom import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom import sop_class as sc
 from pynetdicom.transport import ThreadedAssociationServer
 
 from config import Settings
 from dicom.net import set_tcp_nodelay
+from dicom.status import SUCCESS, store_failure_status
 
 log = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+TRANSFER_SYNTAXES: list[str] = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, RLELossless,
+]
+
+def _uids(*names: str) -> list[str]:
+    """Storage SOP Class UIDs by their pynetdicom names."""
+    return [str(getattr(sc, name)) for name in names]
+
+
+#: What FractureNode analyses (PS3.4 B.5).
+RADIOGRAPHY_SOP_CLASSES: list[str] = _uids(
+    "ComputedRadiographyImageStorage",
+    "DigitalXRayImageStorageForPresentation",
+    "DigitalXRayImageStorageForProcessing",
+    "DigitalIntraOralXRayImageStorageForPresentation",
+    "DigitalIntraOralXRayImageStorageForProcessing",
+    "SecondaryCaptureImageStorage",
+    "MultiFrameGrayscaleByteSecondaryCaptureImageStorage",
+    "MultiFrameGrayscaleWordSecondaryCaptureImageStorage",
+)
+
+#: Accepted so that a whole study is not refused; recorded, then rejected by validation with a reason.
+OTHER_IMAGE_SOP_CLASSES: list[str] = _uids(
+    "CTImageStorage", "EnhancedCTImageStorage", "MRImageStorage", "EnhancedMRImageStorage",
+    "UltrasoundImageStorage", "UltrasoundMultiFrameImageStorage", "NuclearMedicineImageStorage",
+    "PositronEmissionTomographyImageStorage", "DigitalMammographyXRayImageStorageForPresentation",
+    "DigitalMammographyXRayImageStorageForProcessing", "BreastTomosynthesisImageStorage",
+    "XRayAngiographicImageStorage", "EnhancedXAImageStorage", "XRayRadiofluoroscopicImageStorage",
+    "EnhancedXRFImageStorage", "XRay3DAngiographicImageStorage", "XRay3DCraniofacialImageStorage",
+    "MultiFrameSingleBitSecondaryCaptureImageStorage", "MultiFrameTrueColorSecondaryCaptureImageStorage",
+    "VLPhotographicImageStorage", "RTImageStorage",
+)
+
+
+def _peer(event: Any) -> str:
+    return f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
 
 
 def _log_request(event: Any, settings: Settings) -> None:
     """``EVT_REQUESTED``: log every association request, and each one the allow-list refuses."""
-    calling = event.assoc.requestor.ae_title.strip()
-    called = event.assoc.acceptor.ae_title.strip()
-    peer = f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
+    primitive = event.assoc.requestor.primitive  # the A-ASSOCIATE-RQ: the AE titles are not copied yet
+    calling = str(getattr(primitive, "calling_ae_title", "") or event.assoc.requestor.ae_title).strip()
+    called = str(getattr(primitive, "called_ae_title", "") or event.assoc.acceptor.ae_title).strip()
+    peer = _peer(event)
     if settings.allowed_calling_aes and calling not in settings.allowed_calling_aes:
         log.warning("refusing association from %s: calling AE %r is not allowed", peer, calling)
     elif called != settings.ae_title:
@@ -32,12 +100,32 @@ def _log_request(event: Any, settings: Settings) -> None:
         log.info("association request from %s (calling AE %r)", peer, calling)
 
 
+def _log_aborted(event: Any) -> None:
+    log.warning("association from %s aborted; anything not completely received was not stored", _peer(event))
+
+
 def _handle_echo(event: Any) -> int:
-    return 0x0000
+    return SUCCESS
+
+
+def handle_store(event: Any, settings: Settings, db: Any) -> int | Dataset:
+    """``EVT_C_STORE``: hand the encoded instance to ``ingest`` and answer Success or a failure status."""
+    from service.ingest import ingest
+
+    try:
+        data = event.encoded_dataset(include_meta=True)
+        ingest(db, settings, data, source="dicom", calling_ae=event.assoc.requestor.ae_title.strip() or None,
+               peer_address=event.assoc.requestor.address)
+    except Exception as exc:  # noqa: BLE001 - every failure must become a failure status, never Success
+        status = store_failure_status(exc)
+        log.warning("C-STORE of %s from %s refused with 0x%04X: %s", event.request.AffectedSOPInstanceUID,
+                    _peer(event), int(status.Status), exc)
+        return status
+    return SUCCESS
 
 
 def build_ae(settings: Settings) -> AE:
-    """An AE configured from settings: our title, the allow-list and the called-AE check."""
+    """An AE configured from settings: our title, the allow-list, the called-AE check, storage contexts."""
     ae = AE(ae_title=settings.ae_title)
     ae.require_called_aet = True
     if settings.allowed_calling_aes:
@@ -46,21 +134,34 @@ def build_ae(settings: Settings) -> AE:
     ae.network_timeout = 60
     ae.acse_timeout = 30
     ae.dimse_timeout = 120
-    ae.add_supported_context(Verification)
+    ae.maximum_associations = 16
+    ae.add_supported_context(VERIFICATION)
+    for sop_class in RADIOGRAPHY_SOP_CLASSES + OTHER_IMAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     return ae
 
 
-def handlers(settings: Settings) -> list[Any]:
+def handlers(settings: Settings, db: Any) -> list[Any]:
     return [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_REQUESTED, _log_request, [settings]),
+        (evt.EVT_ABORTED, _log_aborted),
         (evt.EVT_C_ECHO, _handle_echo),
+        (evt.EVT_C_STORE, handle_store, [settings, db]),
     ]
 
 
-def start_listener(settings: Settings, *, block: bool = False) -> ThreadedAssociationServer | None:
-    """Start listening on ``settings.dicom_host:dicom_port``. With ``block=False`` returns the server."""
+def start_listener(settings: Settings, *, block: bool = False, db: Any = None) -> ThreadedAssociationServer | None:
+    """Start listening on ``settings.dicom_host:dicom_port``. With ``block=False`` returns the server.
+
+    ``db`` (a :class:`service.db.Database`) defaults to one made from settings; instances are stored under
+    ``settings.storage_dir``.
+    """
+    from service.db import Database
+
+    settings.ensure_dirs()
+    database = db if db is not None else Database.from_settings(settings)
     ae = build_ae(settings)
     address = (settings.dicom_host, settings.dicom_port)
     log.info("DICOM listener %s on %s:%s", settings.ae_title, *address)
-    return ae.start_server(address, block=block, evt_handlers=handlers(settings))
+    return ae.start_server(address, block=block, evt_handlers=handlers(settings, database))

@@ -1,13 +1,24 @@
-"""The DICOM listener on loopback: C-ECHO, the calling-AE allow-list, the called-AE check, TCP_NODELAY."""
+"""The DICOM listener on loopback: C-ECHO, the calling-AE allow-list, the called-AE check, TCP_NODELAY, and
+the Storage SCP (stored once, versions, aborted transfers, full disk, database down, too large)."""
 
+import contextlib
 import dataclasses
 import socket
+import subprocess
+import time
+from pathlib import Path
 
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import func, select
 
 from config import Settings
 from dicom.listener import start_listener
+from service.db import Database
+from service.models import Instance, Job
 
 
 def _associate(settings: Settings, calling: str = "MODALITY", called: str | None = None):  # type: ignore[no-untyped-def]
@@ -51,3 +62,136 @@ def test_allow_list_and_called_ae(settings: Settings) -> None:
         ok.release()
     finally:
         server.shutdown()
+
+
+# ------------------------------------------------------------------------------------- Storage SCP
+
+
+DX = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+def _store_client(settings: Settings, calling: str = "MODALITY"):  # type: ignore[no-untyped-def]
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(DX, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.dimse_timeout = 10
+    ae.network_timeout = 10
+    return ae.associate("127.0.0.1", settings.dicom_port, ae_title=settings.ae_title)
+
+
+def _counts(db: Database) -> tuple[int, int]:
+    with db.session() as session:
+        return (int(session.scalar(select(func.count()).select_from(Instance)) or 0),
+                int(session.scalar(select(func.count()).select_from(Job)) or 0))
+
+
+def _stored_files(settings: Settings) -> list[Path]:
+    return [p for p in settings.storage_dir.rglob("*") if p.is_file()]
+
+
+@pytest.fixture
+def listener(settings: Settings, db: Database):  # type: ignore[no-untyped-def]
+    server = start_listener(settings, db=db)
+    assert server is not None
+    yield server
+    server.shutdown()
+
+
+def test_c_store_stores_once_and_versions_changes(settings: Settings, db: Database, listener,  # type: ignore[no-untyped-def]
+                                                  make_dicom) -> None:
+    path = make_dicom("DX", sop_instance_uid="1.2.826.0.1.3680043.10.2.1", seed=1)
+    changed = make_dicom("DX", sop_instance_uid="1.2.826.0.1.3680043.10.2.1", seed=2)
+    assoc = _store_client(settings)
+    assert assoc.is_established
+    statuses = [assoc.send_c_store(dcmread(p)).Status for p in (path, path, changed)]
+    assoc.release()
+    assert statuses == [0x0000, 0x0000, 0x0000]
+    assert _counts(db) == (2, 2)
+    with db.session() as session:
+        rows = session.scalars(select(Instance).order_by(Instance.version)).all()
+    assert [(r.version, r.changed_from_previous, r.calling_ae) for r in rows] == [(1, False, "MODALITY"),
+                                                                                (2, True, "MODALITY")]
+    assert rows[0].peer_address == "127.0.0.1" and rows[0].transfer_syntax_uid == ExplicitVRLittleEndian
+    assert Path(rows[0].file_path).read_bytes()[132:] != b"" and len(_stored_files(settings)) == 2
+
+
+def test_aborted_association_mid_transfer_stores_nothing(settings: Settings, db: Database, listener,  # type: ignore[no-untyped-def]
+                                                         make_dicom) -> None:
+    big = make_dicom("DX", rows=1024, cols=1024)
+    assoc = _store_client(settings)
+    assert assoc.is_established
+    transport = assoc.dul.socket
+    assert transport is not None
+    original_send = transport.send
+
+    def send_half_then_drop(data: bytes) -> None:
+        if len(data) < 100_000:
+            return original_send(data)
+        transport.socket.sendall(data[: len(data) // 2])  # type: ignore[union-attr]
+        transport.socket.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+        transport.event_queue.put("Evt17")  # what pynetdicom does when the connection drops
+        return None
+
+    transport.send = send_half_then_drop  # type: ignore[method-assign]
+    with contextlib.suppress(Exception):
+        assoc.send_c_store(dcmread(big))
+    if assoc.is_established:
+        assoc.abort()
+    deadline = time.monotonic() + 5
+    while listener.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _counts(db) == (0, 0)
+    assert _stored_files(settings) == []
+    ok = _store_client(settings)  # the listener is unharmed
+    assert ok.send_c_store(dcmread(make_dicom("DX"))).Status == 0x0000
+    ok.release()
+    assert _counts(db) == (1, 1)
+
+
+def test_too_large_and_database_down_are_out_of_resources(settings: Settings, make_dicom, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    small = dataclasses.replace(settings, max_upload_mb=1)
+    server = start_listener(small)
+    assert server is not None
+    try:
+        assoc = _store_client(small)
+        status = assoc.send_c_store(dcmread(make_dicom("DX", rows=1024, cols=1024)))
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert status.Status == 0xA702 and "too large" in status.ErrorComment
+    down_url = (f"sqlite:///{tmp_path}" if settings.database_url.startswith("sqlite")
+                else "postgresql+psycopg2://postgres@127.0.0.1:1/nowhere")
+    down = dataclasses.replace(settings, database_url=down_url)
+    server = start_listener(down)
+    assert server is not None
+    try:
+        assoc = _store_client(down)
+        status = assoc.send_c_store(dcmread(make_dicom("DX")))
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert status.Status == 0xA701 and "database" in status.ErrorComment
+    assert _stored_files(settings) == []  # the file written before the database failed was removed
+
+
+@pytest.fixture
+def full_disk(settings: Settings):  # type: ignore[no-untyped-def]
+    """``settings.storage_dir`` on a 1 MB tmpfs (needs root; skipped where mounting is not permitted)."""
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(settings.storage_dir)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to simulate a full disk: {mounted.stderr.strip()}")
+    yield settings.storage_dir
+    subprocess.run(["umount", "-l", str(settings.storage_dir)], check=False)
+
+
+def test_disk_full_is_out_of_resources_never_success(settings: Settings, db: Database, listener, full_disk,  # type: ignore[no-untyped-def]
+                                                     make_dicom) -> None:
+    assoc = _store_client(settings)
+    fits = assoc.send_c_store(dcmread(make_dicom("DX", rows=128, cols=128)))
+    too_big = assoc.send_c_store(dcmread(make_dicom("DX", rows=1024, cols=768)))
+    assoc.release()
+    assert fits.Status == 0x0000
+    assert too_big.Status == 0xA700 and "storage full" in too_big.ErrorComment
+    assert _counts(db) == (1, 1)
+    assert len(_stored_files(settings)) == 1  # no partial file left behind

@@ -1,0 +1,464 @@
+"""The one way a study enters FractureNode.
+
+:func:`ingest` is called by the DICOM listener's C-STORE handler and (through :func:`ingest_upload`) by
+the HTTP upload endpoint. It stores the encoded instance in the content-addressed store (temp file, fsync,
+atomic rename, SHA-256), then records patient, study, series, instance and a queued job in ONE database
+transaction. Nothing is decoded here beyond the header: workers do the pixel work.
+
+Idempotency: the same SOP Instance UID with the same bytes is stored once and processed once; different
+bytes under a known SOP Instance UID become a new ``version`` flagged ``changed_from_previous``, with a job
+of its own. The unique constraint ``(sop_instance_uid, version)`` settles races between concurrent senders.
+
+:func:`ingest_upload` adds the HTTP checks: size limit, content type against magic bytes, and for PNG/JPEG a
+decompression-bomb guard before the image is wrapped as a DICOM Secondary Capture with generated UIDs.
+
+Every failure is one of our :class:`IngestError` subclasses; ``dicom.status`` turns them into DIMSE
+statuses and ``service.errors`` (they are :class:`~service.errors.ServiceError`) into HTTP responses.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from sqlalchemy import Engine, select, update
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from config import Settings
+from service.audit import audit
+from service.db import Database
+from service.errors import ServiceError
+from service.jobs import create_job
+from service.models import Instance, Job, Patient, Series, Study, utcnow
+from service.storage import StorageFull, StoredFile, discard, store_bytes
+
+log = logging.getLogger(__name__)
+
+#: A decoded upload may not have more pixels than this (a 4300x3500 detector image has 15 MP).
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_IMAGE_SIDE = 16_384
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+DICOM_MAGIC = b"DICM"  # at offset 128 of a Part 10 file
+CONTENT_TYPES = {
+    "application/dicom": "dicom",
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/jpg": "jpeg",
+    "image/pjpeg": "jpeg",
+}
+UNTYPED = ("", "application/octet-stream")
+_RETRIES = 3
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+class IngestError(ServiceError):
+    """An instance or upload could not be taken in; the subclasses say why."""
+
+    status, code = 400, "ingest_error"
+
+
+class InvalidInstance(IngestError):
+    """The object is DICOM but lacks what we need (SOP Class/Instance, Study, Series UIDs)."""
+
+    status, code = 422, "invalid_instance"
+
+
+class UnreadableInstance(IngestError):
+    """The bytes cannot be parsed as a DICOM Part 10 object."""
+
+    status, code = 422, "unreadable_instance"
+
+
+class InstanceTooLarge(IngestError):
+    """Larger than ``settings.max_upload_mb``."""
+
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedUpload(IngestError):
+    """Content type or magic bytes are not DICOM, PNG or JPEG, or they disagree."""
+
+    status, code = 415, "unsupported_media_type"
+
+
+class UnreadableImage(IngestError):
+    """A PNG/JPEG that cannot be decoded, or one whose pixel count is a decompression bomb."""
+
+    status, code = 422, "unreadable_image"
+
+
+class OutOfResources(IngestError):
+    """We could not store what was sent (disk full, database unavailable): the sender should retry."""
+
+    status, code = 503, "unavailable"
+
+
+class DiskFull(OutOfResources):
+    code = "storage_full"
+
+
+class StorageUnavailable(OutOfResources):
+    code = "storage_unavailable"
+
+
+class DatabaseUnavailable(OutOfResources):
+    code = "database_unavailable"
+
+
+# ------------------------------------------------------------------------------------------- ingest
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What happened to one received object."""
+
+    instance_pk: int
+    job_pk: int | None
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    version: int
+    sha256: str
+    path: Path
+    #: Same SOP Instance UID and same bytes as the latest stored version: nothing new was stored or queued.
+    duplicate: bool
+    #: Different bytes under a known SOP Instance UID: stored as a new version.
+    changed: bool
+
+
+@dataclass(frozen=True)
+class _Header:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str | None
+    ds: Dataset
+
+
+def _text(ds: Dataset, keyword: str, limit: int | None = None) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    text = str(value).strip()
+    return text[:limit] if limit else text
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_header(data: bytes) -> _Header:
+    """Parse the header of an encoded Part 10 object (no pixel data); raise our errors on anything odd."""
+    try:
+        ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, NotImplementedError) as exc:
+        raise UnreadableInstance(f"not a readable DICOM Part 10 object: {exc}") from None
+    meta = getattr(ds, "file_meta", None)
+    if len(ds) == 0:
+        raise UnreadableInstance("not a readable DICOM Part 10 object: no data elements")
+    values: dict[str, str] = {}
+    for keyword, fallback in (("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+                              ("SOPClassUID", "MediaStorageSOPClassUID"),
+                              ("StudyInstanceUID", None), ("SeriesInstanceUID", None)):
+        try:
+            value = _text(ds, keyword) or (_text(meta, fallback) if meta is not None and fallback else None)
+        except Exception as exc:  # noqa: BLE001 - a corrupt element may fail in many ways when accessed
+            raise UnreadableInstance(f"cannot read {keyword}: {exc}") from None
+        if not value:
+            raise InvalidInstance(f"the object has no {keyword}")
+        if len(value) > 64:
+            raise InvalidInstance(f"{keyword} is longer than 64 characters")
+        values[keyword] = value
+    tsyntax = _text(meta, "TransferSyntaxUID") if meta is not None else None
+    return _Header(values["SOPInstanceUID"], values["SOPClassUID"], values["StudyInstanceUID"],
+                   values["SeriesInstanceUID"], tsyntax, ds)
+
+
+def _insert_ignore(engine: Engine, table: Any) -> Any:
+    if engine.dialect.name == "postgresql":
+        return pg_insert(table)
+    return sqlite_insert(table)
+
+
+def _upsert(session: Session, model: Any, keys: dict[str, Any], values: dict[str, Any]) -> Any:
+    """Insert ``keys + values`` unless a row with ``keys`` exists (race-safe: ON CONFLICT DO NOTHING)."""
+    engine = session.get_bind()
+    assert isinstance(engine, Engine)
+    stmt = _insert_ignore(engine, model.__table__).values(**keys, **values)
+    session.execute(stmt.on_conflict_do_nothing(index_elements=list(keys)))
+    query = select(model)
+    for name, value in keys.items():
+        query = query.where(getattr(model, name) == value)
+    return session.scalars(query).one()
+
+
+def _record(session: Session, settings: Settings, header: _Header, stored: StoredFile, *, source: str,
+            calling_ae: str | None, peer_address: str | None, uploaded_by_id: int | None,
+            original_filename: str | None) -> IngestResult:
+    ds = header.ds
+    now = utcnow()
+    latest = session.scalars(
+        select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
+        .order_by(Instance.version.desc()).limit(1)
+    ).first()
+    if latest is not None and latest.sha256 == stored.sha256:
+        job_pk = session.scalar(select(Job.id).where(Job.instance_pk == latest.id).order_by(Job.id.desc()).limit(1))
+        series = session.get(Series, latest.series_pk)
+        study = session.get(Study, series.study_pk) if series else None
+        return IngestResult(latest.id, job_pk, latest.sop_instance_uid, latest.sop_class_uid,
+                            study.study_instance_uid if study else header.study_instance_uid,
+                            series.series_instance_uid if series else header.series_instance_uid,
+                            latest.version, latest.sha256, Path(latest.file_path), duplicate=True, changed=False)
+
+    patient_id = _text(ds, "PatientID", 64) or ""
+    patient = _upsert(session, Patient, {"patient_id": patient_id, "issuer": _text(ds, "IssuerOfPatientID", 64) or ""},
+                      {"name": _text(ds, "PatientName", 324) or "", "birth_date": _text(ds, "PatientBirthDate", 8),
+                       "sex": _text(ds, "PatientSex", 16), "created_at": now})
+    study = _upsert(session, Study, {"study_instance_uid": header.study_instance_uid}, {
+        "patient_pk": patient.id, "study_date": _text(ds, "StudyDate", 8), "study_time": _text(ds, "StudyTime", 16),
+        "accession_number": _text(ds, "AccessionNumber", 16),
+        "referring_physician_name": _text(ds, "ReferringPhysicianName", 324),
+        "description": _text(ds, "StudyDescription", 64), "uploaded_by_id": uploaded_by_id, "source": source,
+        "calling_ae": calling_ae, "created_at": now, "last_instance_at": now, "report_state": "pending",
+    })
+    # A new instance restarts the study's quiet period; one arriving after the report re-opens it.
+    session.execute(update(Study).where(Study.id == study.id).values(last_instance_at=now, report_state="pending"))
+    series = _upsert(session, Series, {"series_instance_uid": header.series_instance_uid}, {
+        "study_pk": study.id, "modality": _text(ds, "Modality", 16), "series_number": _int(ds, "SeriesNumber"),
+        "body_part": _text(ds, "BodyPartExamined", 64), "laterality": _text(ds, "ImageLaterality", 16)
+        or _text(ds, "Laterality", 16), "description": _text(ds, "SeriesDescription", 64),
+    })
+    version = 1 if latest is None else latest.version + 1
+    instance = Instance(
+        sop_instance_uid=header.sop_instance_uid, version=version, series_pk=series.id,
+        sop_class_uid=header.sop_class_uid, transfer_syntax_uid=header.transfer_syntax_uid,
+        instance_number=_int(ds, "InstanceNumber"), file_path=str(stored.path), size_bytes=stored.size,
+        sha256=stored.sha256, source=source, calling_ae=calling_ae, peer_address=peer_address,
+        uploaded_by_id=uploaded_by_id, original_filename=(original_filename or None) and original_filename[:256],
+        changed_from_previous=latest is not None, received_at=now,
+    )
+    session.add(instance)
+    session.flush()  # IntegrityError here when a concurrent sender won the race for this version
+    detail = f"stored {stored.sha256[:16]} ({stored.size} bytes) via {source}"
+    if calling_ae:
+        detail += f" from AE {calling_ae}"
+    if latest is not None:
+        detail += f"; changed from version {latest.version}"
+    job = create_job(session, instance.id, max_attempts=settings.job_max_attempts, detail=detail)
+    actor_type, actor = ("ae", calling_ae or "?") if source == "dicom" else ("user", str(uploaded_by_id or "?"))
+    audit(session, actor_type=actor_type, actor=actor, action="instance.receive", object_type="instance",
+          object_id=header.sop_instance_uid, patient_id=patient_id or None, remote_addr=peer_address,
+          detail={"version": version, "sha256": stored.sha256, "study": header.study_instance_uid})
+    return IngestResult(instance.id, job.id, header.sop_instance_uid, header.sop_class_uid,
+                        header.study_instance_uid, header.series_instance_uid, version, stored.sha256, stored.path,
+                        duplicate=False, changed=latest is not None)
+
+
+def ingest(db: Database, settings: Settings, data: bytes, *, source: str = "dicom", calling_ae: str | None = None,
+           peer_address: str | None = None, uploaded_by_id: int | None = None,
+           original_filename: str | None = None) -> IngestResult:
+    """Store one encoded DICOM Part 10 object and queue its analysis (see the module docstring).
+
+    Raises :class:`InstanceTooLarge`, :class:`UnreadableInstance`, :class:`InvalidInstance`,
+    :class:`DiskFull`, :class:`StorageUnavailable` or :class:`DatabaseUnavailable`; on any of them nothing
+    is recorded and no file this call wrote is left behind.
+    """
+    if len(data) > settings.max_upload_bytes:
+        raise InstanceTooLarge(f"instance of {len(data)} bytes exceeds the {settings.max_upload_mb} MB limit")
+    header = read_header(data)
+    try:
+        stored = store_bytes(settings.storage_dir, data)
+    except StorageFull as exc:
+        log.error("cannot store instance %s: %s", header.sop_instance_uid, exc)
+        raise DiskFull(str(exc)) from exc
+    except OSError as exc:
+        log.error("cannot store instance %s: %s", header.sop_instance_uid, exc)
+        raise StorageUnavailable(str(exc)) from exc
+    try:
+        for attempt in range(1, _RETRIES + 1):
+            try:
+                with db.session() as session:
+                    result = _record(session, settings, header, stored, source=source, calling_ae=calling_ae,
+                                     peer_address=peer_address, uploaded_by_id=uploaded_by_id,
+                                     original_filename=original_filename)
+                break
+            except sa_exc.IntegrityError:
+                if attempt == _RETRIES:
+                    raise
+                log.info("concurrent insert of %s; retrying", header.sop_instance_uid)
+    except (sa_exc.DBAPIError, sa_exc.TimeoutError) as exc:
+        discard(stored)
+        log.error("database unavailable while recording %s: %s", header.sop_instance_uid,
+                  str(exc).splitlines()[0])
+        raise DatabaseUnavailable(f"database unavailable: {type(exc.__cause__ or exc).__name__}") from exc
+    except BaseException:
+        discard(stored)
+        raise
+    if result.duplicate:
+        log.info("duplicate of %s v%d (sha256 %s): already stored, not queued again", result.sop_instance_uid,
+                 result.version, result.sha256[:16])
+    elif result.changed:
+        log.warning("instance %s re-sent with different content: stored as version %d (sha256 %s), job %s",
+                    result.sop_instance_uid, result.version, result.sha256[:16], result.job_pk)
+    else:
+        log.info("stored %s (%s, sha256 %s, %d bytes from %s), job %s", result.sop_instance_uid, source,
+                 result.sha256[:16], stored.size, calling_ae or peer_address or "upload", result.job_pk)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ uploads
+
+
+def sniff(data: bytes) -> str | None:
+    """``dicom``, ``png``, ``jpeg`` from the magic bytes, else None."""
+    if len(data) >= 132 and data[128:132] == DICOM_MAGIC:
+        return "dicom"
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    return None
+
+
+def _read_limited(stream: bytes | BinaryIO, limit: int) -> bytes:
+    data = bytes(stream) if isinstance(stream, bytes | bytearray | memoryview) else stream.read(limit + 1)
+    if len(data) > limit:
+        raise InstanceTooLarge(f"upload exceeds the {limit // (1024 * 1024)} MB limit")
+    return data
+
+
+def decode_upload_image(data: bytes, kind: str) -> np.ndarray:
+    """Decode a PNG/JPEG with a decompression-bomb guard; return uint8/uint16 grey (HxW) or uint8 RGB."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG" if kind == "png" else "JPEG"]) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_IMAGE_SIDE:
+                raise UnreadableImage(f"image of {width}x{height} pixels is larger than allowed "
+                                      f"({MAX_IMAGE_PIXELS // 1_000_000} MP, {MAX_IMAGE_SIDE} px a side)")
+            img.load()
+            image: Image.Image = ImageOps.exif_transpose(img) if kind == "jpeg" else img
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                array = np.asarray(image)
+                if array.dtype != np.uint16:
+                    array = np.clip(array, 0, 65535).astype(np.uint16)
+                return array
+            if image.mode == "L":
+                return np.asarray(image, dtype=np.uint8).copy()
+            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except UnreadableImage:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise UnreadableImage(f"cannot decode the {kind.upper()} image: {exc}") from None
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+        return rgb[..., 0].copy()
+    return rgb
+
+
+def wrap_secondary_capture(pixels: np.ndarray, *, patient_id: str = "", patient_name: str = "",
+                           referring_physician_name: str | None = None, study_description: str | None = None,
+                           modality: str = "OT") -> bytes:
+    """Wrap a decoded image as a DICOM Secondary Capture Image (PS3.3 A.8.1) with generated UIDs."""
+    now = dt.datetime.now(dt.UTC)
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.StudyDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.StudyID = ""
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = referring_physician_name or ""
+    if study_description:
+        ds.StudyDescription = study_description[:64]
+    ds.PatientID = patient_id
+    ds.PatientName = patient_name
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.Modality = modality
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.ConversionType = "WSD"
+    ds.PatientOrientation = ""
+    ds.BurnedInAnnotation = "NO"
+    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
+    ds.PixelRepresentation = 0
+    if pixels.ndim == 3:
+        ds.SamplesPerPixel = 3
+        ds.PhotometricInterpretation = "RGB"
+        ds.PlanarConfiguration = 0
+        ds.BitsAllocated = ds.BitsStored = 8
+    else:
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16 if pixels.dtype == np.uint16 else 8
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def ingest_upload(db: Database, settings: Settings, stream: bytes | BinaryIO, *, content_type: str | None,
+                  filename: str | None = None, uploaded_by_id: int | None = None, source: str = "upload",
+                  remote_addr: str | None = None, patient_id: str = "", patient_name: str = "",
+                  referring_physician_name: str | None = None) -> IngestResult:
+    """Take an HTTP upload (DICOM Part 10, PNG or JPEG) through the checks, then :func:`ingest`.
+
+    ``content_type`` must be ``application/dicom``, ``image/png`` or ``image/jpeg`` and agree with the magic
+    bytes (``application/octet-stream`` or none: the magic bytes decide). PNG/JPEG become Secondary Capture
+    objects with generated UIDs; ``patient_*`` and ``referring_physician_name`` fill their header.
+    """
+    data = _read_limited(stream, settings.max_upload_bytes)
+    declared = (content_type or "").split(";")[0].strip().lower()
+    kind = sniff(data)
+    if declared not in UNTYPED and declared not in CONTENT_TYPES:
+        raise UnsupportedUpload(f"content type {declared!r} is not accepted; send application/dicom, image/png "
+                                "or image/jpeg")
+    if kind is None:
+        raise UnsupportedUpload("the file is not DICOM Part 10, PNG or JPEG (magic bytes)")
+    if declared in CONTENT_TYPES and CONTENT_TYPES[declared] != kind:
+        raise UnsupportedUpload(f"content type {declared!r} does not match the file's content ({kind})")
+    if kind != "dicom":
+        pixels = decode_upload_image(data, kind)
+        # An image without a patient ID is its own anonymous patient, never merged with other uploads.
+        patient_id = patient_id.strip() or f"ANON-{secrets.token_hex(6).upper()}"
+        data = wrap_secondary_capture(pixels, patient_id=patient_id, patient_name=patient_name,
+                                      referring_physician_name=referring_physician_name,
+                                      study_description=(f"Upload {filename}" if filename else "Upload"))
+        if len(data) > settings.max_upload_bytes:
+            raise InstanceTooLarge("the decoded image exceeds the upload size limit")
+    return ingest(db, settings, data, source=source, peer_address=remote_addr, uploaded_by_id=uploaded_by_id,
+                  original_filename=filename)

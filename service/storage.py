@@ -1,0 +1,127 @@
+"""Content-addressed file store for received instances.
+
+A file is named by the SHA-256 of its bytes (``<storage dir>/ab/cd/abcd....dcm``), so storing the same
+bytes twice keeps one copy. Writing is crash-safe: the bytes go to a temporary file in the store's own
+``.tmp`` folder (same file system), are fsync'ed, and the file is renamed into place atomically; the folder
+is fsync'ed too. A reader therefore sees either the whole file or none of it.
+
+Errors are our own: :class:`StorageFull` for ENOSPC/EDQUOT/EFBIG (the disk or a quota is full),
+:class:`StorageError` for any other I/O failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class StorageError(OSError):
+    """The instance could not be written to (or read from) the store."""
+
+
+class StorageFull(StorageError):
+    """The store's file system (or a quota, or a file-size limit) is full."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: Path
+    sha256: str
+    size: int
+    #: True when this call wrote the file; False when identical bytes were already stored.
+    created: bool
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def path_for(storage_dir: Path, sha256: str, suffix: str = ".dcm") -> Path:
+    return storage_dir / sha256[:2] / sha256[2:4] / f"{sha256}{suffix}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _translate(exc: OSError, what: str) -> StorageError:
+    if exc.errno in _FULL_ERRNOS:
+        return StorageFull(exc.errno, f"storage full while {what}: {exc.strerror}")
+    return StorageError(exc.errno, f"storage error while {what}: {exc.strerror or exc}")
+
+
+def store_bytes(storage_dir: Path, data: bytes, suffix: str = ".dcm") -> StoredFile:
+    """Store ``data`` under its SHA-256; temp file, fsync, atomic rename. Raises :class:`StorageError`."""
+    digest = sha256_bytes(data)
+    final = path_for(storage_dir, digest, suffix)
+    if final.is_file() and final.stat().st_size == len(data):
+        return StoredFile(final, digest, len(data), created=False)
+    tmp_dir = storage_dir / ".tmp"
+    tmp_name: str | None = None
+    try:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=digest[:16] + ".", suffix=".part")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, final)
+        tmp_name = None
+        _fsync_dir(final.parent)
+    except OSError as exc:
+        raise _translate(exc, f"writing {len(data)} bytes") from exc
+    finally:
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+    return StoredFile(final, digest, len(data), created=True)
+
+
+def discard(stored: StoredFile) -> None:
+    """Remove a file this process just created (its database transaction failed)."""
+    if stored.created:
+        with contextlib.suppress(OSError):
+            stored.path.unlink()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a generated file (an artifact) atomically: temp file in the same folder, fsync, rename."""
+    tmp_name: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+    except OSError as exc:
+        raise _translate(exc, f"writing {path.name}") from exc
+    finally:
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)

@@ -1,0 +1,175 @@
+"""service.ingest: the one ingest path, on real databases and a real file store."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import dcmread
+from sqlalchemy import func, select
+
+from config import Settings
+from service.db import Database
+from service.ingest import (
+    InstanceTooLarge,
+    InvalidInstance,
+    UnreadableImage,
+    UnreadableInstance,
+    UnsupportedUpload,
+    ingest,
+    ingest_upload,
+)
+from service.models import Instance, Job, JobEvent, Patient, Series, Study
+from service.storage import sha256_file
+
+
+def _count(db: Database, model: type) -> int:
+    with db.session() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def _leftovers(settings: Settings) -> list[Path]:
+    return [p for p in settings.storage_dir.rglob("*") if p.is_file()]
+
+
+def test_ingest_stores_hashes_and_queues_one_job(settings: Settings, db: Database, make_dicom) -> None:  # type: ignore[no-untyped-def]
+    path = make_dicom("DX")
+    result = ingest(db, settings, path.read_bytes(), calling_ae="MODALITY", peer_address="127.0.0.1")
+    assert not result.duplicate and not result.changed and result.version == 1
+    assert result.path.is_file() and sha256_file(result.path) == result.sha256 == sha256_file(path)
+    assert result.path.read_bytes() == path.read_bytes()  # stored exactly as received
+    assert not list((settings.storage_dir / ".tmp").iterdir())
+    with db.session() as session:
+        instance = session.get(Instance, result.instance_pk)
+        assert instance is not None and instance.sha256 == result.sha256 and instance.calling_ae == "MODALITY"
+        job = session.get(Job, result.job_pk)
+        assert job is not None and job.state == "queued"
+        states = session.scalars(select(JobEvent.state).where(JobEvent.job_pk == job.id).order_by(JobEvent.id)).all()
+        assert states == ["received", "queued"]
+        study = session.scalars(select(Study)).one()
+        assert study.study_instance_uid == result.study_instance_uid and study.report_state == "pending"
+    assert _count(db, Patient) == _count(db, Series) == 1
+
+
+def test_duplicate_is_stored_once_and_a_changed_file_is_a_new_version(settings: Settings, db: Database,  # type: ignore[no-untyped-def]
+                                                                       make_dicom) -> None:
+    first = make_dicom("DX", sop_instance_uid="1.2.826.0.1.3680043.10.1.1", seed=1)
+    again = ingest(db, settings, first.read_bytes())
+    duplicate = ingest(db, settings, first.read_bytes())
+    assert duplicate.duplicate and duplicate.instance_pk == again.instance_pk and duplicate.job_pk == again.job_pk
+    assert _count(db, Instance) == _count(db, Job) == 1
+    with db.session() as session:  # a report already made is re-opened by a new version
+        session.execute(Study.__table__.update().values(report_state="reported"))
+    changed = make_dicom("DX", sop_instance_uid="1.2.826.0.1.3680043.10.1.1", seed=2,
+                         study_instance_uid=again.study_instance_uid, series_instance_uid=again.series_instance_uid)
+    second = ingest(db, settings, changed.read_bytes())
+    assert second.changed and second.version == 2 and second.job_pk != again.job_pk
+    with db.session() as session:
+        versions = session.scalars(select(Instance).order_by(Instance.version)).all()
+        assert [(v.version, v.changed_from_previous) for v in versions] == [(1, False), (2, True)]
+        assert session.scalars(select(Study.report_state)).one() == "pending"
+    assert _count(db, Job) == 2 and len(_leftovers(settings)) == 2
+
+
+def test_bad_objects_are_refused_and_leave_nothing(settings: Settings, db: Database, make_dicom) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(UnreadableInstance):
+        ingest(db, settings, b"\0" * 128 + b"DICM" + b"garbage")
+    with pytest.raises(InvalidInstance, match="StudyInstanceUID"):
+        path = make_dicom("DX")
+        ds = dcmread(path)
+        del ds.StudyInstanceUID
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        ingest(db, settings, buffer.getvalue())
+    small = Settings.from_env({}, data_dir=settings.data_dir, database_url=settings.database_url, max_upload_mb=1)
+    with pytest.raises(InstanceTooLarge):
+        ingest(db, small, make_dicom("DX", rows=1024, cols=1024).read_bytes())
+    assert _count(db, Instance) == _count(db, Job) == 0 and not _leftovers(settings)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_png_and_jpeg_uploads_become_secondary_capture(settings: Settings, db: Database) -> None:
+    grey16 = (np.linspace(0, 60000, 128 * 96).reshape(128, 96)).astype(np.uint16)
+    result = ingest_upload(db, settings, _png(grey16), content_type="image/png", filename="hand.png",
+                           referring_physician_name="Doe^Jane")
+    ds = dcmread(result.path)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and ds.SOPInstanceUID == result.sop_instance_uid
+    assert ds.BitsAllocated == 16 and ds.PhotometricInterpretation == "MONOCHROME2"
+    assert np.array_equal(ds.pixel_array, grey16) and ds.ReferringPhysicianName == "Doe^Jane"
+    jpeg = io.BytesIO()
+    Image.fromarray((grey16 >> 8).astype(np.uint8)).convert("RGB").save(jpeg, format="JPEG")
+    second = ingest_upload(db, settings, io.BytesIO(jpeg.getvalue()), content_type="application/octet-stream")
+    ds2 = dcmread(second.path)
+    assert ds2.PhotometricInterpretation == "MONOCHROME2" and ds2.BitsAllocated == 8  # grey stored as RGB
+    assert second.study_instance_uid != result.study_instance_uid
+    assert ds.PatientID.startswith("ANON-") and ds2.PatientID.startswith("ANON-") and ds.PatientID != ds2.PatientID
+    with db.session() as session:
+        sources = session.scalars(select(Instance.source)).all()
+        assert sources == ["upload", "upload"]
+        assert session.scalars(select(Instance.original_filename).where(Instance.id == result.instance_pk)).one() \
+            == "hand.png"
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_upload_checks(settings: Settings, db: Database, make_dicom) -> None:  # type: ignore[no-untyped-def]
+    png = _png(np.zeros((8, 8), np.uint8))
+    with pytest.raises(UnsupportedUpload, match="does not match"):
+        ingest_upload(db, settings, png, content_type="image/jpeg")
+    with pytest.raises(UnsupportedUpload, match="not accepted"):
+        ingest_upload(db, settings, png, content_type="text/html")
+    with pytest.raises(UnsupportedUpload, match="magic"):
+        ingest_upload(db, settings, b"%PDF-1.7 not an image", content_type="application/octet-stream")
+    with pytest.raises(UnreadableImage, match="larger than allowed"):
+        ingest_upload(db, settings, _png_header_only(9_000, 8_000), content_type="image/png")
+    with pytest.raises(UnreadableImage, match="decompression bomb"):
+        ingest_upload(db, settings, _png_header_only(40_000, 40_000), content_type="image/png")
+    with pytest.raises(UnreadableImage):
+        ingest_upload(db, settings, png[:40], content_type="image/png")
+    small = Settings.from_env({}, data_dir=settings.data_dir, database_url=settings.database_url, max_upload_mb=1)
+    with pytest.raises(InstanceTooLarge):
+        ingest_upload(db, small, io.BytesIO(b"\0" * (2 * 1024 * 1024)), content_type="application/dicom")
+    assert _count(db, Instance) == 0
+    dicom = ingest_upload(db, settings, make_dicom("CR").read_bytes(), content_type="application/dicom")
+    assert dicom.sop_class_uid == "1.2.840.10008.5.1.4.1.1.1"
+
+
+def test_concurrent_sends_of_one_study_are_race_safe(settings: Settings, db: Database, make_dicom) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    study, series = "1.2.826.0.1.3680043.10.3.1", "1.2.826.0.1.3680043.10.3.2"
+    files = [make_dicom("DX", study_instance_uid=study, series_instance_uid=series, rows=64, cols=64)
+             for _ in range(3)]
+    payloads = [f.read_bytes() for f in files] * 2  # every instance twice, all at once
+    errors: list[BaseException] = []
+
+    def send(data: bytes) -> None:
+        try:
+            ingest(db, settings, data)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(p,)) for p in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert _count(db, Instance) == _count(db, Job) == 3
+    assert _count(db, Study) == _count(db, Series) == _count(db, Patient) == 1
