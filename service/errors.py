@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from flask import Flask, Response, current_app, jsonify, request
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
 
 class ServiceError(Exception):
@@ -75,5 +77,34 @@ def register_error_handlers(app: Flask) -> None:
     def _http_error(exc: HTTPException) -> Any:
         if _wants_json():
             code = (exc.name or "error").lower().replace(" ", "_")
-            return error_response(exc.code or 500, code, exc.description or exc.name or "error")
+            if exc.code == 413:  # the same code as service.ingest's size check
+                code = "payload_too_large"
+            response = error_response(exc.code or 500, code, exc.description or exc.name or "error")
+            for name, value in exc.get_headers():
+                if name.lower() != "content-type":
+                    response.headers[name] = value
+            return response
         return exc
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(PoolTimeout)
+    def _database_unavailable(exc: Exception) -> Any:
+        # A database that cannot be reached (or a pool that is exhausted) is not the client's fault: 503.
+        # SQLite reports bad SQL as OperationalError too: that is our bug, a 500.
+        if any(text in str(exc) for text in ("syntax error", "no such ", "ambiguous column")):
+            return _unexpected(exc)
+        current_app.logger.error("database unavailable: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        if _wants_json():
+            response = error_response(503, "database_unavailable", "the database is unavailable; retry later")
+            response.headers["Retry-After"] = "5"
+            return response
+        return ServiceUnavailable()
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return _database_unavailable(exc)
+        if not _wants_json():
+            raise exc  # Flask's own handling (propagated in tests, a 500 page otherwise)
+        current_app.logger.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "an unexpected error occurred")

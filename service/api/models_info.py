@@ -1,0 +1,89 @@
+"""Model cards for ``/api/v1/models``, read from ``model.json`` files without importing torch.
+
+Each bundle is a folder of ``settings.model_dir`` with a ``model.json`` card and a weights file (see
+``pipeline.models.bundle``). The weights' SHA-256 is checked against the card (cached by size and
+modification time) so the answer says whether the bundle on disk is the one its card describes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+CARD_NAME = "model.json"
+DISCLAIMER = "Research use only. Not for diagnostic use."
+_hash_cache: dict[tuple[str, int, int], str] = {}
+_lock = threading.Lock()
+
+
+def _sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _lock:
+        if key in _hash_cache:
+            return _hash_cache[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    with _lock:
+        _hash_cache[key] = digest.hexdigest()
+    return _hash_cache[key]
+
+
+def _section(card: dict[str, Any], name: str) -> dict[str, Any]:
+    value = card.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def _card(bundle: Path) -> dict[str, Any]:
+    problem = None
+    try:
+        raw = json.loads((bundle / CARD_NAME).read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("the card is not a JSON object")
+    except (OSError, ValueError) as exc:
+        return {"bundle": bundle.name, "name": None, "version": None, "task": None, "status": "invalid",
+                "problem": f"{CARD_NAME}: {exc}", "disclaimer": DISCLAIMER}
+    card: dict[str, Any] = raw
+    weights_info = _section(card, "weights")
+    weights = bundle / str(weights_info.get("file", "weights.safetensors"))
+    expected = weights_info.get("sha256")
+    if not weights.is_file():
+        problem = f"weights file {weights.name} is missing"
+    elif not expected or _sha256(weights) != expected:
+        problem = f"weights file {weights.name} does not match the SHA-256 in the card"
+    operating = _section(card, "operating_point")
+    architecture = _section(card, "architecture")
+    return {
+        "bundle": bundle.name,
+        "name": card.get("name"),
+        "version": None if card.get("version") is None else str(card.get("version")),
+        "task": card.get("task"),
+        "classes": card.get("classes") if isinstance(card.get("classes"), list) else [],
+        "architecture": architecture.get("class"),
+        "weights_sha256": expected,
+        "operating_point": operating.get("threshold"),
+        "indeterminate_band": operating.get("indeterminate_band"),
+        "temperature": card.get("temperature"),
+        "metrics": _section(card, "metrics"),
+        "training": _section(card, "training"),
+        "intended_use": card.get("intended_use"),
+        "created": card.get("created"),
+        "status": "ok" if problem is None else "invalid",
+        "problem": problem,
+        "disclaimer": card.get("disclaimer") or DISCLAIMER,
+    }
+
+
+def read_model_cards(model_dir: Path) -> list[dict[str, Any]]:
+    """One entry per bundle folder (a folder holding ``model.json``), sorted by folder name."""
+    if not model_dir.is_dir():
+        return []
+    bundles = [p for p in sorted(model_dir.iterdir()) if p.is_dir() and (p / CARD_NAME).is_file()]
+    if (model_dir / CARD_NAME).is_file():
+        bundles.insert(0, model_dir)
+    return [_card(bundle) for bundle in bundles]

@@ -1,0 +1,515 @@
+"""The /api/v1 REST API against a real database: auth, scoping, submission, idempotency, listing, downloads,
+feedback, models, rate limiting, STOW-RS and every error status, each in the one error shape."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from service.auth import create_api_key, create_user, revoke_api_key
+from service.db import Database
+from service.models import (
+    AnalysisResult,
+    ApiKey,
+    Artifact,
+    AuditEntry,
+    Delivery,
+    Feedback,
+    IdempotencyKey,
+    Instance,
+    Job,
+    JobEvent,
+    Study,
+    User,
+    utcnow,
+)
+from tests.conftest import make_dx_dataset
+
+TYPES = ("transverse", "oblique", "spiral", "comminuted", "greenstick", "hairline", "impacted", "longitudinal",
+         "avulsion", "pathological", "fracture_dislocation")
+
+
+def png_bytes(size: int = 48, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def dicom_bytes(**attrs: Any) -> bytes:
+    ds = make_dx_dataset(rows=32, columns=32)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _read(response: Any) -> Any:
+    """Buffer the body and close the response (a streamed file would otherwise stay open)."""
+    response.get_data()
+    response.close()
+    return response
+
+
+@dataclass
+class Api:
+    """A test client with one API key per user (admin, ruth and bob are clinicians... see the fixture)."""
+
+    client: Any
+    db: Database
+    keys: dict[str, str]
+    users: dict[str, int]
+    tmp: Path
+    prefixes: dict[str, str] = field(default_factory=dict)
+
+    def headers(self, who: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+        out = {"Authorization": f"Bearer {self.keys[who]}"} if who else {}
+        return {**out, **(extra or {})}
+
+    def get(self, path: str, who: str | None = "admin", **kw: Any) -> Any:
+        return _read(self.client.get(path, headers=self.headers(who, kw.pop("headers", None)), **kw))
+
+    def post(self, path: str, who: str | None = "admin", **kw: Any) -> Any:
+        return _read(self.client.post(path, headers=self.headers(who, kw.pop("headers", None)), **kw))
+
+    def submit(self, who: str = "admin", files: list[tuple[bytes, str, str]] | None = None,
+               headers: dict[str, str] | None = None, **form: str) -> Any:
+        files = files if files is not None else [(png_bytes(), "x.png", "image/png")]
+        data: dict[str, Any] = {"file": [(io.BytesIO(b), name, ctype) for b, name, ctype in files], **form}
+        return self.post("/api/v1/studies", who, data=data, content_type="multipart/form-data", headers=headers)
+
+    def finish(self, instance_id: int, *, call: str = "fracture", probability: float = 0.9,
+               outputs: bool = True) -> int:
+        """What a worker and the reporter would leave behind: a done job, a result, PNGs, SC and SR."""
+        now = utcnow()
+        with self.db.session() as s:
+            job = s.scalars(select(Job).where(Job.instance_pk == instance_id).order_by(Job.id.desc())).first()
+            job.state, job.started_at, job.finished_at, job.attempts = "done", now, now + dt.timedelta(seconds=2), 1
+            s.add_all([JobEvent(job_pk=job.id, state="processing", at=now),
+                       JobEvent(job_pk=job.id, state="done", at=now)])
+            paths = {}
+            for kind in ("heatmap", "edges", "hybrid"):
+                paths[kind] = self.tmp / f"{instance_id}-{kind}.png"
+                paths[kind].write_bytes(png_bytes(16, seed=instance_id))
+            distribution = {t: 0.01 for t in TYPES} | {"greenstick": 0.9}
+            result = AnalysisResult(
+                instance_pk=instance_id, job_pk=job.id, is_radiograph=True, validity_score=0.98,
+                validity_reason="radiograph", fracture_probability=probability, operating_point=0.5,
+                detection_call=call, top_type="greenstick", top_type_probability=0.9,
+                type_distribution=distribution, peak_box=[1, 2, 10, 12],
+                models=[{"name": "fn-detector", "version": "1.0.0", "sha256": "a" * 64, "task": "detect"}],
+                model_name="fn-detector", model_version="1.0.0",
+                **({f"{k}_path": str(v) for k, v in paths.items()} if outputs else {}))
+            s.add(result)
+            instance = s.get(Instance, instance_id)
+            if outputs:
+                from service.models import Series
+
+                study_pk = s.get(Series, instance.series_pk).study_pk
+                for kind in ("sc", "sr"):
+                    path = self.tmp / f"{instance_id}-{kind}.dcm"
+                    path.write_bytes(Path(instance.file_path).read_bytes())
+                    artifact = Artifact(study_pk=study_pk, instance_pk=instance_id if kind == "sc" else None,
+                                        kind=kind, sop_instance_uid=f"2.25.{instance_id}{1 + (kind == 'sr')}",
+                                        file_path=str(path), sha256="0" * 64)
+                    s.add(artifact)
+                    s.flush()
+                    s.add(Delivery(artifact_pk=artifact.id, destination="PACS@127.0.0.1:4242", state="failed",
+                                   attempts=8, last_error="association rejected"))
+            s.flush()
+            return result.id
+
+
+@pytest.fixture
+def api(app, tmp_path):  # type: ignore[no-untyped-def]
+    app.config["API_RATE_LIMIT_BURST"] = 100_000
+    db: Database = app.extensions["fracture.db"]
+    keys, users = {}, {}
+    with db.session() as s:
+        for name, role, referring in (("admin", "admin", None), ("ruth", "clinician", "Referrer^Ruth"),
+                                      ("bob", "clinician", "Other^Bob"), ("ris", "service", None)):
+            user = create_user(s, name, None, role=role, referring_physician_name=referring)
+            key, plaintext = create_api_key(s, user, f"{name} key")
+            keys[name], users[name] = plaintext, user.id
+    out_dir = tmp_path / "outputs"
+    out_dir.mkdir()
+    return Api(app.test_client(), db, keys, users, out_dir)
+
+
+def assert_error(response: Any, status: int, code: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
+    if code:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+# ---------------------------------------------------------------------------------------------- auth
+
+
+def test_auth_is_required_and_checked(api, app):  # type: ignore[no-untyped-def]
+    for headers in ({}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer "},
+                    {"Authorization": "Bearer fn_nope_nope"}, {"Authorization": api.keys["ruth"] + "x"}):
+        response = api.client.get("/api/v1/studies", headers=headers)
+        assert_error(response, 401, "unauthorized")
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    # A key that works records its last use.
+    assert api.get("/api/v1/studies", "ruth").status_code == 200
+    with api.db.session() as s:
+        key = s.scalar(select(ApiKey).where(ApiKey.user_id == api.users["ruth"]))
+        assert key.last_used_at is not None
+        prefix = key.prefix
+        revoke_api_key(s, prefix)
+    assert_error(api.get("/api/v1/studies", "ruth"), 401)
+    with api.db.session() as s:
+        s.get(User, api.users["bob"]).is_active = False
+    assert_error(api.get("/api/v1/studies", "bob"), 401)
+
+
+def test_portal_session_cookie_never_authorises(api):  # type: ignore[no-untyped-def]
+    with api.client.session_transaction() as session:
+        session["_user_id"] = str(api.users["admin"])
+        session["user_id"] = api.users["admin"]
+        session["_fresh"] = True
+    assert_error(api.client.get("/api/v1/studies"), 401)
+    assert_error(api.client.post("/api/v1/studies", data={"file": (io.BytesIO(png_bytes()), "a.png")}), 401)
+
+
+# --------------------------------------------------------------------------------- submit, poll, results
+
+
+def test_submit_png_then_poll_for_the_result(api):  # type: ignore[no-untyped-def]
+    response = api.submit("ruth", patient_id="PAT-7", patient_name="Doe^Jane")
+    assert response.status_code == 202, response.get_data(as_text=True)
+    body = response.get_json()
+    (item,) = body["items"]
+    assert response.headers["Location"] == f"/api/v1/studies/{item['study_id']}" == body["location"]
+    assert body["study_ids"] == [item["study_id"]] and body["job_ids"] == [item["job_id"]]
+    assert item["duplicate"] is False and item["filename"] == "x.png"
+
+    study = api.get(item["status_url"], "ruth").get_json()
+    assert study["status"] == "processing" and study["result"] is None
+    assert study["patient"]["patient_id"] == "PAT-7" and study["source"] == "api"
+    (instance,) = study["instances"]
+    assert instance["job"]["state"] == "queued"
+    assert [e["state"] for e in instance["job"]["timeline"]] == ["received", "queued"]
+    assert instance["result"] is None and set(instance["links"]) == {"original"}
+    job = api.get(f"/api/v1/jobs/{item['job_id']}", "ruth").get_json()
+    assert job["state"] == "queued" and job["study_id"] == item["study_id"]
+
+    base = f"/api/v1/studies/{item['study_id']}/instances/{item['instance_id']}"
+    original = api.get(f"{base}/original", "ruth")
+    assert original.status_code == 200 and original.mimetype == "application/dicom"
+    assert original.data[128:132] == b"DICM"
+    for name in ("heatmap.png", "hybrid.png", "edges.png", "sc.dcm"):
+        assert_error(api.get(f"{base}/{name}", "ruth"), 404, "not_found")
+    assert_error(api.get(f"/api/v1/studies/{item['study_id']}/sr.dcm", "ruth"), 404)
+
+    api.finish(item["instance_id"], call="indeterminate", probability=0.52)
+    study = api.get(item["status_url"], "ruth").get_json()
+    assert study["status"] == "done" and study["result"] == "indeterminate"
+    result = study["instances"][0]["result"]
+    assert result["validity"] == {"is_radiograph": True, "score": 0.98, "reason": "radiograph"}
+    assert result["fracture_probability"] == 0.52 and result["operating_point"] == 0.5
+    assert result["call"] == "indeterminate" and result["peak_box"] == [1, 2, 10, 12]
+    assert result["type_distribution"]["greenstick"] == 0.9 and result["top_type"] == "greenstick"
+    assert result["model"] == {"name": "fn-detector", "version": "1.0.0"}
+    assert "Not for diagnostic use" in result["disclaimer"] and result["created_at"].endswith("Z")
+    assert study["artifacts"][0]["deliveries"][0]["state"] == "failed"
+    links = study["instances"][0]["links"]
+    assert set(links) == {"original", "heatmap", "hybrid", "edges", "sc", "feedback"}
+    for name, mimetype in (("heatmap", "image/png"), ("hybrid", "image/png"), ("sc", "application/dicom")):
+        download = api.get(links[name], "ruth")
+        assert download.status_code == 200 and download.mimetype == mimetype
+    sr = api.get(study["links"]["sr"], "ruth")
+    assert sr.status_code == 200 and sr.mimetype == "application/dicom"
+
+    with api.db.session() as s:
+        actions = set(s.scalars(select(AuditEntry.action).where(AuditEntry.actor_type == "api_key")))
+        assert {"study.read", "download.original", "download.heatmap", "download.sr", "job.read"} <= actions
+        read = s.scalars(select(AuditEntry).where(AuditEntry.action == "study.read")).first()
+        assert read.patient_id == "PAT-7" and api.keys["ruth"].startswith(f"fn_{read.actor}_")
+
+
+def test_dicom_resubmission_is_a_duplicate(api, monkeypatch):  # type: ignore[no-untyped-def]
+    data = dicom_bytes()
+    first = api.submit("ris", files=[(data, "a.dcm", "application/dicom")]).get_json()["items"][0]
+    monkeypatch.setattr("service.api.routes.BUFFER_LIMIT", 0)  # large files are streamed
+    original = api.get(f"/api/v1/studies/{first['study_id']}/instances/{first['instance_id']}/original", "ris")
+    assert original.status_code == 200 and original.data == data
+    assert original.headers["Content-Disposition"].startswith("attachment")
+    again = api.submit("ris", files=[(data, "a.dcm", "application/octet-stream")])
+    assert again.status_code == 202
+    second = again.get_json()["items"][0]
+    assert second["duplicate"] is True and second["instance_id"] == first["instance_id"]
+    assert second["job_id"] == first["job_id"]
+
+
+def test_several_files_in_one_request(api):  # type: ignore[no-untyped-def]
+    uid = "1.2.826.0.1.3680043.8.498.42"
+    files = [(dicom_bytes(StudyInstanceUID=uid), "a.dcm", "application/dicom"),
+             (dicom_bytes(StudyInstanceUID=uid), "b.dcm", "application/dicom"),
+             (png_bytes(seed=3), "c.png", "image/png")]
+    body = api.submit("ris", files=files).get_json()
+    assert len(body["items"]) == 3 and len(body["job_ids"]) == 3
+    assert len(body["study_ids"]) == 2  # the two DICOM files share a study; the PNG gets its own
+    assert api.get(f"/api/v1/studies/{body['study_ids'][0]}", "ris").get_json()["instance_count"] == 2
+
+
+def test_idempotency_key(api):  # type: ignore[no-untyped-def]
+    headers = {"Idempotency-Key": "order-123"}
+    first = api.submit("ruth", headers=headers)
+    second = api.submit("ruth", headers=headers)
+    assert first.status_code == second.status_code == 202
+    assert first.get_json() == second.get_json() and second.headers["Idempotent-Replayed"] == "true"
+    assert second.headers["Location"] == first.headers["Location"]
+    with api.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Study)) == 1
+    assert_error(api.submit("ruth", files=[(png_bytes(seed=9), "x.png", "image/png")], headers=headers), 409,
+                 "idempotency_key_reused")
+    # Keys are per API key: another key may use the same value.
+    assert api.submit("bob", headers=headers).status_code == 202
+    # A failed request does not keep its key.
+    bad = {"Idempotency-Key": "bad-1"}
+    assert_error(api.submit("ruth", files=[(b"hello", "x.txt", "text/plain")], headers=bad), 415)
+    assert api.submit("ruth", headers=bad).status_code == 202
+    assert_error(api.submit("ruth", headers={"Idempotency-Key": "x" * 200}), 400, "invalid_idempotency_key")
+    # A claim whose request is still running is 409; one left by a dead process is taken over.
+    from service.api import idempotency
+    from service.errors import Conflict
+
+    prefix = api.keys["ruth"].split("_")[1]
+    with api.db.session() as s:
+        s.add(IdempotencyKey(owner=prefix, key="running", request_hash="h", status_code=0, response={}))
+    with pytest.raises(Conflict) as caught:
+        idempotency.begin(api.db, prefix, "running", "h")
+    assert caught.value.code == "idempotency_key_in_use"
+    with api.db.session() as s:
+        row = s.scalars(select(IdempotencyKey).where(IdempotencyKey.key == "running")).one()
+        row.created_at = utcnow() - dt.timedelta(hours=1)
+    assert idempotency.begin(api.db, prefix, "running", "h") is None
+    with api.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(IdempotencyKey)) == 4
+
+
+def test_submit_errors(api, app):  # type: ignore[no-untyped-def]
+    assert_error(api.post("/api/v1/studies", "ruth", data=png_bytes(), content_type="image/png"), 415)
+    assert_error(api.post("/api/v1/studies", "ruth", data={"note": "x"}, content_type="multipart/form-data"),
+                 422, "no_file")
+    assert_error(api.submit("ruth", files=[(b"just text", "a.txt", "text/plain")]), 415)
+    assert_error(api.submit("ruth", files=[(b"just text", "a.png", "image/png")]), 415)
+    assert_error(api.submit("ruth", files=[(png_bytes(), "a.jpg", "image/jpeg")]), 415)
+    assert_error(api.submit("ruth", files=[(b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "a.png", "image/png")]), 422)
+    assert_error(api.submit("ruth", files=[(b"\0" * 128 + b"DICM" + b"\0" * 16, "a.dcm", "application/dicom")]),
+                 422)
+    assert_error(api.submit("ruth", patient_id="x" * 65), 422, "invalid_field")
+    # One bad file refuses the whole request before anything is stored.
+    assert_error(api.submit("ruth", files=[(png_bytes(), "a.png", "image/png"), (b"no", "b.txt", "text/plain")]),
+                 415)
+    with api.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 0
+    app.config["MAX_CONTENT_LENGTH"] = 1000
+    error = assert_error(api.submit("ruth", files=[(png_bytes(100), "big.png", "image/png")]), 413)
+    assert error["code"] == "payload_too_large"
+
+
+# ------------------------------------------------------------------------------------- scoping, listing
+
+
+def test_a_key_cannot_read_another_users_studies(api):  # type: ignore[no-untyped-def]
+    bob = api.submit("bob").get_json()["items"][0]
+    ruth_referred = api.submit("ris", files=[(dicom_bytes(), "r.dcm", "application/dicom")]).get_json()["items"][0]
+    study_url = f"/api/v1/studies/{bob['study_id']}"
+    base = f"{study_url}/instances/{bob['instance_id']}"
+    assert api.get(study_url, "bob").status_code == 200
+    assert api.get(study_url, "admin").status_code == 200
+    for path in (study_url, f"{base}/original", f"{base}/heatmap.png", f"{study_url}/sr.dcm",
+                 f"/api/v1/jobs/{bob['job_id']}"):
+        assert_error(api.get(path, "ruth"), 404)
+        assert_error(api.get(path, "ris"), 404)
+    assert_error(api.post(f"{base}/feedback", "ruth", json={"agrees": True}), 404)
+    # Ruth sees the study the RIS sent that names her as the referring physician; the RIS sees it too.
+    assert [s["id"] for s in api.get("/api/v1/studies", "ruth").get_json()["items"]] == [ruth_referred["study_id"]]
+    assert [s["id"] for s in api.get("/api/v1/studies", "ris").get_json()["items"]] == [ruth_referred["study_id"]]
+    assert len(api.get("/api/v1/studies", "admin").get_json()["items"]) == 2
+    # An instance of another study is not found through a visible study.
+    assert_error(api.get(f"/api/v1/studies/{ruth_referred['study_id']}/instances/{bob['instance_id']}/original",
+                         "ruth"), 404)
+
+
+def test_list_filters_and_cursor_pagination(api):  # type: ignore[no-untyped-def]
+    ids = []
+    for n in range(5):
+        data = dicom_bytes(PatientID=f"P{n % 2}", AccessionNumber=f"ACC{n}")
+        ids.append(api.submit("ris", files=[(data, f"{n}.dcm", "application/dicom")]).get_json()["items"][0])
+    api.finish(ids[0]["instance_id"], call="fracture")
+    api.finish(ids[1]["instance_id"], call="no_fracture", outputs=False)
+    api.finish(ids[2]["instance_id"], call="indeterminate", outputs=False)
+    with api.db.session() as s:
+        s.scalars(select(Job).where(Job.id == ids[3]["job_id"])).one().state = "failed"
+
+    seen, cursor, pages = [], None, 0
+    while True:
+        query = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = api.get("/api/v1/studies", "ris", query_string=query).get_json()
+        pages += 1
+        seen += [s["id"] for s in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    expected = [item["study_id"] for item in reversed(ids)]
+    assert seen == expected and pages == 3
+
+    def listed(**query: Any) -> list[int]:
+        response = api.get("/api/v1/studies", "ris", query_string=query)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return [s["id"] for s in response.get_json()["items"]]
+
+    sid = [item["study_id"] for item in ids]
+    assert listed(result="fracture") == [sid[0]]
+    assert listed(result="no_fracture") == [sid[1]]
+    assert listed(result="indeterminate") == [sid[2]]
+    assert listed(status="done") == [sid[2], sid[1], sid[0]]
+    assert listed(status="failed") == [sid[3]]
+    assert listed(status="processing") == [sid[4]]
+    assert listed(status="rejected") == [] and listed(status="received") == []
+    assert listed(patient_id="P1") == [sid[3], sid[1]]
+    assert listed(accession="ACC2") == [sid[2]]
+    assert listed(since="2000-01-01", until="2999-01-01T00:00:00Z") == list(reversed(sid))
+    assert listed(since="2999-01-01") == [] and listed(until="2000-01-01T00:00:00+02:00") == []
+    summary = api.get("/api/v1/studies", "ris", query_string={"accession": "ACC0"}).get_json()["items"][0]
+    assert summary["result"] == "fracture" and summary["max_fracture_probability"] == 0.9
+    assert summary["links"]["self"] == f"/api/v1/studies/{sid[0]}"
+
+    for query, code in (({"limit": 0}, "invalid_parameter"), ({"limit": 101}, "invalid_parameter"),
+                        ({"limit": "x"}, "invalid_parameter"), ({"status": "maybe"}, "invalid_parameter"),
+                        ({"result": "broken"}, "invalid_parameter"), ({"since": "yesterday"}, "invalid_parameter"),
+                        ({"cursor": "!!!"}, "invalid_cursor"),
+                        ({"cursor": base64.urlsafe_b64encode(b'["x", 1]').decode()}, "invalid_cursor")):
+        assert_error(api.get("/api/v1/studies", "ris", query_string=query), 400, code)
+    with api.db.session() as s:
+        listing = s.scalars(select(AuditEntry).where(AuditEntry.action == "study.list")).first()
+        assert listing.actor_type == "api_key" and listing.detail["count"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- feedback
+
+
+def test_feedback(api):  # type: ignore[no-untyped-def]
+    item = api.submit("ruth").get_json()["items"][0]
+    url = f"/api/v1/studies/{item['study_id']}/instances/{item['instance_id']}/feedback"
+    assert_error(api.post(url, "ruth", json={"agrees": True}), 409, "no_result")
+    result_id = api.finish(item["instance_id"])
+    response = api.post(url, "ruth", json={"agrees": False, "fracture_present": True, "correct_type": "spiral",
+                                           "comment": "spiral, not greenstick"})
+    assert response.status_code == 201
+    body = response.get_json()
+    assert body["result_id"] == result_id and body["correct_type"] == "spiral" and body["agrees"] is False
+    with api.db.session() as s:
+        feedback = s.scalars(select(Feedback)).one()
+        assert feedback.user_id == api.users["ruth"] and feedback.comment == "spiral, not greenstick"
+    error = assert_error(api.post(url, "ruth", json={"agrees": "yes", "correct_type": "bent", "extra": 1}), 422)
+    assert set(error["details"]) == {"agrees", "correct_type", "extra"}
+    assert_error(api.post(url, "ruth", json=[1, 2]), 422)
+    assert_error(api.post(url, "ruth", data="{not json", content_type="application/json"), 400, "invalid_json")
+    assert_error(api.post(url, "ruth", data="agrees=1", content_type="application/x-www-form-urlencoded"), 415)
+
+
+# ------------------------------------------------------------------------------------ models, limits, 503
+
+
+def test_models_lists_the_bundle_cards(api, app, tmp_path):  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    models = tmp_path / "models"
+    for name, task, good in (("detector", "detect", True), ("classifier", "classify", False)):
+        (models / name).mkdir(parents=True)
+        weights = models / name / "weights.safetensors"
+        weights.write_bytes(b"weights of " + name.encode())
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest() if good else "0" * 64
+        card = {"name": f"fn-{name}", "version": "1.2.0", "task": task, "classes": ["a", "b"],
+                "architecture": {"class": "FractureNet"}, "weights": {"file": weights.name, "sha256": digest},
+                "operating_point": {"threshold": 0.42, "indeterminate_band": [0.35, 0.5]}, "temperature": 1.3,
+                "metrics": {"auroc": 0.9}, "disclaimer": "Research use only. Not for diagnostic use."}
+        (models / name / "model.json").write_text(json.dumps(card))
+    (models / "notes").mkdir()
+    app.extensions["fracture.settings"] = replace(app.extensions["fracture.settings"], model_dir=models)
+    body = api.get("/api/v1/models", "ruth").get_json()
+    cards = {m["bundle"]: m for m in body["models"]}
+    assert set(cards) == {"detector", "classifier"}
+    assert cards["detector"]["status"] == "ok" and cards["detector"]["operating_point"] == 0.42
+    assert cards["detector"]["version"] == "1.2.0" and cards["detector"]["metrics"] == {"auroc": 0.9}
+    assert cards["classifier"]["status"] == "invalid" and "SHA-256" in cards["classifier"]["problem"]
+    assert_error(api.get("/api/v1/models", None), 401)
+
+
+def test_rate_limit_answers_429_with_retry_after(api, app):  # type: ignore[no-untyped-def]
+    app.config.update(API_RATE_LIMIT_BURST=3, API_RATE_LIMIT_PER_SECOND=0.01)
+    app.extensions.pop("fracture.api_rate", None)
+    for _ in range(3):
+        assert api.get("/api/v1/studies", "ruth").status_code == 200
+    response = api.get("/api/v1/studies", "ruth")
+    error = assert_error(response, 429, "rate_limited")
+    assert int(response.headers["Retry-After"]) >= 1 and error["details"]["retry_after_seconds"] >= 1
+    assert api.get("/api/v1/studies", "bob").status_code == 200  # buckets are per key
+
+
+def test_database_unavailable_is_503(settings):  # type: ignore[no-untyped-def]
+    from service.app import create_app
+
+    app = create_app(settings, db=Database("postgresql+psycopg2://nobody@127.0.0.1:1/none"))
+    response = app.test_client().get("/api/v1/studies", headers={"Authorization": "Bearer fn_abcd_x"})
+    assert_error(response, 503, "database_unavailable")
+    assert response.headers["Retry-After"]
+    app.extensions["fracture.db"].dispose()
+
+
+def test_unknown_api_path_is_json_404(api):  # type: ignore[no-untyped-def]
+    assert_error(api.get("/api/v1/nothing-here"), 404)
+    assert_error(api.client.delete("/api/v1/studies", headers=api.headers("admin")), 405)
+
+
+# --------------------------------------------------------------------------------------------- STOW-RS
+
+
+def _related(parts: list[tuple[str, bytes]], boundary: str = "b0undary") -> tuple[bytes, str]:
+    body = b""
+    for ctype, data in parts:
+        body += f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def test_stow_rs(api):  # type: ignore[no-untyped-def]
+    good = dicom_bytes()
+    body, ctype = _related([("application/dicom", good), ("application/dicom", b"not dicom"),
+                            ("application/dicom", dicom_bytes())])
+    response = api.post("/dicomweb/studies", "ris", data=body, content_type=ctype)
+    assert response.status_code == 202 and response.mimetype == "application/dicom+json", response.data
+    payload = response.get_json()
+    assert len(payload["00081199"]["Value"]) == 2 and len(payload["00081198"]["Value"]) == 1
+    assert payload["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    body, ctype = _related([("application/dicom", good)])
+    response = api.post("/dicomweb/studies", "ris", data=body, content_type=ctype)
+    assert response.status_code == 200 and "00081198" not in response.get_json()
+    body, ctype = _related([("text/plain", b"hello")])
+    assert api.post("/dicomweb/studies", "ris", data=body, content_type=ctype).status_code == 409
+    assert_error(api.post("/dicomweb/studies", "ris", data=good, content_type="application/dicom"), 415)
+    assert_error(api.post("/dicomweb/studies", None, data=body, content_type=ctype), 401)
+    assert_error(api.post("/dicomweb/studies", "ris", data=b"x", content_type="multipart/related"), 400)
+    with api.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 2
