@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(portal.bp)
+    portal.init_portal(app)
 
     @app.after_request
     def _security_headers(response: Response) -> Response:
