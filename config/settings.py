@@ -53,7 +53,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "DICOM_PORT": ("11112", "Port of the DICOM C-STORE/C-ECHO listener."),
     "ALLOWED_CALLING_AES": ("(empty: accept any)", "Comma-separated calling AE titles allowed to associate."),
     "DESTINATIONS": ("(empty)", "Comma-separated PACS nodes results are sent to, e.g. PACS@10.0.0.5:4242."),
-    "RETURN_TO_SENDER": ("false", "Also send results back to the calling AE's node (needs it in DESTINATIONS)."),
+    "RETURN_TO_SENDER": ("false", "Send results only to the destination whose AE title sent the study."),
     "MODEL_DIR": ("(bundled models)", "Folder of model bundles (validity/, detector/, classifier/)."),
     "WORKERS": ("1", "Worker processes started by `fracture-node run`."),
     "SECRET_KEY": ("(generated, kept in <data dir>/secret_key)", "Flask session signing key."),
