@@ -63,6 +63,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "JOB_MAX_ATTEMPTS": ("3", "Attempts before a job with transient errors is marked failed."),
     "DELIVERY_MAX_ATTEMPTS": ("8", "Attempts to deliver an object to a destination before it is failed."),
     "LOG_LEVEL": ("INFO", "Python logging level."),
+    "TRUSTED_PROXIES": ("0", "Reverse proxies in front of the web service whose X-Forwarded-* headers are trusted."),
 }
 
 
@@ -157,6 +158,7 @@ class Settings:
     job_max_attempts: int = 3
     delivery_max_attempts: int = 8
     log_level: str = "INFO"
+    trusted_proxies: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -194,6 +196,7 @@ class Settings:
             job_max_attempts=_parse_int("JOB_MAX_ATTEMPTS", get("JOB_MAX_ATTEMPTS", "3"), 1),
             delivery_max_attempts=_parse_int("DELIVERY_MAX_ATTEMPTS", get("DELIVERY_MAX_ATTEMPTS", "8"), 1),
             log_level=level,
+            trusted_proxies=_parse_int("TRUSTED_PROXIES", get("TRUSTED_PROXIES", "0"), 0),
         )
         values.update(overrides)
         return cls(**values)

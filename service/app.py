@@ -34,6 +34,14 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.extensions["fracture.settings"] = settings
     app.extensions["fracture.db"] = db or Database.from_settings(settings)
 
+    if settings.trusted_proxies:
+        # Behind a TLS-terminating proxy: take scheme, host and client address from X-Forwarded-*, so the
+        # session cookie is marked Secure and the audit log records the real client.
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
+
     register_error_handlers(app)
 
     from service import api, health, portal
