@@ -447,3 +447,26 @@ def scp_factory():  # type: ignore[no-untyped-def]
         server.stop()
 
 
+def png_bytes(size: int = 64, seed: int = 0) -> bytes:
+    """A small 8-bit grayscale PNG of noise."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def dicom_bytes(size: int = 64, **attrs: object) -> bytes:
+    """A small DX object (Part 10 bytes) with ``attrs`` set on the dataset."""
+    import io
+
+    ds = make_dx_dataset(rows=size, columns=size)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

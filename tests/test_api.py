@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 from sqlalchemy import func, select
 
 from service.auth import create_api_key, create_user, revoke_api_key
@@ -34,26 +32,12 @@ from service.models import (
     User,
     utcnow,
 )
-from tests.conftest import make_dx_dataset
+from tests.conftest import dicom_bytes, png_bytes
 
 TYPES = ("transverse", "oblique", "spiral", "comminuted", "greenstick", "hairline", "impacted", "longitudinal",
          "avulsion", "pathological", "fracture_dislocation")
 
 
-def png_bytes(size: int = 48, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def dicom_bytes(**attrs: Any) -> bytes:
-    ds = make_dx_dataset(rows=32, columns=32)
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def _read(response: Any) -> Any:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from argon2 import PasswordHasher
-from PIL import Image
 from sqlalchemy import select
 
 from config import Settings
@@ -27,7 +24,7 @@ from service.models import (
     User,
     utcnow,
 )
-from tests.conftest import make_dx_dataset
+from tests.conftest import dicom_bytes, png_bytes
 
 PASSWORD = "correct horse battery"
 TYPES = ("transverse", "oblique", "spiral", "comminuted", "greenstick", "hairline", "impacted", "longitudinal",
@@ -43,20 +40,6 @@ def password_hash() -> str:
     return _HASH["h"]
 
 
-def png_bytes(size: int = 64, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def dicom_bytes(**attrs: Any) -> bytes:
-    ds = make_dx_dataset(rows=64, columns=64)
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def csrf_from(html: str) -> str:
