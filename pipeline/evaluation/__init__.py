@@ -1,0 +1,1 @@
+"""Evaluation: metrics, reliability diagram and confusion-matrix images, the ``evaluate`` command."""

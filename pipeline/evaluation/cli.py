@@ -1,0 +1,87 @@
+"""``fracture-node evaluate``: the full inference stack over a labelled folder, metrics as JSON + figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from pipeline.evaluation.evaluate import evaluate_folder
+from pipeline.models.bundle import BundleError, read_card, update_card
+from pipeline.run import BUNDLE_NAMES, load_models
+from pipeline.training.datasets import DatasetError
+
+TARGETS = {
+    "detection.auc": (">=", 0.97),
+    "detection.sensitivity": (">=", 0.92),
+    "detection.specificity": (">=", 0.90),
+    "classification.macro_f1": (">=", 0.85),
+    "calibration.ece": ("<=", 0.05),
+    "localization.pointing_game": (">=", 0.80),
+    "validity.accuracy": (">=", 0.99),
+}
+
+
+def check_targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, (op, target) in TARGETS.items():
+        section, name = key.split(".")
+        value = result.get(section, {}).get(name) if isinstance(result.get(section), dict) else None
+        met = value is not None and (value >= target if op == ">=" else value <= target)
+        out[key] = {"value": value, "target": f"{op} {target}", "met": bool(met)}
+    per_kind = result.get("validity", {}).get("per_kind", {})
+    worst = min((v for v in per_kind.values() if v is not None), default=None)
+    out["validity.worst_kind"] = {"value": worst, "target": ">= 0.97", "met": worst is not None and worst >= 0.97}
+    return out
+
+
+@click.command(name="evaluate")
+@click.option("--models", "models_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder with validity/, detector/, classifier/ (default: the bundled models).")
+@click.option("--data", type=click.Path(path_type=Path, exists=True), required=True,
+              help="Labelled folder in the generator's layout (labels.csv, masks/, negatives.csv).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), required=True, help="Where to write the JSON.")
+@click.option("--figures", type=click.Path(path_type=Path), default=None,
+              help="Folder for reliability.png and confusion.png (default: next to the JSON).")
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N images (and N negatives).")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--update-cards", is_flag=True, help="Write the results into the bundles' model cards (metrics.test).")
+@click.option("--quiet", is_flag=True)
+def evaluate(models_dir: Path | None, data: Path, json_out: Path, figures: Path | None, limit: int | None,
+             threads: int, update_cards: bool, quiet: bool) -> None:
+    """Evaluate model bundles on a labelled folder."""
+    torch.set_num_threads(threads)
+    try:
+        models = load_models(models_dir)
+        result = evaluate_folder(models, data, limit=limit, show=not quiet,
+                                 figures=figures if figures is not None else json_out.parent)
+    except (BundleError, DatasetError) as exc:
+        raise click.ClickException(str(exc)) from None
+    result["targets"] = check_targets(result)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    if update_cards:
+        summary = {k: v for k, v in result.items() if k not in ("figures",)}
+        for name in BUNDLE_NAMES.values():
+            bundle_dir = models.model_dir / name
+            card = read_card(bundle_dir)
+            metrics = dict(card.get("metrics", {}))
+            metrics["test"] = _card_metrics(name, summary)
+            update_card(bundle_dir, metrics=metrics)
+    brief = {k: v for k, v in result["targets"].items()}
+    click.echo(json.dumps({"json": str(json_out), "images_per_second": result["images_per_second"],
+                           "targets": brief}, indent=2))
+
+
+def _card_metrics(bundle: str, result: dict[str, Any]) -> dict[str, Any]:
+    common = {"data": result["data"], "images": result["images"], "negatives": result["negatives"]}
+    if bundle == "validity":
+        return {**common, **result["validity"]}
+    if bundle == "detector":
+        return {**common, **result["detection"], "ece": result["calibration"]["ece"],
+                "pointing_game": result["localization"]["pointing_game"]}
+    cls = dict(result["classification"])
+    return {**common, **cls}

@@ -1,0 +1,229 @@
+"""Model bundles: a folder with ``model.json`` (the model card) and the weights (safetensors).
+
+The card names the model, its task, its classes (for the classifier: the eleven taxonomy labels in
+contract order), the input specification, the training data and seed, held-out metrics, the operating
+point, the temperature and the SHA-256 of the weights file. :func:`load_bundle` refuses a bundle whose
+weights do not match that hash, whose classes differ from :mod:`pipeline.taxonomy`, or whose architecture
+is unknown, with a :class:`BundleError` that says which file and why.
+
+Real weights trained elsewhere drop in through the same format: save a ``FractureNet``/``ValidityNet``
+state dict with :func:`save_bundle` (or write ``weights.safetensors`` yourself and put its SHA-256 in the
+card); see ``docs/MODELS.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.models.nets import FractureNet, ValidityNet
+from pipeline.taxonomy import DETECTION_CLASSES, FRACTURE_TYPES
+from pipeline.types import ModelIdentity
+
+CARD_NAME = "model.json"
+WEIGHTS_NAME = "weights.safetensors"
+DISCLAIMER = "Research use only. Not for diagnostic use."
+FORMAT_VERSION = 1
+TASKS = ("validity", "detect", "classify")
+VALIDITY_CLASSES: tuple[str, ...] = ("not_radiograph", "radiograph")
+ARCHITECTURES: dict[str, type[nn.Module]] = {"FractureNet": FractureNet, "ValidityNet": ValidityNet}
+EXPECTED_CLASSES: dict[str, tuple[str, ...]] = {
+    "validity": VALIDITY_CLASSES,
+    "detect": DETECTION_CLASSES,
+    "classify": FRACTURE_TYPES,
+}
+
+
+class BundleError(ValueError):
+    """A model bundle is missing, corrupted, or does not fit the taxonomy contract."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle: the network in eval mode plus its card."""
+
+    path: Path
+    card: dict[str, Any]
+    model: nn.Module
+    identity: ModelIdentity = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.identity = ModelIdentity(
+            name=str(self.card["name"]),
+            version=str(self.card["version"]),
+            sha256=str(self.card["weights"]["sha256"]),
+            task=str(self.card["task"]),
+        )
+
+    @property
+    def task(self) -> str:
+        return str(self.card["task"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.card.get("temperature", 1.0))
+
+    @property
+    def operating_point(self) -> float:
+        return float(self.card.get("operating_point", {}).get("threshold", 0.5))
+
+    @property
+    def indeterminate_band(self) -> tuple[float, float]:
+        op = self.card.get("operating_point", {})
+        band = op.get("indeterminate_band") or [self.operating_point, self.operating_point]
+        return float(band[0]), float(band[1])
+
+    @property
+    def input_spec(self) -> dict[str, Any]:
+        return dict(self.card.get("input", {}))
+
+
+def make_card(
+    *,
+    name: str,
+    task: str,
+    architecture: str,
+    config: dict[str, Any],
+    input_spec: dict[str, Any],
+    version: str = "1.0.0",
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    temperature: float = 1.0,
+    operating_point: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build a model card dictionary (the weights hash is filled in by :func:`save_bundle`)."""
+    if task not in TASKS:
+        raise BundleError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    card: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "task": task,
+        "classes": list(EXPECTED_CLASSES[task]),
+        "architecture": {"class": architecture, "config": config},
+        "input": input_spec,
+        "training": training or {},
+        "metrics": metrics or {},
+        "temperature": float(temperature),
+        "operating_point": operating_point or {},
+        "intended_use": DISCLAIMER.replace("Research use only. ", "Research use only, ").replace(
+            "Not for", "not for"
+        ),
+        "disclaimer": DISCLAIMER,
+        "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if extra:
+        card.update(extra)
+    return card
+
+
+def save_bundle(model: nn.Module, card: dict[str, Any], out_dir: str | Path, dtype: str = "float32") -> Path:
+    """Write ``weights.safetensors`` and ``model.json`` (with the weights' SHA-256) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if dtype not in ("float32", "float16"):
+        raise BundleError(f"unsupported weights dtype {dtype!r}")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        tensor = value.detach().cpu().contiguous()
+        if dtype == "float16" and tensor.is_floating_point():
+            tensor = tensor.to(torch.float16)
+        tensors[key] = tensor
+    weights = out / WEIGHTS_NAME
+    tmp = weights.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})  # one key: byte-reproducible header
+    tmp.replace(weights)
+    weights.chmod(0o644)
+    card = copy.deepcopy(card)
+    card["weights"] = {"file": WEIGHTS_NAME, "format": "safetensors", "dtype": dtype,
+                       "sha256": sha256_file(weights), "bytes": weights.stat().st_size}
+    (out / CARD_NAME).write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    return out
+
+
+def read_card(bundle_dir: str | Path) -> dict[str, Any]:
+    path = Path(bundle_dir) / CARD_NAME
+    if not path.is_file():
+        raise BundleError(f"{path}: model card missing (is {bundle_dir} a model bundle?)")
+    try:
+        card = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: model card is not valid JSON ({exc})") from None
+    if not isinstance(card, dict):
+        raise BundleError(f"{path}: model card is not a JSON object")
+    return card
+
+
+def update_card(bundle_dir: str | Path, **fields: Any) -> dict[str, Any]:
+    """Merge top-level fields into an existing card (metrics after evaluation); the hash is untouched."""
+    card = read_card(bundle_dir)
+    card.update(fields)
+    (Path(bundle_dir) / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def verify_card(card: dict[str, Any], where: str) -> None:
+    for key in ("name", "version", "task", "classes", "architecture", "weights"):
+        if key not in card:
+            raise BundleError(f"{where}: model card lacks {key!r}")
+    task = card["task"]
+    if task not in TASKS:
+        raise BundleError(f"{where}: unknown task {task!r}")
+    expected = list(EXPECTED_CLASSES[task])
+    if list(card["classes"]) != expected:
+        raise BundleError(
+            f"{where}: classes {card['classes']} differ from the taxonomy contract {expected} "
+            "(order matters: see shared/fracture-taxonomy.md)"
+        )
+    arch = card["architecture"].get("class")
+    if arch not in ARCHITECTURES:
+        raise BundleError(f"{where}: unknown architecture {arch!r}")
+
+
+def load_bundle(bundle_dir: str | Path, expected_task: str | None = None) -> Bundle:
+    """Load and verify a bundle; raise :class:`BundleError` with a precise message if anything is off."""
+    path = Path(bundle_dir)
+    card = read_card(path)
+    where = str(path / CARD_NAME)
+    verify_card(card, where)
+    if expected_task and card["task"] != expected_task:
+        raise BundleError(f"{where}: task is {card['task']!r}, expected {expected_task!r}")
+    weights = path / str(card["weights"].get("file", WEIGHTS_NAME))
+    if not weights.is_file():
+        raise BundleError(f"{weights}: weights file missing")
+    actual = sha256_file(weights)
+    if actual != card["weights"].get("sha256"):
+        raise BundleError(
+            f"{weights}: SHA-256 {actual} does not match the model card ({card['weights'].get('sha256')}); "
+            "the bundle is corrupted or was modified — refusing to load it"
+        )
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types
+        raise BundleError(f"{weights}: cannot read weights ({exc})") from None
+    model = ARCHITECTURES[card["architecture"]["class"]](**card["architecture"].get("config", {}))
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{weights}: weights do not fit {card['architecture']['class']}: {exc}") from None
+    model.eval()
+    return Bundle(path=path, card=card, model=model)

@@ -1,0 +1,227 @@
+"""The pipeline wired in one place: validity -> detection -> type -> explanation.
+
+Both inputs (DICOM listener and HTTP uploads, via the job workers) call :func:`analyze` with a
+:class:`~pipeline.types.Radiograph` and a :class:`ModelSet` loaded once per process by :func:`load_models`.
+Every output carries the identity (name, version, SHA-256) of the bundle that produced it, and the
+Analysis carries the not-for-diagnostic-use statement.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see pipeline/models/__init__.py; before torch loads
+
+from collections.abc import Sequence  # noqa: E402
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.explain import edge_view, grad_cam, heatmap_to_original, hybrid_overlay, peak_box
+from pipeline.models.bundle import Bundle, BundleError, load_bundle
+from pipeline.models.nets import FractureNet
+from pipeline.models.preprocess import prepare_fracture_input
+from pipeline.taxonomy import FRACTURE_TYPES
+from pipeline.types import (
+    Analysis,
+    ClassificationResult,
+    DetectionCall,
+    DetectionResult,
+    Explanation,
+    ModelIdentity,
+    Radiograph,
+)
+from pipeline.validation import RadiographCheck
+
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "bundled"
+BUNDLE_NAMES = {"validity": "validity", "detect": "detector", "classify": "classifier"}
+
+
+@dataclass
+class ModelSet:
+    """The three bundles, loaded and verified once."""
+
+    validity: RadiographCheck
+    detector: Bundle
+    classifier: Bundle
+    model_dir: Path
+
+    @property
+    def shared_backbone(self) -> bool:
+        """Detector and classifier are the same multi-head network (one forward pass serves both)."""
+        return self.detector.identity.sha256 == self.classifier.identity.sha256
+
+    @property
+    def identities(self) -> list[ModelIdentity]:
+        ids = [self.detector.identity, self.classifier.identity]
+        if self.validity.bundle is not None:
+            ids.insert(0, self.validity.bundle.identity)
+        return ids
+
+
+def load_models(model_dir: str | Path | None = None, num_threads: int | None = None) -> ModelSet:
+    """Load ``validity/``, ``detector/`` and ``classifier/`` from ``model_dir`` (default: the bundled ones).
+
+    Raises :class:`~pipeline.models.bundle.BundleError` if a bundle is missing, corrupted or off-contract.
+    """
+    root = Path(model_dir) if model_dir is not None else BUNDLED_MODEL_DIR
+    if not root.is_dir():
+        raise BundleError(f"model directory {root} does not exist")
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    validity = load_bundle(root / BUNDLE_NAMES["validity"], expected_task="validity")
+    detector = load_bundle(root / BUNDLE_NAMES["detect"], expected_task="detect")
+    classifier = load_bundle(root / BUNDLE_NAMES["classify"], expected_task="classify")
+    if detector.identity.sha256 == classifier.identity.sha256:
+        # Same weights: share one network instance (one forward pass serves both).
+        classifier.model = detector.model
+    for b in (detector, classifier):
+        if not isinstance(b.model, FractureNet):
+            raise BundleError(f"{b.path}: expected a FractureNet bundle")
+    return ModelSet(RadiographCheck(validity), detector, classifier, root)
+
+
+def calibrated_probability(logit: float, temperature: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-logit / temperature)))
+
+
+def detection_call(p: float, threshold: float, band: tuple[float, float]) -> DetectionCall:
+    """``fracture`` above the band, ``no_fracture`` below it, ``indeterminate`` inside it."""
+    lo, hi = min(band[0], threshold), max(band[1], threshold)
+    if lo < hi and lo <= p < hi:
+        return "indeterminate"
+    return "fracture" if p >= threshold else "no_fracture"
+
+
+@dataclass
+class FractureOutputs:
+    """Raw numbers of one image (used by evaluation as well as analyze)."""
+
+    detect_logit: float
+    probability: float
+    type_probs: np.ndarray
+    det_heatmap: np.ndarray | None = None
+    type_heatmap: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = True) -> FractureOutputs:
+    """Detector + classifier (+ Grad-CAM maps at the original geometry)."""
+    det_b, cls_b = models.detector, models.classifier
+    det_net = det_b.model
+    assert isinstance(det_net, FractureNet)
+    long_side = int(det_b.input_spec.get("long_side", 512))
+    x, geom = prepare_fracture_input(radiograph.pixels, long_side)
+    with torch.no_grad():
+        feats = det_net.backbone(x)
+    feats.requires_grad_(cams)
+    with torch.set_grad_enabled(cams):
+        out = det_net.heads(feats)
+        logit = float(out.detect[0].detach())
+        p = calibrated_probability(logit, det_b.temperature)
+        det_cam = grad_cam(feats, out.detect[0], retain_graph=True) if cams else None
+        if models.shared_backbone:
+            cls_out, cls_feats = out, feats
+        else:
+            cls_net = cls_b.model
+            assert isinstance(cls_net, FractureNet)
+            cls_long = int(cls_b.input_spec.get("long_side", 512))
+            xc, geom_c = prepare_fracture_input(radiograph.pixels, cls_long) if cls_long != long_side else (x, geom)
+            with torch.no_grad():
+                cls_feats = cls_net.backbone(xc)
+            cls_feats.requires_grad_(cams)
+            cls_out = cls_net.heads(cls_feats)
+        type_logits = cls_out.types[0] / cls_b.temperature
+        probs = torch.softmax(type_logits.detach(), dim=0).numpy().astype(np.float64)
+        type_cam = None
+        if cams:
+            top = int(np.argmax(probs))
+            type_cam = grad_cam(cls_feats, cls_out.types[0, top])
+    return FractureOutputs(
+        detect_logit=logit,
+        probability=p,
+        type_probs=probs,
+        det_heatmap=heatmap_to_original(det_cam, geom) if det_cam is not None else None,
+        type_heatmap=heatmap_to_original(type_cam, geom) if type_cam is not None else None,
+    )
+
+
+@dataclass
+class DetailedAnalysis:
+    analysis: Analysis
+    type_heatmap: np.ndarray | None = None
+
+
+def analyze_detailed(radiograph: Radiograph, models: ModelSet, explain: bool = True) -> DetailedAnalysis:
+    """:func:`analyze` plus the classifier's top-class Grad-CAM map (for the analyze command)."""
+    validity = models.validity(radiograph)
+    analysis = Analysis(validity=validity, models=models.identities)
+    if not validity.is_radiograph:
+        return DetailedAnalysis(analysis)
+    outs = run_fracture_models(radiograph, models, cams=explain)
+    det_b, cls_b = models.detector, models.classifier
+    call = detection_call(outs.probability, det_b.operating_point, det_b.indeterminate_band)
+    analysis.detection = DetectionResult(
+        probability=outs.probability, operating_point=det_b.operating_point, call=call, model=det_b.identity
+    )
+    if call != "no_fracture":
+        dist = {name: float(p) for name, p in zip(FRACTURE_TYPES, outs.type_probs, strict=True)}
+        top = max(dist, key=lambda k: dist[k])
+        analysis.classification = ClassificationResult(
+            distribution=dist, top_type=top, top_probability=dist[top], model=cls_b.identity
+        )
+    type_heatmap = None
+    if explain and outs.det_heatmap is not None:
+        edges = edge_view(radiograph.pixels)
+        analysis.explanation = Explanation(
+            heatmap=outs.det_heatmap,
+            edges=edges,
+            hybrid=hybrid_overlay(radiograph.pixels, outs.det_heatmap, edges),
+            peak_box=peak_box(outs.det_heatmap) if call != "no_fracture" else None,
+        )
+        type_heatmap = outs.type_heatmap if analysis.classification else None
+    return DetailedAnalysis(analysis, type_heatmap)
+
+
+def analyze(radiograph: Radiograph, models: ModelSet, explain: bool = True) -> Analysis:
+    """Run the whole pipeline on one radiograph."""
+    return analyze_detailed(radiograph, models, explain=explain).analysis
+
+
+def analyze_batch(radiographs: Sequence[Radiograph], models: ModelSet, explain: bool = True) -> list[Analysis]:
+    """Analyse a small batch (as a worker does); images of different sizes are processed one by one."""
+    return [analyze(r, models, explain=explain) for r in radiographs]
+
+
+def identity_dict(identity: ModelIdentity | None) -> dict[str, str] | None:
+    if identity is None:
+        return None
+    return {"name": identity.name, "version": identity.version, "sha256": identity.sha256, "task": identity.task}
+
+
+def analysis_to_dict(analysis: Analysis) -> dict[str, object]:
+    """JSON-ready summary of an Analysis (explanation images are referenced, not embedded)."""
+    v = analysis.validity
+    out: dict[str, object] = {
+        "validity": {"verdict": v.verdict, "score": round(v.score, 4), "reason": v.reason,
+                     "model": identity_dict(v.model)},
+        "detection": None,
+        "classification": None,
+        "peak_box": None,
+        "models": [identity_dict(m) for m in analysis.models],
+        "disclaimer": analysis.disclaimer,
+    }
+    if analysis.detection is not None:
+        d = analysis.detection
+        out["detection"] = {"probability": round(d.probability, 4), "operating_point": round(d.operating_point, 4),
+                            "call": d.call, "model": identity_dict(d.model)}
+    if analysis.classification is not None:
+        c = analysis.classification
+        out["classification"] = {"top_type": c.top_type, "top_probability": round(c.top_probability, 4),
+                                 "distribution": {k: round(p, 4) for k, p in c.distribution.items()},
+                                 "model": identity_dict(c.model)}
+    if analysis.explanation is not None and analysis.explanation.peak_box is not None:
+        out["peak_box"] = analysis.explanation.peak_box.as_list()
+    return out

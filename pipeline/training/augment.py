@@ -1,0 +1,113 @@
+"""Augmentation with numpy/cv2: geometry (scale, rotation, flips, crops) and acquisition (windowing, gamma,
+noise, blur, sharpening, JPEG-like 8-bit degradation), so the models see many plausible acquisitions of
+each generated image. Every function takes an explicit ``numpy.random.Generator`` (reproducible)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def random_geometry(img: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, *,
+                    max_rotation: float = 15.0, p_hflip: float = 0.5, p_vflip: float = 0.2,
+                    p_rot90: float = 0.15) -> tuple[np.ndarray, np.ndarray | None]:
+    """Flip / rotate image and mask together (rotation about the centre, canvas kept, zero fill)."""
+    if rng.random() < p_hflip:
+        img = img[:, ::-1]
+        mask = mask[:, ::-1] if mask is not None else None
+    if rng.random() < p_vflip:
+        img = img[::-1]
+        mask = mask[::-1] if mask is not None else None
+    if rng.random() < p_rot90:
+        k = int(rng.integers(1, 4))
+        img = np.rot90(img, k)
+        mask = np.rot90(mask, k) if mask is not None else None
+    img = np.ascontiguousarray(img)
+    mask = np.ascontiguousarray(mask) if mask is not None else None
+    angle = float(rng.uniform(-max_rotation, max_rotation))
+    if abs(angle) > 0.5:
+        h, w = img.shape
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+        img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        if mask is not None:
+            mask = cv2.warpAffine(mask, m, (w, h), flags=cv2.INTER_NEAREST, borderValue=0)
+    return img, mask
+
+
+def acquisition_params(rng: np.random.Generator, strength: float, sample: np.ndarray) -> dict[str, float]:
+    """Draw the point-wise intensity transform (window, gamma, contrast) once per image; ``sample`` is a
+    subsampled view of the image used for the window percentiles."""
+    params: dict[str, float] = {"lo": 0.0, "hi": 1.0, "gamma": 1.0, "gain": 1.0, "offset": 0.0}
+    if rng.random() < 0.7 * strength:
+        lo, hi = np.percentile(sample, [rng.uniform(0, 8), rng.uniform(92, 100)])
+        if hi - lo > 1e-3:
+            params["lo"], params["hi"] = float(lo), float(hi)
+    if rng.random() < 0.8 * strength:
+        params["gamma"] = float(np.exp(rng.uniform(-0.5, 0.5)))
+    if rng.random() < 0.5 * strength:
+        params["gain"], params["offset"] = float(rng.uniform(0.7, 1.2)), float(rng.uniform(-0.1, 0.1))
+    return params
+
+
+def apply_pointwise(img: np.ndarray, p: dict[str, float]) -> np.ndarray:
+    out = np.clip((img - p["lo"]) / (p["hi"] - p["lo"]), 0, 1)
+    if p["gamma"] != 1.0:
+        out = np.power(out, p["gamma"])
+    if p["gain"] != 1.0 or p["offset"] != 0.0:
+        out = out * p["gain"] + p["offset"]
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def apply_local(img: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """Blur or sharpening, signal-dependent noise and 8-bit JPEG-like degradation."""
+    out: np.ndarray = img.astype(np.float32, copy=False)
+    r = rng.random()
+    if r < 0.25 * strength:
+        out = cv2.GaussianBlur(out, (0, 0), float(rng.uniform(0.3, 1.0)))
+    elif r < 0.45 * strength:
+        blur = cv2.GaussianBlur(out, (0, 0), float(rng.uniform(1.0, 3.0)))
+        out = out + float(rng.uniform(0.2, 0.8)) * (out - blur)
+    if rng.random() < 0.7 * strength:
+        sigma = float(rng.uniform(0.002, 0.03))
+        noise = rng.standard_normal(out.shape, dtype=np.float32)
+        out = out + sigma * noise * np.sqrt(np.clip(out, 0.05, 1.0))
+    out = np.clip(out, 0, 1)
+    if rng.random() < 0.2 * strength:
+        q = int(rng.integers(40, 95))
+        ok, enc = cv2.imencode(".jpg", (out * 255 + 0.5).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, q])
+        dec = cv2.imdecode(enc, cv2.IMREAD_GRAYSCALE) if ok else None
+        if dec is not None:
+            out = dec.astype(np.float32) / 255.0
+    return out.astype(np.float32)
+
+
+def random_acquisition(img: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """Intensity augmentation on a float32 [0, 1] bone-bright image (never inverts)."""
+    params = acquisition_params(rng, strength, img[::4, ::4])
+    return apply_local(apply_pointwise(img, params), rng, strength)
+
+
+def pick_crop(h: int, w: int, size: int, rng: np.random.Generator,
+              focus: tuple[int, int, int, int] | None) -> tuple[int, int]:
+    """Top-left corner of a ``size`` square crop (may extend past the image: caller pads). With a focus box,
+    the crop contains the box (or is centred on it when the box is larger) with random jitter."""
+    if focus is not None:
+        x0, y0, x1, y1 = focus
+        lo_x, hi_x = x1 - size, x0
+        lo_y, hi_y = y1 - size, y0
+        cx = int(rng.integers(lo_x, hi_x + 1)) if hi_x >= lo_x else (x0 + x1) // 2 - size // 2
+        cy = int(rng.integers(lo_y, hi_y + 1)) if hi_y >= lo_y else (y0 + y1) // 2 - size // 2
+    else:
+        cx = int(rng.integers(min(0, w - size), max(0, w - size) + 1))
+        cy = int(rng.integers(min(0, h - size), max(0, h - size) + 1))
+    return cy, cx
+
+
+def crop_padded(arr: np.ndarray, top: int, left: int, size: int, fill: float) -> np.ndarray:
+    out = np.full((size, size), fill, dtype=arr.dtype)
+    h, w = arr.shape
+    y0, x0 = max(0, top), max(0, left)
+    y1, x1 = min(h, top + size), min(w, left + size)
+    if y1 > y0 and x1 > x0:
+        out[y0 - top:y1 - top, x0 - left:x1 - left] = arr[y0:y1, x0:x1]
+    return out

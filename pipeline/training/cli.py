@@ -1,0 +1,126 @@
+"""``fracture-node train``: train a model bundle on the generator's layout or on imported real data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from pipeline.training.datasets import DatasetError, Record, load_records, split_records
+from pipeline.training.loop import TrainConfig, train_fracture, train_validity
+
+DEFAULT_OUT = {"validity": "validity", "detect": "detector", "classify": "classifier", "fracture": "."}
+
+
+def _describe(records: list[Record], sources: tuple[str, ...]) -> str:
+    n_rad = sum(r.is_radiograph for r in records)
+    n_frac = sum(bool(r.fracture) for r in records)
+    n_neg = sum(not r.is_radiograph for r in records)
+    return (f"{', '.join(sources)}: {len(records)} images ({n_rad} radiographs, {n_frac} with fracture, "
+            f"{n_neg} non-radiograph negatives)")
+
+
+def _command_line() -> str:
+    """The options given on the command line, as a reproducible ``fracture-node train`` invocation."""
+    ctx = click.get_current_context()
+    parts = ["fracture-node", "train"]
+    for param in ctx.command.params:
+        name = param.name or ""
+        if ctx.get_parameter_source(name) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[name]
+        flag = "--" + name.replace("_", "-")
+        if isinstance(param, click.Option) and param.is_flag:
+            parts.append(flag)
+        else:
+            for v in value if isinstance(value, tuple) else (value,):
+                parts += [flag, str(v)]
+    return " ".join(parts)
+
+
+@click.command(name="train")
+@click.option("--task", type=click.Choice(["validity", "detect", "classify", "fracture"]), required=True,
+              help="detect/classify train the shared multi-head network and write that task's bundle; "
+                   "'fracture' writes both (OUT/detector and OUT/classifier) from one run.")
+@click.option("--data", "data", multiple=True, required=True,
+              help="Generator folder (labels.csv), folder-per-class tree, or MURA-style CSV. Repeatable.")
+@click.option("--val-data", multiple=True, help="Validation data (default: a seeded share of --data).")
+@click.option("--calibration-data", multiple=True,
+              help="Fit temperature and operating point on this labelled data instead of the validation split "
+                   "(e.g. a held-out folder generated at the deployment resolution).")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Bundle folder to write (default: ./var/models/<task bundle name>).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Default 16 (fracture) or 64 (validity).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (cosine schedule with warm-up).")
+@click.option("--long-side", type=int, default=512, show_default=True, help="Model input long side (px).")
+@click.option("--crop", type=int, default=320, show_default=True, help="Training crop side (px, at input scale).")
+@click.option("--width", type=int, default=16, show_default=True, help="Backbone base width.")
+@click.option("--max-minutes", type=float, default=None, help="Time budget; stops early, then calibrates.")
+@click.option("--max-steps", type=int, default=None, help="Cap on optimiser steps (sets the LR schedule).")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None,
+              help="Default: ./var/checkpoints/<task>-seed<S>.")
+@click.option("--checkpoint-every", type=int, default=100, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
+@click.option("--init", "init", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Start from a FractureNet bundle or a checkpoint.pt (fine-tuning, e.g. on real data).")
+@click.option("--augment", type=float, default=1.0, show_default=True, help="Augmentation strength (0 = none).")
+@click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes.")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
+@click.option("--val-limit", type=int, default=400, show_default=True, help="Images used for per-epoch validation.")
+@click.option("--cache-mb", type=int, default=3500, show_default=True)
+@click.option("--max-images", type=int, default=None,
+              help="Train on a seeded random subset of at most this many radiographs (negatives are kept).")
+@click.option("--weights-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibration_data: tuple[str, ...],
+          val_fraction: float, epochs: int,
+          out: Path | None, seed: int, batch_size: int | None, lr: float | None, long_side: int, crop: int,
+          width: int, max_minutes: float | None, max_steps: int | None, checkpoint_dir: Path | None,
+          checkpoint_every: int, resume: bool, init: Path | None, workers: int, threads: int, val_limit: int,
+          cache_mb: int, max_images: int | None, weights_dtype: str, quiet: bool, augment: float) -> None:
+    """Train a model bundle (reproducible, checkpointed, resumable)."""
+    torch.set_num_threads(threads)
+    try:
+        records = [r for src in data for r in load_records(src)]
+        if val_data:
+            train_recs = [r for r in records if r.split != "test"]
+            val_recs = [r for src in val_data for r in load_records(src)]
+        else:
+            train_recs, val_recs = split_records(records, val_fraction, seed)
+        calib_recs = [r for src in calibration_data for r in load_records(src)] or None
+    except DatasetError as exc:
+        raise click.ClickException(str(exc)) from None
+    if max_images is not None:
+        rads = [r for r in train_recs if r.is_radiograph]
+        keep = set(np.random.default_rng(seed).permutation(len(rads))[:max_images].tolist())
+        train_recs = [r for i, r in enumerate(rads) if i in keep] + [r for r in train_recs if not r.is_radiograph]
+    if not val_recs:
+        raise click.ClickException("no validation images (use --val-data or a larger --val-fraction)")
+    out = out if out is not None else Path("var/models") / DEFAULT_OUT[task]
+    ckpt = checkpoint_dir if checkpoint_dir is not None else Path("var/checkpoints") / f"{task}-seed{seed}"
+    cfg = TrainConfig(
+        task=task, epochs=epochs, seed=seed,
+        batch_size=batch_size or (64 if task == "validity" else 16),
+        lr=lr or (3e-3 if task == "validity" else 2e-3),
+        long_side=long_side, crop=crop, width=width, max_minutes=max_minutes, max_steps=max_steps,
+        checkpoint_every=checkpoint_every, val_limit=val_limit, num_workers=workers, cache_mb=cache_mb,
+        weights_dtype=weights_dtype, data_description=_describe(train_recs, data), augment=augment,
+        extra={"command": _command_line(),
+               **({"calibration_data": ", ".join(calibration_data)} if calibration_data else {})},
+    )
+    show = not quiet
+    try:
+        if task == "validity":
+            written = train_validity(train_recs, val_recs, cfg, out, ckpt, resume=resume, show=show)
+        else:
+            written = train_fracture(train_recs, val_recs, cfg, out, ckpt, resume=resume, init=init, show=show,
+                                     calibration=calib_recs)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps({k: str(v) for k, v in written.items()}))

@@ -1,0 +1,619 @@
+"""Training loops for the multi-head fracture network and the radiograph check.
+
+Reproducible: every random choice comes from a generator seeded by ``(seed, epoch, index)``, batches come
+from a seeded permutation per epoch, and a checkpoint (model, optimiser, position) is written every
+``checkpoint_every`` steps and at each epoch end, so ``resume=True`` continues exactly where it stopped.
+A time budget (``max_minutes``) stops early but always finishes with calibration and a bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from pipeline.evaluation.metrics import (
+    accuracy,
+    confusion_matrix,
+    expected_calibration_error,
+    macro_f1,
+    roc_auc,
+    sens_spec,
+)
+from pipeline.models.bundle import load_bundle, make_card, save_bundle
+from pipeline.models.imageio import read_gray
+from pipeline.models.nets import FractureNet, ValidityNet, count_parameters
+from pipeline.models.preprocess import STRIDE, letterbox, prepare_fracture_input, resize_long_side
+from pipeline.taxonomy import FRACTURE_TYPES
+from pipeline.training.augment import (
+    acquisition_params,
+    apply_local,
+    apply_pointwise,
+    crop_padded,
+    pick_crop,
+    random_acquisition,
+    random_geometry,
+)
+from pipeline.training.calibration import fit_temperature, operating_point
+from pipeline.training.datasets import Record
+
+ProgressFn = Callable[[dict[str, Any]], None]
+SCHEDULE_PROBE_STEPS = 60
+
+
+@dataclass
+class TrainConfig:
+    task: str = "fracture"  # fracture (detect + classify), detect, classify, validity
+    epochs: int = 10
+    seed: int = 0
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    long_side: int = 512
+    crop: int = 320
+    width: int = 16
+    validity_size: int = 160
+    max_minutes: float | None = None
+    max_steps: int | None = None
+    checkpoint_every: int = 100
+    val_limit: int = 400
+    num_workers: int = 1
+    cache_mb: int = 3500
+    augment: float = 1.0
+    weights_dtype: str = "float16"
+    data_description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) & 0xFFFFFFFF for k in keys])
+
+
+# --------------------------------------------------------------------------------------------- datasets
+
+
+class _Cache:
+    """Bounded in-process cache of decoded, resized training images (uint16) and masks (uint8)."""
+
+    def __init__(self, limit_mb: int) -> None:
+        self.limit = limit_mb * 1024 * 1024
+        self.used = 0
+        self.items: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def get(self, i: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        return self.items.get(i)
+
+    def put(self, i: int, img: np.ndarray, mask: np.ndarray | None) -> None:
+        size = img.nbytes + (mask.nbytes if mask is not None else 0)
+        if self.used + size <= self.limit:
+            self.items[i] = (img, mask)
+            self.used += size
+
+
+def _bone_point(small: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+    """A random (y, x) among the brightest quarter of a (subsampled) bone-bright image."""
+    thr = float(np.percentile(small, 75))
+    ys, xs = np.nonzero(small >= thr)
+    if len(ys) == 0:
+        return small.shape[0] // 2, small.shape[1] // 2
+    k = int(rng.integers(0, len(ys)))
+    return int(ys[k]), int(xs[k])
+
+
+class FractureCrops(Dataset[dict[str, Any]]):
+    """Augmented square crops with detection label, type label and a 1/16 segmentation target."""
+
+    def __init__(self, records: list[Record], cfg: TrainConfig) -> None:
+        self.records = records
+        self.cfg = cfg
+        self.cache_long = int(round(cfg.long_side * 1.2))
+        self.cache = _Cache(cfg.cache_mb)
+        self.has_masks = any(r.mask is not None for r in records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        hit = self.cache.get(i)
+        if hit is not None:
+            return hit
+        rec = self.records[i]
+        img = read_gray(rec.path)
+        h, w = img.shape
+        img = resize_long_side(img, self.cache_long) if max(h, w) > self.cache_long else img
+        img16 = (np.clip(img, 0, 1) * 65535 + 0.5).astype(np.uint16)
+        mask = None
+        if rec.mask is not None:
+            m = cv2.imread(str(rec.mask), cv2.IMREAD_GRAYSCALE)
+            if m is not None:
+                mask = cv2.resize(m, (img16.shape[1], img16.shape[0]), interpolation=cv2.INTER_AREA)
+                mask = (mask > 0).astype(np.uint8) * 255
+        self.cache.put(i, img16, mask)
+        return img16, mask
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, i = key
+        cfg = self.cfg
+        rng = _rng(cfg.seed, epoch, i, 7)
+        rec = self.records[i]
+        img16, mask0 = self._load(i)
+        img: np.ndarray = img16.astype(np.float32) / 65535.0
+        mask: np.ndarray | None = mask0
+        h, w = img.shape
+        crop = cfg.crop if self.has_masks else cfg.long_side
+        scale = cfg.long_side / max(h, w) * (float(np.exp(rng.uniform(np.log(0.8), np.log(1.2))))
+                                             if cfg.augment else 1.0)
+        nh, nw = max(8, round(h * scale)), max(8, round(w * scale))
+        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        if mask is not None:
+            mask = cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_AREA)
+            mask = (mask > 0).astype(np.uint8)
+        if cfg.augment:
+            img, mask = random_geometry(img, mask, rng)
+        # Intensity: the point-wise transform is drawn once for the image; the statistics used for the
+        # per-image standardisation come from a subsampled copy of the whole transformed image (as at
+        # inference), while the costly local operations only touch the crop.
+        small = img[::4, ::4]
+        params = acquisition_params(rng, cfg.augment, small) if cfg.augment else None
+        if params is not None:
+            small = apply_pointwise(small, params)
+        mean, std = float(small.mean()), max(float(small.std()), 1e-3)
+        frac_total = int(mask.sum()) if mask is not None else 0
+        focus = None
+        if mask is not None and frac_total > 0 and rng.random() < 0.7:
+            ys, xs = np.nonzero(mask)
+            focus = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        if focus is None and rng.random() < 0.85:
+            # Centre the crop on bone for normals too, so "bone in view" is no shortcut for "fracture".
+            sy, sx = _bone_point(small, rng)
+            cy, cx = sy * 4 + int(rng.integers(-crop // 4, crop // 4 + 1)), sx * 4 + int(
+                rng.integers(-crop // 4, crop // 4 + 1))
+            focus = (cx, cy, cx + 1, cy + 1)
+        top, left = pick_crop(img.shape[0], img.shape[1], crop, rng, focus)
+        patch = crop_padded(img, top, left, crop, -1.0)
+        outside = patch < 0
+        if params is not None:
+            patch = apply_local(apply_pointwise(patch, params), rng, cfg.augment)
+        patch[outside] = 0.0
+        x = (patch - mean) / std
+        det_w = 1.0
+        seg_w = 0.0
+        seg = np.zeros((crop // STRIDE, crop // STRIDE), dtype=np.float32)
+        if rec.fracture is None:
+            det_label, det_w = 0.0, 0.0
+        elif not rec.fracture:
+            det_label = 0.0
+            seg_w = 1.0 if self.has_masks else 0.0
+        elif mask is not None and frac_total > 0:
+            mcrop = crop_padded(mask, top, left, crop, 0)
+            inside = int(mcrop.sum()) / frac_total
+            det_label = 1.0 if inside >= 0.5 else 0.0
+            det_w = 0.0 if 0.0 < inside < 0.5 else 1.0
+            seg = mcrop.reshape(crop // STRIDE, STRIDE, crop // STRIDE, STRIDE).max(axis=(1, 3)).astype(np.float32)
+            seg_w = 1.0
+        else:
+            det_label = 1.0
+        type_idx = FRACTURE_TYPES.index(rec.type) if (rec.type and det_label == 1.0 and det_w > 0) else -1
+        return {
+            "x": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None],
+            "det": torch.tensor(det_label), "det_w": torch.tensor(det_w),
+            "seg": torch.from_numpy(seg)[None], "seg_w": torch.tensor(seg_w),
+            "type": torch.tensor(type_idx),
+        }
+
+
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """Batches of (epoch, index) over several epochs from a seeded permutation per epoch, starting at a
+    given (epoch, batch) so that resuming replays nothing and skips nothing."""
+
+    def __init__(self, n: int, batch: int, seed: int, start_epoch: int, start_batch: int, epochs: int) -> None:
+        self.n, self.batch, self.seed = n, batch, seed
+        self.start_epoch, self.start_batch, self.epochs = start_epoch, start_batch, epochs
+
+    def batches_per_epoch(self) -> int:
+        return self.n // self.batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for epoch in range(self.start_epoch, self.epochs):
+            perm = _rng(self.seed, epoch, 1).permutation(self.n)
+            first = self.start_batch if epoch == self.start_epoch else 0
+            for b in range(first, self.batches_per_epoch()):
+                yield [(epoch, int(i)) for i in perm[b * self.batch:(b + 1) * self.batch]]
+
+    def __len__(self) -> int:
+        return max(0, (self.epochs - self.start_epoch) * self.batches_per_epoch() - self.start_batch)
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+# --------------------------------------------------------------------------------------------- losses
+
+
+def fracture_loss(out: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    det_w = batch["det_w"]
+    det = F.binary_cross_entropy_with_logits(out.detect, batch["det"], reduction="none")
+    det_loss = (det * det_w).sum() / det_w.sum().clamp(min=1.0)
+    seg_w = batch["seg_w"]
+    seg_loss = torch.zeros(())
+    if float(seg_w.sum()) > 0:
+        target = batch["seg"]
+        logits = out.seg
+        if logits.shape[-2:] != target.shape[-2:]:
+            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        sel = seg_w > 0
+        bce = F.binary_cross_entropy_with_logits(logits[sel], target[sel], pos_weight=torch.tensor(4.0))
+        prob = torch.sigmoid(logits[sel])
+        inter = (prob * target[sel]).sum()
+        dice = 1 - (2 * inter + 1) / (prob.sum() + target[sel].sum() + 1)
+        seg_loss = bce + dice
+    tsel = batch["type"] >= 0
+    type_loss = torch.zeros(())
+    if bool(tsel.any()):
+        type_loss = F.cross_entropy(out.types[tsel], batch["type"][tsel], label_smoothing=0.05)
+    total = det_loss + seg_loss + type_loss
+    parts = {"loss": total, "det": det_loss, "seg": seg_loss, "type": type_loss}
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def predict_fracture(model: FractureNet, records: list[Record], long_side: int,
+                     show: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Detection logits (N,) and type logits (N, 11) on whole images, as at inference."""
+    model.eval()
+    det, types = [], []
+    for rec in tqdm(records, desc="validate", leave=False, disable=not show):
+        x, _g = prepare_fracture_input(read_gray(rec.path), long_side)
+        out = model(x)
+        det.append(float(out.detect[0]))
+        types.append(out.types[0].numpy())
+    return np.array(det), (np.stack(types) if types else np.zeros((0, len(FRACTURE_TYPES))))
+
+
+def fracture_metrics(det_logits: np.ndarray, type_logits: np.ndarray, records: list[Record],
+                     det_t: float = 1.0, threshold: float = 0.5) -> dict[str, float]:
+    labels = np.array([bool(r.fracture) for r in records])
+    probs = 1 / (1 + np.exp(-det_logits / det_t))
+    sens, spec = sens_spec(probs, labels, threshold)
+    metrics = {"auc": roc_auc(det_logits, labels), "sensitivity": sens, "specificity": spec,
+               "ece": expected_calibration_error(probs, labels)}
+    typed = [i for i, r in enumerate(records) if r.fracture and r.type]
+    if typed:
+        true = np.array([FRACTURE_TYPES.index(records[i].type or "") for i in typed])
+        pred = type_logits[typed].argmax(axis=1)
+        cm = confusion_matrix(true, pred, len(FRACTURE_TYPES))
+        metrics.update({"type_accuracy": accuracy(cm), "type_macro_f1": macro_f1(cm)})
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------- loop
+
+
+def _lr_at(step: int, total: int, base: float) -> float:
+    warmup = max(1, min(100, total // 10))
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, tmp)
+    tmp.replace(path)
+
+
+def _log(log_path: Path, entry: dict[str, Any]) -> None:
+    with open(log_path, "a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def _run_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg: TrainConfig, ckpt_dir: Path,
+              loss_fn: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
+              validate: Callable[[], dict[str, float]], resume: bool, show: bool) -> dict[str, Any]:
+    """Shared optimisation loop: checkpoints, resume, time budget, per-epoch validation."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_dir / "checkpoint.pt"
+    log_path = ckpt_dir / "train_log.jsonl"
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": [], "elapsed_s": 0.0}
+    if resume and ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        if show:
+            print(f"resuming from {ckpt} at epoch {state['epoch']} batch {state['batch']} (step {state['step']})")
+    per_epoch = n // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"only {n} training images: fewer than one batch of {cfg.batch_size}")
+    total = cfg.epochs * per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    if state.get("total"):
+        total = int(state["total"])
+    sampler = EpochBatches(n, cfg.batch_size, cfg.seed, state["epoch"], state["batch"], cfg.epochs)
+    loader: DataLoader[Any] = DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate,
+                                         num_workers=cfg.num_workers,
+                                         persistent_workers=False)
+    started = time.time() - float(state["elapsed_s"])
+    bar = tqdm(total=total, initial=min(state["step"], total), desc=f"train {cfg.task}", disable=not show,
+               dynamic_ncols=True)
+    stopped = "completed"
+    model.train()
+    running: dict[str, float] = {}
+    epoch_sum = (0.0, 0)
+    last_val: dict[str, float] = {}
+    for batch in loader:
+        if state["step"] >= total:
+            stopped = "max_steps"
+            break
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(state["step"], total, cfg.lr)
+        out = model(batch["x"])
+        loss, parts = loss_fn(out, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        for k, v in parts.items():
+            running[k] = 0.95 * running.get(k, v) + 0.05 * v
+        epoch_sum = (epoch_sum[0] + parts["loss"], epoch_sum[1] + 1)
+        state["step"] += 1
+        state["batch"] += 1
+        if state["batch"] >= per_epoch:
+            state["epoch"] += 1
+            state["batch"] = 0
+        state["elapsed_s"] = time.time() - started
+        if cfg.max_minutes is not None and not state.get("total") and state["step"] == SCHEDULE_PROBE_STEPS:
+            # Fix the schedule length once from the measured speed, so the cosine ends within the budget.
+            rate = state["elapsed_s"] / state["step"]
+            fits = int(cfg.max_minutes * 60 * 0.92 / rate)
+            total = max(state["step"] + 1, min(total, fits))
+            state["total"] = total
+            bar.total = total
+            bar.refresh()
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()} | {k: f"{v:.3f}" for k, v in last_val.items()})
+        epoch_end = state["batch"] == 0
+        if epoch_end or state["step"] % cfg.checkpoint_every == 0:
+            if epoch_end:
+                last_val = validate()
+                model.train()
+                entry = {"epoch": state["epoch"], "step": state["step"], "elapsed_s": round(state["elapsed_s"], 1),
+                         "lr": opt.param_groups[0]["lr"],
+                         "epoch_loss": round(epoch_sum[0] / max(1, epoch_sum[1]), 4),
+                         **{k: round(v, 4) for k, v in running.items()},
+                         **{f"val_{k}": round(v, 4) for k, v in last_val.items()}}
+                state["history"].append(entry)
+                epoch_sum = (0.0, 0)
+                _log(log_path, entry)
+                if show:
+                    tqdm.write(json.dumps(entry))
+            _save_checkpoint(ckpt, model, opt, state)
+        if cfg.max_minutes is not None and state["elapsed_s"] > cfg.max_minutes * 60:
+            stopped = "time_budget"
+            break
+    else:
+        if state["step"] < total and state["epoch"] < cfg.epochs:
+            stopped = "data_exhausted"
+    bar.close()
+    _save_checkpoint(ckpt, model, opt, state)
+    model.eval()
+    return {"steps": state["step"], "planned_steps": total, "epochs_completed": state["epoch"],
+            "stopped": stopped, "elapsed_s": round(float(state["elapsed_s"]), 1), "history": state["history"],
+            "log": str(log_path)}
+
+
+def _init_from(model: torch.nn.Module, source: Path, show: bool) -> None:
+    """Start from a bundle or a training checkpoint; parameters whose shape differs are left as initialised
+    (e.g. a head that changed), and reported."""
+    if source.is_dir():
+        state = load_bundle(source).model.state_dict()
+    else:
+        state = torch.load(source, map_location="cpu", weights_only=False)["model"]
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(own) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    if show and skipped:
+        print(f"--init {source}: kept the fresh initialisation of {', '.join(skipped)}")
+
+
+def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out: Path, ckpt_dir: Path,
+                   resume: bool = False, init: Path | None = None, show: bool = True,
+                   calibration: list[Record] | None = None) -> dict[str, Path]:
+    """Train the multi-head network; write the detector and/or classifier bundle(s).
+
+    ``cfg.task`` "fracture" writes ``out/detector`` and ``out/classifier``; "detect"/"classify" write ``out``.
+    ``val`` is monitored each epoch; temperature and operating point are fitted on ``calibration`` (default:
+    ``val``).
+    """
+    torch.manual_seed(cfg.seed)
+    model = FractureNet(width=cfg.width)
+    if init is not None:
+        _init_from(model, init, show)
+    train = [r for r in train if r.is_radiograph and r.fracture is not None]
+    val = [r for r in val if r.is_radiograph and r.fracture is not None]
+    dataset = FractureCrops(train, cfg)
+    val_quick = val[: cfg.val_limit]
+
+    def validate() -> dict[str, float]:
+        d, t = predict_fracture(model, val_quick, cfg.long_side)
+        m = fracture_metrics(d, t, val_quick)
+        return {k: m[k] for k in ("auc", "type_accuracy", "type_macro_f1") if k in m}
+
+    summary = _run_loop(model, dataset, len(train), cfg, ckpt_dir, fracture_loss, validate, resume, show)
+    # Calibration and operating point on the whole validation (or calibration) split.
+    monitor_count = len(val)
+    if calibration:
+        val = [r for r in calibration if r.is_radiograph and r.fracture is not None]
+    det_logits, type_logits = predict_fracture(model, val, cfg.long_side, show=show)
+    labels = np.array([bool(r.fracture) for r in val])
+    det_t = fit_temperature(det_logits, labels) if labels.any() and (~labels).any() else 1.0
+    probs = 1 / (1 + np.exp(-det_logits / det_t))
+    op = operating_point(probs, labels)
+    typed = [i for i, r in enumerate(val) if r.fracture and r.type]
+    type_t = 1.0
+    if typed:
+        type_t = fit_temperature(type_logits[typed], np.array([FRACTURE_TYPES.index(val[i].type or "")
+                                                               for i in typed]))
+    val_metrics = fracture_metrics(det_logits, type_logits, val, det_t, float(op["threshold"]))  # type: ignore[arg-type]
+    input_spec = {
+        "modality": "bone radiograph (projection X-ray), any body region",
+        "pixels": "float32 in [0, 1], bone bright (MONOCHROME2 after Modality LUT, VOI LUT and MONOCHROME1 "
+                  "inversion)",
+        "long_side": cfg.long_side,
+        "resize": "cv2.INTER_AREA to long_side, aspect kept",
+        "padding": f"right/bottom with zeros (air) to a multiple of {STRIDE}",
+        "normalisation": "per image: (x - mean) / std over the resized, unpadded image",
+        "channels": 1,
+    }
+    training = {
+        "data": cfg.data_description,
+        "train_images": len(train), "monitor_validation_images": monitor_count,
+        "calibration_images": len(val), "calibration_data": cfg.extra.get("calibration_data", "validation split"),
+        "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "crop": cfg.crop,
+        "learning_rate": cfg.lr, "augmentation_strength": cfg.augment,
+        "losses": "BCE detection (crop-level label from the mask) + BCE/Dice segmentation of the fracture mask "
+                  "at 1/16 (training-only supervision) + cross-entropy over the 11 types (label smoothing 0.05)",
+        **{k: v for k, v in summary.items() if k != "history"},
+        "history": summary["history"],
+        "parameters": count_parameters(model),
+        **cfg.extra,
+    }
+    arch: dict[str, Any] = {"architecture": "FractureNet", "config": dict(model.config)}
+    written: dict[str, Path] = {}
+    tasks = ("detect", "classify") if cfg.task == "fracture" else (cfg.task,)
+    for task in tasks:
+        target = out / ("detector" if task == "detect" else "classifier") if cfg.task == "fracture" else out
+        if task == "detect":
+            card = make_card(name="fracturenode-detector", task="detect", **arch, input_spec=input_spec,
+                             training=training, temperature=det_t, operating_point=op,
+                             metrics={"validation": {k: val_metrics[k] for k in
+                                                     ("auc", "sensitivity", "specificity", "ece")}})
+        else:
+            card = make_card(name="fracturenode-classifier", task="classify", **arch, input_spec=input_spec,
+                             training=training, temperature=type_t,
+                             metrics={"validation": {k: val_metrics[k] for k in
+                                                     ("type_accuracy", "type_macro_f1") if k in val_metrics}},
+                             extra={"asked_when": "the detector's call is 'fracture' or 'indeterminate'"})
+        written[task] = save_bundle(model, card, target, dtype=cfg.weights_dtype)
+    return written
+
+
+# --------------------------------------------------------------------------------------------- validity
+
+
+class ValiditySet(Dataset[dict[str, Any]]):
+    """Radiographs (label 1) and negatives (label 0), augmented, letterboxed to ``size``."""
+
+    def __init__(self, records: list[Record], cfg: TrainConfig, augment: bool = True) -> None:
+        self.records = records
+        self.cfg = cfg
+        self.augment = augment
+        self.cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image(self, i: int) -> np.ndarray:
+        if i not in self.cache:
+            img = read_gray(self.records[i].path)
+            self.cache[i] = resize_long_side(img, self.cfg.validity_size * 2) if max(img.shape) > \
+                self.cfg.validity_size * 2 else img
+        return self.cache[i]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, i = key
+        rng = _rng(self.cfg.seed, epoch, i, 11)
+        img = self.image(i)
+        if self.augment:
+            h, w = img.shape
+            if rng.random() < 0.5:  # random crop of 70-100 % of each side
+                ch, cw = int(h * rng.uniform(0.7, 1.0)), int(w * rng.uniform(0.7, 1.0))
+                y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+                img = img[y0:y0 + ch, x0:x0 + cw]
+            img, _ = random_geometry(img, None, rng, max_rotation=10)
+            img = random_acquisition(img, rng, self.cfg.augment)
+        x = (letterbox(img, self.cfg.validity_size) - 0.5) / 0.25
+        return {"x": torch.from_numpy(x.astype(np.float32))[None],
+                "y": torch.tensor(1.0 if self.records[i].is_radiograph else 0.0)}
+
+
+def validity_loss(out: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    loss = F.binary_cross_entropy_with_logits(out, batch["y"])
+    return loss, {"loss": float(loss.detach())}
+
+
+@torch.inference_mode()
+def predict_validity(model: ValidityNet, records: list[Record], size: int) -> np.ndarray:
+    model.eval()
+    out = []
+    for rec in records:
+        x = torch.from_numpy(((letterbox(read_gray(rec.path), size) - 0.5) / 0.25).astype(np.float32))[None, None]
+        out.append(float(model(x)[0]))
+    return np.array(out)
+
+
+def validity_breakdown(logits: np.ndarray, records: list[Record], threshold_logit: float = 0.0) -> dict[str, Any]:
+    pred = logits >= threshold_logit
+    truth = np.array([r.is_radiograph for r in records])
+    per_kind: dict[str, float] = {}
+    kinds = sorted({r.kind or "radiograph" for r in records})
+    for kind in kinds:
+        sel = np.array([(r.kind or "radiograph") == kind for r in records])
+        per_kind[kind] = float((pred[sel] == truth[sel]).mean())
+    return {"accuracy": float((pred == truth).mean()), "per_kind": per_kind}
+
+
+def train_validity(train: list[Record], val: list[Record], cfg: TrainConfig, out: Path, ckpt_dir: Path,
+                   resume: bool = False, show: bool = True) -> dict[str, Path]:
+    torch.manual_seed(cfg.seed)
+    model = ValidityNet()
+    if not any(not r.is_radiograph for r in train):
+        raise ValueError("the validity check needs negatives (negatives.csv in the generator's layout)")
+    dataset = ValiditySet(train, cfg)
+
+    def validate() -> dict[str, float]:
+        logits = predict_validity(model, val[: cfg.val_limit], cfg.validity_size)
+        return {"accuracy": validity_breakdown(logits, val[: cfg.val_limit])["accuracy"]}
+
+    summary = _run_loop(model, dataset, len(train), cfg, ckpt_dir, validity_loss, validate, resume, show)
+    logits = predict_validity(model, val, cfg.validity_size)
+    labels = np.array([r.is_radiograph for r in val])
+    t = fit_temperature(logits, labels) if labels.any() and (~labels).any() else 1.0
+    breakdown = validity_breakdown(logits, val)
+    card = make_card(
+        name="fracturenode-radiograph-check", task="validity", architecture="ValidityNet",
+        config=dict(model.config),
+        input_spec={"size": cfg.validity_size, "pixels": "float32 [0, 1] greyscale (colour converted to grey)",
+                    "resize": "letterbox: cv2.INTER_AREA to the long side, zero padding to a square",
+                    "normalisation": "(x - 0.5) / 0.25", "rules_first": "see pipeline/validation.py"},
+        training={"data": cfg.data_description, "train_images": len(train), "validation_images": len(val),
+                  "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                  **{k: v for k, v in summary.items()}, "parameters": count_parameters(model), **cfg.extra},
+        temperature=t,
+        operating_point={"threshold": 0.5, "rule": "calibrated probability of 'radiograph' >= 0.5"},
+        metrics={"validation": breakdown},
+    )
+    return {"validity": save_bundle(model, card, out, dtype=cfg.weights_dtype)}
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return asdict(cfg)

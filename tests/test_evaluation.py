@@ -1,0 +1,72 @@
+"""Evaluation: metric functions on known cases, and the evaluate command end to end on a toy folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.evaluation.cli import evaluate
+from pipeline.evaluation.metrics import (
+    accuracy,
+    confusion_matrix,
+    expected_calibration_error,
+    macro_f1,
+    roc_auc,
+    sens_spec,
+    sensitivity_at_specificity,
+)
+from pipeline.training.toydata import write_toy_dataset, write_untrained_bundles
+
+
+def test_auc_known_values() -> None:
+    assert roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert roc_auc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(0.5)
+    assert np.isnan(roc_auc(np.array([0.1, 0.2]), np.array([1, 1])))
+
+
+def test_sens_spec_and_sens_at_spec() -> None:
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
+    y = np.array([0, 0, 1, 0, 1, 1])
+    assert sens_spec(p, y, 0.5) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    assert sensitivity_at_specificity(p, y, 0.66) == pytest.approx(1.0)
+    assert sensitivity_at_specificity(p, y, 0.9) == pytest.approx(2 / 3)
+
+
+def test_ece() -> None:
+    rng = np.random.default_rng(0)
+    p = rng.random(20000)
+    y = rng.random(20000) < p
+    assert expected_calibration_error(p, y) < 0.02
+    assert expected_calibration_error(np.full(1000, 0.9), np.zeros(1000)) == pytest.approx(0.9)
+
+
+def test_confusion_and_f1() -> None:
+    cm = confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]), 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    assert accuracy(cm) == pytest.approx(0.75)
+    assert macro_f1(cm) == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_evaluate_command(tmp_path: Path) -> None:
+    data = write_toy_dataset(tmp_path / "data", count=12, seed=5, negatives=6)
+    models = write_untrained_bundles(tmp_path / "models")
+    out = tmp_path / "report" / "eval.json"
+    result = CliRunner().invoke(evaluate, ["--models", str(models), "--data", str(data), "--json", str(out),
+                                           "--quiet", "--update-cards"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    for section, key in [("detection", "auc"), ("detection", "sensitivity"), ("detection", "specificity"),
+                         ("classification", "accuracy"), ("classification", "macro_f1"), ("calibration", "ece"),
+                         ("localization", "pointing_game"), ("validity", "accuracy")]:
+        assert key in report[section], (section, key)
+    assert np.array(report["classification"]["confusion"]).shape == (11, 11)
+    assert report["images"] == 12 and report["negatives"] == 6
+    assert report["images_per_second"] > 0
+    assert (tmp_path / "report" / "reliability.png").is_file() and (tmp_path / "report" / "confusion.png").is_file()
+    assert "detection.auc" in report["targets"]
+    card = json.loads((models / "detector" / "model.json").read_text())
+    assert card["metrics"]["test"]["images"] == 12

@@ -1,0 +1,124 @@
+"""The wired pipeline: load_models, analyze, analyze_batch and the analyze command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli_analyze import analyze as analyze_cmd
+from pipeline.models.bundle import BundleError
+from pipeline.run import BUNDLED_MODEL_DIR, ModelSet, analyze, analyze_batch, detection_call, load_models
+from pipeline.taxonomy import FRACTURE_TYPES
+from pipeline.training.toydata import toy_radiograph, write_untrained_bundles
+from pipeline.types import Radiograph
+
+DISCLAIMER = "Research use only. Not for diagnostic use."
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_untrained_bundles(tmp_path_factory.mktemp("bundles"))
+
+
+@pytest.fixture(scope="module")
+def models(model_dir: Path) -> ModelSet:
+    return load_models(model_dir)
+
+
+def _image(h: int = 300, w: int = 200) -> np.ndarray:
+    img, _m, _b = toy_radiograph(np.random.default_rng(0), True, 1, h=h, w=w)
+    return img
+
+
+def test_analyze_radiograph(models: ModelSet) -> None:
+    img = _image()
+    a = analyze(Radiograph(pixels=img), models)
+    assert a.validity.is_radiograph, a.validity.reason
+    assert a.detection is not None and 0.0 <= a.detection.probability <= 1.0
+    assert a.detection.model.name == "toy-detector" and len(a.detection.model.sha256) == 64
+    assert a.explanation is not None
+    assert a.explanation.heatmap.shape == img.shape
+    assert a.explanation.edges.shape == img.shape
+    assert a.explanation.hybrid.shape == (*img.shape, 3)
+    assert a.disclaimer == DISCLAIMER
+    assert {m.task for m in a.models} == {"validity", "detect", "classify"}
+    if a.classification is not None:
+        assert list(a.classification.distribution) == list(FRACTURE_TYPES)
+        assert sum(a.classification.distribution.values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_non_radiograph_stops_after_validity(models: ModelSet) -> None:
+    a = analyze(Radiograph(pixels=np.full((200, 200), 0.3, np.float32)), models)
+    assert a.validity.verdict == "not_radiograph" and a.detection is None and a.explanation is None
+    assert a.disclaimer == DISCLAIMER
+
+
+def test_analyze_batch(models: ModelSet) -> None:
+    results = analyze_batch([Radiograph(pixels=_image()), Radiograph(pixels=_image(180, 240))], models)
+    assert len(results) == 2 and all(r.detection is not None for r in results)
+
+
+def test_detection_call_band() -> None:
+    assert detection_call(0.9, 0.3, (0.2, 0.5)) == "fracture"
+    assert detection_call(0.35, 0.3, (0.2, 0.5)) == "indeterminate"
+    assert detection_call(0.1, 0.3, (0.2, 0.5)) == "no_fracture"
+    assert detection_call(0.3, 0.3, (0.3, 0.3)) == "fracture"
+
+
+def test_corrupted_model_dir_refused(model_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "models"
+    shutil.copytree(model_dir, bad)
+    weights = bad / "detector" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(BundleError, match="does not match"):
+        load_models(bad)
+    with pytest.raises(BundleError, match="does not exist"):
+        load_models(tmp_path / "missing")
+
+
+def test_analyze_command_writes_json_and_images(model_dir: Path, tmp_path: Path) -> None:
+    png = tmp_path / "in" / "knee.png"
+    png.parent.mkdir()
+    cv2.imwrite(str(png), (_image() * 65535).astype(np.uint16))
+    jpg = tmp_path / "in" / "photo.jpg"
+    cv2.imwrite(str(jpg), np.dstack([np.full((200, 200), c, np.uint8) for c in (20, 60, 230)]))
+    result = CliRunner().invoke(analyze_cmd, [str(png), str(jpg), "--models", str(model_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out[0]["validity"]["verdict"] == "radiograph"
+    assert out[0]["disclaimer"] == DISCLAIMER
+    for name in ("knee.result.json", "knee.heatmap.png", "knee.edges.png", "knee.hybrid.png"):
+        assert (png.parent / name).is_file(), name
+    assert out[1]["validity"]["verdict"] == "not_radiograph" and "colour" in out[1]["validity"]["reason"]
+    text = CliRunner().invoke(analyze_cmd, [str(png), "--models", str(model_dir), "--out", str(tmp_path / "o")])
+    assert text.exit_code == 0 and DISCLAIMER in text.output
+    assert (tmp_path / "o" / "knee.result.json").is_file()
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL_DIR / "detector" / "model.json").exists(), reason="no bundled models")
+def test_default_is_bundled_models() -> None:
+    models = load_models()
+    assert models.model_dir == BUNDLED_MODEL_DIR and models.shared_backbone
+    synth = pytest.importorskip("pipeline.synth")
+    pixels = synth.display_image(synth.render_sample(77, fracture=True, long_side=600))
+    a = analyze(Radiograph(pixels=pixels), models)
+    assert a.validity.is_radiograph, a.validity.reason
+    assert a.detection is not None and a.detection.model.name == "fracturenode-detector"
+    assert a.explanation is not None and a.explanation.heatmap.shape == pixels.shape
+
+
+def test_analyze_command_reads_dicom(model_dir: Path, tmp_path: Path) -> None:
+    synth = pytest.importorskip("pipeline.synth")
+    sample = synth.render_sample(5, fracture=True, long_side=320)
+    path = tmp_path / "study.dcm"
+    synth.sample_to_dicom(sample).save_as(path, enforce_file_format=True)
+    result = CliRunner().invoke(analyze_cmd, [str(path), "--models", str(model_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)[0]["disclaimer"] == DISCLAIMER
+    assert (tmp_path / "study.result.json").is_file()

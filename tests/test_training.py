@@ -1,0 +1,154 @@
+"""Training: importers on small trees, calibration, a tiny model whose loss falls, resume, bundle round trip."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.models.bundle import load_bundle
+from pipeline.training.calibration import fit_temperature, operating_point
+from pipeline.training.cli import train
+from pipeline.training.datasets import (
+    DatasetError,
+    load_records,
+    read_folder_per_class,
+    read_generator_layout,
+    read_mura_csv,
+    split_records,
+)
+from pipeline.training.toydata import write_toy_dataset
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_toy_dataset(tmp_path_factory.mktemp("toy"), count=32, seed=3, negatives=9)
+
+
+def _png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full((32, 32), 100, np.uint8))
+
+
+def test_generator_layout(toy: Path) -> None:
+    records = read_generator_layout(toy)
+    rads = [r for r in records if r.is_radiograph]
+    assert len(rads) == 32 and sum(not r.is_radiograph for r in records) == 9
+    fractured = [r for r in rads if r.fracture]
+    assert len(fractured) == 16 and all(r.type and r.box and r.mask for r in fractured)
+    assert {r.kind for r in records if not r.is_radiograph} == {"photo", "flat", "text"}
+
+
+def test_folder_per_class_maps_synonyms(tmp_path: Path) -> None:
+    for cls in ("Fracture Dislocation", "Compression-Crush", "stress", "normal", "Oblique fracture", "fractured"):
+        _png(tmp_path / "train" / cls / "a.png")
+    _png(tmp_path / "val" / "normal" / "b.png")
+    _png(tmp_path / "test" / "spiral" / "c.jpg")
+    records = read_folder_per_class(tmp_path)
+    by_dir = {r.path.parent.name: r for r in records}
+    assert by_dir["Fracture Dislocation"].type == "fracture_dislocation"
+    assert by_dir["Compression-Crush"].type == "impacted"
+    assert by_dir["stress"].type == "hairline"
+    assert by_dir["Oblique fracture"].type == "oblique"
+    assert by_dir["normal"].fracture is False
+    assert by_dir["fractured"].fracture is True and by_dir["fractured"].type is None
+    train_recs, val_recs = split_records(records, 0.1, 0)
+    assert [r.split for r in val_recs] == ["val"]
+    assert all(r.split == "train" for r in train_recs)  # test split never trains
+
+
+def test_folder_per_class_unknown_class(tmp_path: Path) -> None:
+    _png(tmp_path / "banana" / "a.png")
+    with pytest.raises(DatasetError, match="banana"):
+        read_folder_per_class(tmp_path)
+
+
+def test_mura_csv(tmp_path: Path) -> None:
+    root = tmp_path / "MURA-v1.1"
+    pos = root / "train" / "XR_WRIST" / "patient00001" / "study1_positive"
+    neg = root / "train" / "XR_ELBOW" / "patient00002" / "study1_negative"
+    for p in (pos / "image1.png", pos / "image2.png", neg / "image1.png"):
+        _png(p)
+    csv_path = root / "train_labeled_studies.csv"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["MURA-v1.1/train/XR_WRIST/patient00001/study1_positive/", "1"])
+        writer.writerow(["MURA-v1.1/train/XR_ELBOW/patient00002/study1_negative/", "0"])
+    records = load_records(csv_path)
+    assert len(records) == 3
+    assert sorted((r.region, r.fracture) for r in records) == [("elbow", False), ("wrist", True), ("wrist", True)]
+    assert all(r.split == "train" for r in records)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("missing/study/,1\n")
+    with pytest.raises(DatasetError, match="not found"):
+        read_mura_csv(bad)
+
+
+def test_temperature_and_operating_point() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.random(4000) < 0.5
+    true_logits = np.where(labels, 1.5, -1.5) + rng.normal(0, 1.0, 4000)
+    # Draw labels from the true logits, then present over-confident logits (x3).
+    labels = rng.random(4000) < 1 / (1 + np.exp(-true_logits))
+    t = fit_temperature(3 * true_logits, labels)
+    assert t == pytest.approx(3.0, rel=0.15)
+    probs = 1 / (1 + np.exp(-true_logits))
+    op = operating_point(probs, labels, 0.95)
+    assert op["validation_sensitivity"] >= 0.95
+    lo, hi = op["indeterminate_band"]  # type: ignore[misc]
+    assert lo <= op["threshold"] <= hi  # type: ignore[operator]
+
+
+def _train_args(toy: Path, out: Path, ckpt: Path, epochs: int) -> list[str]:
+    return ["--task", "fracture", "--data", str(toy), "--epochs", str(epochs), "--out", str(out),
+            "--long-side", "96", "--crop", "64", "--width", "8", "--batch-size", "8", "--lr", "3e-3",
+            "--checkpoint-dir", str(ckpt), "--workers", "0", "--val-fraction", "0.2", "--seed", "1",
+            "--weights-dtype", "float32", "--quiet"]
+
+
+def test_tiny_training_loss_falls_and_bundle_round_trips(toy: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    out, ckpt = tmp_path / "bundles", tmp_path / "ckpt"
+    result = CliRunner().invoke(train, _train_args(toy, out, ckpt, 4))
+    assert result.exit_code == 0, result.output
+    history = [json.loads(line) for line in (ckpt / "train_log.jsonl").read_text().splitlines()]
+    assert len(history) == 4
+    assert history[-1]["epoch_loss"] < history[0]["epoch_loss"]
+    det = load_bundle(out / "detector", expected_task="detect")
+    cls = load_bundle(out / "classifier", expected_task="classify")
+    assert det.identity.sha256 == cls.identity.sha256
+    assert det.card["training"]["seed"] == 1 and 0 < det.operating_point <= 1
+    # Same outputs as the checkpointed network.
+    state = torch.load(ckpt / "checkpoint.pt", weights_only=False)["model"]
+    net = type(det.model)(**det.card["architecture"]["config"])
+    net.load_state_dict(state)
+    net.eval()
+    x = torch.randn(1, 1, 96, 64)
+    with torch.no_grad():
+        assert torch.allclose(net(x).detect, det.model(x).detect, atol=1e-5)
+
+    # Resume: two more epochs continue from the checkpoint (history grows, nothing replayed).
+    result = CliRunner().invoke(train, [*_train_args(toy, out, ckpt, 5), "--resume"])
+    assert result.exit_code == 0, result.output
+    history = [json.loads(line) for line in (ckpt / "train_log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+
+
+def test_validity_training(toy: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(train, ["--task", "validity", "--data", str(toy), "--epochs", "2", "--out",
+                                        str(tmp_path / "validity"), "--batch-size", "8", "--checkpoint-dir",
+                                        str(tmp_path / "c"), "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    bundle = load_bundle(tmp_path / "validity", expected_task="validity")
+    assert bundle.card["classes"] == ["not_radiograph", "radiograph"]
+
+
+def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(train, ["--task", "detect", "--data", str(tmp_path / "nope")])
+    assert result.exit_code != 0 and "neither a dataset folder nor a CSV" in result.output
