@@ -51,6 +51,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "AE_TITLE": ("FRACTURENODE", "Our DICOM Application Entity title (called AE)."),
     "DICOM_HOST": ("127.0.0.1", "Address the DICOM listener binds to (0.0.0.0 for all interfaces)."),
     "DICOM_PORT": ("11112", "Port of the DICOM C-STORE/C-ECHO listener."),
+    "MAX_ASSOCIATIONS": ("32", "DICOM associations served at once (one thread each); more are refused and retried."),
     "ALLOWED_CALLING_AES": ("(empty: accept any)", "Comma-separated calling AE titles allowed to associate."),
     "DESTINATIONS": ("(empty)", "Comma-separated PACS nodes results are sent to, e.g. PACS@10.0.0.5:4242."),
     "RETURN_TO_SENDER": ("false", "Send results only to the destination whose AE title sent the study."),
@@ -146,6 +147,7 @@ class Settings:
     ae_title: str = "FRACTURENODE"
     dicom_host: str = "127.0.0.1"
     dicom_port: int = 11112
+    max_associations: int = 32
     allowed_calling_aes: tuple[str, ...] = ()
     destinations: tuple[Destination, ...] = ()
     return_to_sender: bool = False
@@ -182,6 +184,7 @@ class Settings:
             ae_title=_parse_ae("AE_TITLE", get("AE_TITLE", "FRACTURENODE")),
             dicom_host=get("DICOM_HOST", "127.0.0.1"),
             dicom_port=_parse_port("DICOM_PORT", get("DICOM_PORT", "11112")),
+            max_associations=_parse_int("MAX_ASSOCIATIONS", get("MAX_ASSOCIATIONS", "32"), 1),
             allowed_calling_aes=tuple(
                 _parse_ae("ALLOWED_CALLING_AES", a) for a in get("ALLOWED_CALLING_AES", "").split(",") if a.strip()
             ),

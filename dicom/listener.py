@@ -134,7 +134,7 @@ def build_ae(settings: Settings) -> AE:
     ae.network_timeout = 60
     ae.acse_timeout = 30
     ae.dimse_timeout = 120
-    ae.maximum_associations = 16
+    ae.maximum_associations = settings.max_associations
     ae.add_supported_context(VERIFICATION)
     for sop_class in RADIOGRAPHY_SOP_CLASSES + OTHER_IMAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)

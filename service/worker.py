@@ -37,6 +37,7 @@ from typing import Any
 import click
 import cv2
 import numpy as np
+from sqlalchemy.exc import DBAPIError
 
 from config import Settings
 from service import jobs
@@ -279,18 +280,20 @@ def _heartbeat(db: Database, claims: Sequence[Claim], lease_seconds: float) -> I
         thread.join()
 
 
+DB_OUTAGE_MAX_WAIT = 30.0
+
+
 def _followups(db: Database, settings: Settings, owner: str) -> None:
     """Study reporting and delivery, run after each round of jobs."""
-    for module, name, args in (("service.reporting", "report_quiet_studies", (db, settings)),
-                               ("service.delivery", "deliver_due", (db, settings, owner))):
+    from service.delivery import deliver_due
+    from service.reporting import report_quiet_studies
+
+    for name, call in (("report_quiet_studies", lambda: report_quiet_studies(db, settings)),
+                       ("deliver_due", lambda: deliver_due(db, settings, owner))):
         try:
-            function = getattr(__import__(module, fromlist=[name]), name)
-        except (ModuleNotFoundError, AttributeError) as exc:
-            if isinstance(exc, ModuleNotFoundError) and exc.name != module:
-                raise
-            continue
-        try:
-            function(*args)
+            call()
+        except DBAPIError:
+            raise  # the database is gone: the loop backs off as a whole
         except Exception:
             log.exception("%s failed", name)
 
@@ -308,15 +311,27 @@ def run_worker(settings: Settings, stop: threading.Event, *, db: Database | None
         models = load_models(settings.model_dir)
         log.info("worker %s loaded models %s", owner, ", ".join(m.label for m in models.identities))
     processed = 0
+    outage: float | None = None  # current back-off while the database is unreachable
     try:
         while not stop.is_set():
             limit = batch_size if max_jobs is None else min(batch_size, max_jobs - processed)
-            claims = jobs.claim_jobs(database, owner, limit=limit, lease_seconds=settings.job_lease_seconds)
-            if claims:
-                with _heartbeat(database, claims, settings.job_lease_seconds):
-                    process_batch(database, settings, claims, models, retry_base=retry_base, stop=stop)
-                processed += len(claims)
-            _followups(database, settings, owner)
+            try:
+                claims = jobs.claim_jobs(database, owner, limit=limit, lease_seconds=settings.job_lease_seconds)
+                if claims:
+                    with _heartbeat(database, claims, settings.job_lease_seconds):
+                        process_batch(database, settings, claims, models, retry_base=retry_base, stop=stop)
+                    processed += len(claims)
+                _followups(database, settings, owner)
+            except DBAPIError as exc:
+                # The database is unreachable (restart, failover, network): jobs in hand keep their leases
+                # and are taken up again when they expire, so nothing is lost; wait and try again.
+                outage = min(DB_OUTAGE_MAX_WAIT, (outage or 0.5) * 2)
+                log.warning("database unavailable (%s); retrying in %.0f s", str(exc).splitlines()[0], outage)
+                stop.wait(outage)
+                continue
+            if outage is not None:
+                log.info("database reachable again")
+                outage = None
             if max_jobs is not None and processed >= max_jobs:
                 break
             if not claims:
