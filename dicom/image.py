@@ -18,13 +18,14 @@ import io
 import logging
 import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels.processing import apply_modality_lut, apply_voi
 
 from pipeline.types import Radiograph
@@ -75,7 +76,7 @@ def read_dataset(source: str | Path | bytes) -> Dataset:
         try:
             ds = pydicom.dcmread(io.BytesIO(data), force=not _has_preamble(data))
         except (InvalidDicomError, EOFError, struct.error, ValueError, TypeError, KeyError, OverflowError,
-                NotImplementedError, MemoryError) as exc:
+                NotImplementedError, MemoryError, BytesLengthException, zlib.error) as exc:
             raise ImageDecodeError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
     for warning in caught:
         log.warning("malformed DICOM input: %s", warning.message)
@@ -93,6 +94,14 @@ def _has_preamble(head: bytes) -> bool:
 
 
 def check_radiograph_header(ds: Dataset) -> str | None:
+    """See :func:`_check_radiograph_header`; a header element that cannot be read is a reason too."""
+    try:
+        return _check_radiograph_header(ds)
+    except Exception as exc:  # noqa: BLE001 - lazily parsed elements fail in many ways
+        return f"the DICOM header is damaged ({type(exc).__name__}: {exc})"
+
+
+def _check_radiograph_header(ds: Dataset) -> str | None:
     """Why the header says this is not a plain radiograph we can analyse, or None if it may be one.
 
     Checks the SOP class, the modality and the photometric interpretation; the image content is judged
@@ -122,7 +131,7 @@ def _check_size(ds: Dataset) -> int:
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError) as exc:
+    except (AttributeError, TypeError, ValueError, BytesLengthException) as exc:
         raise ImageDecodeError("image geometry (Rows/Columns/Number of Frames) is missing or invalid") from exc
     if rows <= 0 or cols <= 0:
         raise ImageDecodeError(f"image has no pixels ({rows}x{cols})")
@@ -145,9 +154,11 @@ def _first_frame(ds: Dataset, frames: int) -> np.ndarray:
                 arr = ds.pixel_array
         for warning in caught:
             log.warning("while decoding pixel data: %s", warning.message)
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a reason to reject the image
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - any decoder failure (even a Rust panic) rejects the image
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        where = f" ({syntax.name})" if syntax is not None else ""
+        where = f" ({getattr(syntax, 'name', syntax)})" if syntax is not None else ""
         raise ImageDecodeError(f"pixel data could not be decoded{where}: {exc}") from exc
     return np.asarray(arr)
 
@@ -213,7 +224,22 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
 
 
 def radiograph_from_dataset(ds: Dataset, source: str = "dicom") -> Radiograph:
-    """Decode the first frame of ``ds`` into model input (see the module docstring for the steps)."""
+    """Decode the first frame of ``ds`` into model input (see the module docstring for the steps).
+
+    Any failure is an :class:`ImageDecodeError`: pydicom converts elements lazily, so a damaged element
+    (wrong length, unknown VR, a value of the wrong multiplicity) fails wherever it is first read."""
+    try:
+        radiograph = _radiograph_from_dataset(ds, source)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise ImageDecodeError(f"the DICOM header is damaged ({type(exc).__name__}: {exc})") from exc
+    if not np.isfinite(radiograph.pixels).all():
+        raise ImageDecodeError("the rescale or window values give no finite pixel values")
+    return radiograph
+
+
+def _radiograph_from_dataset(ds: Dataset, source: str) -> Radiograph:
     frames = _check_size(ds)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     arr = _first_frame(ds, frames)
@@ -225,7 +251,10 @@ def radiograph_from_dataset(ds: Dataset, source: str = "dicom") -> Radiograph:
         if photometric == "PALETTE COLOR":
             from pydicom.pixels.processing import apply_color_lut
 
-            rgb = apply_color_lut(arr, ds)
+            try:
+                rgb = apply_color_lut(arr, ds)
+            except (ValueError, AttributeError, IndexError, KeyError) as exc:
+                raise ImageDecodeError(f"palette colour image without a usable palette: {exc}") from exc
         else:  # pydicom converts YBR to RGB while decoding
             rgb = arr
         rgb = _to_uint8(np.asarray(rgb))

@@ -21,7 +21,9 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import re
 import secrets
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,7 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from sqlalchemy import Engine, select, update
 from sqlalchemy import exc as sa_exc
@@ -62,6 +64,7 @@ CONTENT_TYPES = {
 }
 UNTYPED = ("", "application/octet-stream")
 _RETRIES = 3
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -157,7 +160,7 @@ def _text(ds: Dataset, keyword: str, limit: int | None = None) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    text = str(value).strip()
+    text = str(value).replace("\x00", "").strip()
     return text[:limit] if limit else text
 
 
@@ -173,7 +176,8 @@ def read_header(data: bytes) -> _Header:
     """Parse the header of an encoded Part 10 object (no pixel data); raise our errors on anything odd."""
     try:
         ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, NotImplementedError) as exc:
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, NotImplementedError,
+            BytesLengthException, zlib.error) as exc:
         raise UnreadableInstance(f"not a readable DICOM Part 10 object: {exc}") from None
     meta = getattr(ds, "file_meta", None)
     if len(ds) == 0:
@@ -190,6 +194,8 @@ def read_header(data: bytes) -> _Header:
             raise InvalidInstance(f"the object has no {keyword}")
         if len(value) > 64:
             raise InvalidInstance(f"{keyword} is longer than 64 characters")
+        if not _UID.fullmatch(value):
+            raise InvalidInstance(f"{keyword} is not a UID (digits and dots)")
         values[keyword] = value
     tsyntax = _text(meta, "TransferSyntaxUID") if meta is not None else None
     return _Header(values["SOPInstanceUID"], values["SOPClassUID"], values["StudyInstanceUID"],
@@ -256,7 +262,8 @@ def _record(session: Session, settings: Settings, header: _Header, stored: Store
         sop_class_uid=header.sop_class_uid, transfer_syntax_uid=header.transfer_syntax_uid,
         instance_number=_int(ds, "InstanceNumber"), file_path=str(stored.path), size_bytes=stored.size,
         sha256=stored.sha256, source=source, calling_ae=calling_ae, peer_address=peer_address,
-        uploaded_by_id=uploaded_by_id, original_filename=(original_filename or None) and original_filename[:256],
+        uploaded_by_id=uploaded_by_id,
+        original_filename=(original_filename or None) and original_filename.replace("\x00", "")[:256],
         changed_from_previous=latest is not None, received_at=now,
     )
     session.add(instance)

@@ -1,0 +1,201 @@
+"""Ingest throughput, side by side: DCMTK ``storescu`` (TCP_NODELAY=1) sends the same synthetic radiographs
+(a) to DCMTK's own ``storescp`` and (b) to FractureNode's listener (``fracture-node listen``, which stores,
+fsyncs, hashes and records every instance and its job in the database). One association per run; the two
+receivers alternate, each run on a fresh output folder / data dir; the median run is reported.
+
+    .venv/bin/python bench/bench_ingest.py                     # 512 px ×200 and 2048 px ×40, 3 runs each
+    .venv/bin/python bench/bench_ingest.py --quick             # 512 px ×40 and 2048 px ×8, 1 run
+    .venv/bin/python bench/bench_ingest.py --database-url postgresql+psycopg2://postgres@127.0.0.1/fn_bench
+
+Goal: FractureNode >= 0.5x storescp's images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from node_harness import (  # noqa: E402
+    free_port,
+    header,
+    load_average,
+    median,
+    running_node,
+    storescu,
+    synth_dicoms,
+)
+
+GOAL = 0.5
+
+
+def run_storescp(files: list[Path], workdir: Path) -> float:
+    out = Path(tempfile.mkdtemp(dir=workdir, prefix="storescp-"))
+    port = free_port()
+    server = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), "-pm", str(port)],
+                              env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        started = time.perf_counter()
+        sent = storescu(port, files, called="STORESCP")
+        elapsed = time.perf_counter() - started
+        if sent.returncode != 0:
+            raise RuntimeError(f"storescu -> storescp failed: {sent.stderr[-2000:]}")
+        received = len(list(out.iterdir()))
+        if received != len(files):
+            raise RuntimeError(f"storescp wrote {received} of {len(files)} files")
+        return elapsed
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def run_fracturenode(files: list[Path], database_url: str | None) -> float:
+    from sqlalchemy import func, select
+
+    from service.models import Instance, Job
+
+    if database_url and database_url.startswith("postgresql"):
+        database_url = _fresh_postgres(database_url)
+    with running_node(parts=("listen",), database_url=database_url) as node:
+        started = time.perf_counter()
+        sent = storescu(node.dicom_port, files)
+        elapsed = time.perf_counter() - started
+        if sent.returncode != 0:
+            raise RuntimeError(f"storescu -> FractureNode failed: {sent.stderr[-2000:]}")
+        db = node.database()
+        with db.session() as session:
+            instances = session.scalar(select(func.count()).select_from(Instance))
+            jobs = session.scalar(select(func.count()).select_from(Job))
+        db.dispose()
+        if instances != len(files) or jobs != len(files):
+            raise RuntimeError(f"FractureNode recorded {instances} instances and {jobs} jobs for {len(files)} files")
+        return elapsed
+
+
+def _fresh_postgres(url: str) -> str:
+    """A new database next to the one named in ``url`` (dropped by the operator; names start fn_bench_)."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"fn_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+def _wait_port(port: int, timeout: float = 20) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def bench_set(label: str, files: list[Path], runs: int, workdir: Path, database_url: str | None) -> float:
+    megabytes = sum(f.stat().st_size for f in files) / 1e6
+    scp, node = [], []
+    for run in range(runs):
+        order = (("storescp", scp), ("fracturenode", node)) if run % 2 == 0 else (("fracturenode", node),
+                                                                                   ("storescp", scp))
+        for name, times in order:
+            times.append(run_storescp(files, workdir) if name == "storescp" else run_fracturenode(files, database_url))
+    t_scp, t_node = median(scp), median(node)
+    ratio = t_scp / t_node
+    print(f"{label}: {len(files)} images, {megabytes:.1f} MB, median of {runs} run(s)")
+    print(f"  DCMTK storescp : {len(files) / t_scp:8.1f} images/s {megabytes / t_scp:8.1f} MB/s   "
+          f"(runs: {', '.join(f'{t:.2f}s' for t in scp)})")
+    print(f"  FractureNode   : {len(files) / t_node:8.1f} images/s {megabytes / t_node:8.1f} MB/s   "
+          f"(runs: {', '.join(f'{t:.2f}s' for t in node)})")
+    print(f"  ratio FractureNode/storescp: {ratio:.2f}x (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'})")
+    return ratio
+
+
+def breakdown(files: list[Path], workdir: Path, label: str) -> str:
+    """Where FractureNode's time per image goes, in-process (no network): header parse, store + fsync, the
+    whole ingest (store + one database transaction) on SQLite."""
+    import logging
+
+    from config import Settings
+    from service.db import Database, upgrade
+    from service.ingest import ingest, read_header
+    from service.storage import store_bytes
+
+    logging.disable(logging.INFO)  # one log line per instance is not what is measured here
+    workdir = workdir / f"breakdown-{label.split()[0]}"
+    datas = [f.read_bytes() for f in files]
+    started = time.perf_counter()
+    for data in datas:
+        read_header(data)
+    header_ms = (time.perf_counter() - started) / len(datas) * 1000
+    started = time.perf_counter()
+    for data in datas:
+        store_bytes(workdir / "store-only", data)
+    store_ms = (time.perf_counter() - started) / len(datas) * 1000
+    url = f"sqlite:///{workdir / 'breakdown.db'}"
+    upgrade(url)
+    settings = Settings.from_env({}, data_dir=workdir / "var", database_url=url, secret_key="bench")  # noqa: S106
+    settings.ensure_dirs()
+    db = Database(url)
+    started = time.perf_counter()
+    for data in datas:
+        ingest(db, settings, data)
+    ingest_ms = (time.perf_counter() - started) / len(datas) * 1000
+    db.dispose()
+    return (f"in-process per image: header {header_ms:.1f} ms, store+fsync {store_ms:.1f} ms, whole ingest "
+            f"{ingest_ms:.1f} ms (so the database transaction ~{ingest_ms - store_ms - header_ms:.1f} ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", type=int, default=200, help="number of 512 px images")
+    parser.add_argument("--large", type=int, default=40, help="number of 2048 px images")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="40 small, 8 large, 1 run")
+    parser.add_argument("--database-url", default=None, help="default: SQLite in the node's temporary data dir")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fn-bench-inputs")
+    args = parser.parse_args()
+    if args.quick:
+        args.small, args.large, args.runs = 40, 8, 1
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found (apt-get install dcmtk)")
+    header("ingest throughput: storescu -> storescp vs storescu -> FractureNode listener")
+    print(f"database: {args.database_url or 'SQLite (default)'}")
+    workdir = Path(tempfile.mkdtemp(prefix="fn-bench-ingest-"))
+    try:
+        ratios = {}
+        for label, count, side in (("small 512 px", args.small, 512), ("large 2048 px", args.large, 2048)):
+            if count <= 0:
+                continue
+            files = synth_dicoms(args.cache, count, side)
+            ratios[label] = bench_set(label, files, args.runs, workdir, args.database_url)
+            print("  " + breakdown(files, workdir, label))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    worst = min(ratios.values())
+    print(f"load average at end: {load_average()}")
+    print("SUMMARY ingest: " + ", ".join(f"{k} {v:.2f}x storescp" for k, v in ratios.items())
+          + f"; goal >= {GOAL}x {'met' if worst >= GOAL else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
