@@ -12,27 +12,13 @@ import pytest
 from sqlalchemy import select
 
 from service.models import AuditEntry, Feedback, Job, User
-from tests.test_portal_support import PASSWORD, Portal, csrf_from, png_bytes
+from tests.test_portal_support import PASSWORD, Portal, csrf_from, png_bytes, two_clinicians
 
 
 @pytest.fixture
 def portal(app, settings, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
-    """admin; ruth (referring name Referrer^Ruth) and bob (uploads his own) as clinicians; one finished study
-    each: "ruth" (referred to Ruth, uploaded by nobody) and "bob" (uploaded by Bob, another referrer)."""
-    monkeypatch.setattr("service.portal.auth_views.password_needs_rehash", lambda _hash: False)
-    app.config["WTF_CSRF_ENABLED"] = False
-    out = tmp_path / "outputs"
-    out.mkdir()
-    p = Portal(app, app.extensions["fracture.db"], settings, out)
-    p.add_user("admin", "admin")
-    p.add_user("ruth", "clinician", "REFERRER^RUTH")
-    p.add_user("bob", "clinician", "Other^Bob")
-    p.ingest("ruth")
-    p.finish("ruth", call="fracture", probability=0.87)
-    p.ingest("bob", uploaded_by="bob", PatientID="FN-0002", PatientName="Roe^Richard",
-             ReferringPhysicianName="Someone^Else", AccessionNumber="ACC0002")
-    p.finish("bob", call="indeterminate", probability=0.46)
-    return p
+    """Two clinicians and an admin (see ``two_clinicians``); Bob's study is indeterminate."""
+    return two_clinicians(app, settings, tmp_path, monkeypatch, bob_call="indeterminate", bob_probability=0.46)
 
 
 def audit_rows(p: Portal, action: str) -> list[AuditEntry]:

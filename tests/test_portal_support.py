@@ -130,3 +130,24 @@ class Portal:
                                last_error=None if kind == "sr" else "association rejected"))
             self.results[key] = result.id
             return result.id
+
+
+def two_clinicians(app: Any, settings: Settings, tmp_path: Path, monkeypatch: Any, *, bob_call: str = "fracture",
+                   bob_probability: float = 0.87) -> Portal:
+    """admin; ruth (referring name Referrer^Ruth) and bob (uploads his own) as clinicians; one finished study
+    each: "ruth" (referred to Ruth, uploaded by nobody) and "bob" (uploaded by Bob, another referrer).
+    CSRF is off (tests that check it turn it back on)."""
+    monkeypatch.setattr("service.portal.auth_views.password_needs_rehash", lambda _hash: False)
+    app.config["WTF_CSRF_ENABLED"] = False
+    out = tmp_path / "outputs"
+    out.mkdir()
+    p = Portal(app, app.extensions["fracture.db"], settings, out)
+    p.add_user("admin", "admin")
+    p.add_user("ruth", "clinician", "REFERRER^RUTH")
+    p.add_user("bob", "clinician", "Other^Bob")
+    p.ingest("ruth")
+    p.finish("ruth", call="fracture", probability=0.87)
+    p.ingest("bob", uploaded_by="bob", PatientID="FN-0002", PatientName="Roe^Richard",
+             ReferringPhysicianName="Someone^Else", AccessionNumber="ACC0002")
+    p.finish("bob", call=bob_call, probability=bob_probability)
+    return p

@@ -30,7 +30,7 @@ from service.db import Database
 from service.ingest import IngestError, ingest, ingest_upload
 from service.models import AuditEntry, User
 from tests.conftest import dicom_bytes, make_dx_dataset, png_bytes
-from tests.test_portal_support import PASSWORD, Portal, csrf_from
+from tests.test_portal_support import PASSWORD, Portal, csrf_from, two_clinicians
 
 EVIL_UIDS = ["../" * 14 + "tmp/fn-evil-rel", "..", "/tmp/fn-evil-absolute", "1.2/../../../fn-evil"]
 SQLI = ["' OR '1'='1", "'; DROP TABLE users; --", "1 UNION SELECT password_hash FROM users--", "\\'; --",
@@ -119,19 +119,7 @@ def world(app: Flask, settings: Settings, tmp_path: Path, monkeypatch):  # type:
     """Portal users admin, ruth, bob (ruth and bob clinicians, one finished study each) and an API key each."""
     from service.auth import create_api_key
 
-    monkeypatch.setattr("service.portal.auth_views.password_needs_rehash", lambda _hash: False)
-    app.config["WTF_CSRF_ENABLED"] = False  # the CSRF test turns it back on
-    out = tmp_path / "outputs"
-    out.mkdir()
-    p = Portal(app, app.extensions["fracture.db"], settings, out)
-    p.add_user("admin", "admin")
-    p.add_user("ruth", "clinician", "REFERRER^RUTH")
-    p.add_user("bob", "clinician", "Other^Bob")
-    p.ingest("ruth")
-    p.finish("ruth")
-    p.ingest("bob", uploaded_by="bob", PatientID="FN-0002", PatientName="Roe^Richard",
-             ReferringPhysicianName="Someone^Else", AccessionNumber="ACC0002")
-    p.finish("bob")
+    p = two_clinicians(app, settings, tmp_path, monkeypatch)
     keys = {}
     with p.db.session() as s:
         for name in ("ruth", "bob"):
