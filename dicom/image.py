@@ -14,7 +14,6 @@ Unsupported or corrupt pixel data raises :class:`ImageDecodeError` with a human-
 
 from __future__ import annotations
 
-import io
 import logging
 import struct
 import warnings
@@ -28,12 +27,14 @@ from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels.processing import apply_modality_lut, apply_voi
 
+from dicom.limits import MAX_IMAGE_PIXELS, InputTooLarge, decoded_size_problem, read_part10
 from pipeline.types import Radiograph
 
 log = logging.getLogger(__name__)
 
-#: Refuse to decode images larger than this many pixels (a 2 GB "radiograph" is an attack, not a study).
-MAX_PIXELS = 80_000_000
+#: Refuse to decode frames larger than this many pixels (40 MP, shared with uploads: see dicom.limits); the
+#: decoded bytes of all frames are capped too (dicom.limits.MAX_DECODED_BYTES).
+MAX_PIXELS = MAX_IMAGE_PIXELS
 MAX_FRAMES = 1024
 
 #: Storage SOP classes of plain radiographs (PS3.4 B.5).
@@ -68,13 +69,16 @@ def read_dataset(source: str | Path | bytes) -> Dataset:
     """Read a DICOM Part 10 file (or bytes); a file without the 128-byte preamble is accepted.
 
     pydicom's warnings about malformed input are logged, not raised; a file with no readable element or
-    with no SOP Class UID is refused.
+    with no SOP Class UID is refused, and so is a deflated dataset that would inflate beyond
+    ``dicom.limits.MAX_INFLATED_BYTES`` (it is inflated within that bound, never by pydicom).
     """
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ds = pydicom.dcmread(io.BytesIO(data), force=not _has_preamble(data))
+            ds = read_part10(data, force=not _has_preamble(data))
+        except InputTooLarge as exc:
+            raise ImageDecodeError(f"not a readable DICOM file: {exc}") from None
         except (InvalidDicomError, EOFError, struct.error, ValueError, TypeError, KeyError, OverflowError,
                 NotImplementedError, MemoryError, BytesLengthException, zlib.error) as exc:
             raise ImageDecodeError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
@@ -128,17 +132,26 @@ def _check_radiograph_header(ds: Dataset) -> str | None:
 
 
 def _check_size(ds: Dataset) -> int:
+    """The frame count, once the geometry is within the pixel cap and the decoded-bytes cap (dicom.limits):
+    rows x columns x frames x samples x bytes per sample, so that multi-frame, colour or 32/64-bit data cannot
+    get around the pixel cap. A palette is counted as the 3 samples it expands to."""
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 8) or 8)
     except (AttributeError, TypeError, ValueError, BytesLengthException) as exc:
-        raise ImageDecodeError("image geometry (Rows/Columns/Number of Frames) is missing or invalid") from exc
+        raise ImageDecodeError("image geometry (Rows/Columns/Number of Frames/Samples per Pixel/Bits Allocated) "
+                               "is missing or invalid") from exc
     if rows <= 0 or cols <= 0:
         raise ImageDecodeError(f"image has no pixels ({rows}x{cols})")
-    if rows * cols > MAX_PIXELS:
-        raise ImageDecodeError(f"image of {cols}x{rows} pixels is larger than the {MAX_PIXELS:,} pixel limit")
-    if frames > MAX_FRAMES or rows * cols * frames > 4 * MAX_PIXELS:
+    if frames > MAX_FRAMES:
         raise ImageDecodeError(f"{frames} frames of {cols}x{rows} pixels is more than FractureNode will decode")
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR":
+        samples = max(samples, 3)
+    problem = decoded_size_problem(cols, rows, frames=frames, samples=samples, bytes_per_sample=(bits + 7) // 8)
+    if problem:
+        raise ImageDecodeError(problem)
     return frames
 
 
@@ -301,11 +314,23 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+#: PNG colour type -> channels OpenCV decodes it to (IMREAD_UNCHANGED; a palette may gain an alpha channel).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 4, 6: 4}
+
+
 def image_dimensions(data: bytes) -> tuple[int, int] | None:
     """(width, height) read from a PNG or JPEG header without decoding the pixels, or None if not found."""
-    if data.startswith(PNG_MAGIC) and len(data) >= 24 and data[12:16] == b"IHDR":
+    header = image_header(data)
+    return None if header is None else (header[0], header[1])
+
+
+def image_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, channels, bytes per sample) of the decoded image, from a PNG IHDR or a JPEG SOF header
+    without decoding the pixels, or None if not found. Conservative: what OpenCV may allocate for it."""
+    if data.startswith(PNG_MAGIC) and len(data) >= 26 and data[12:16] == b"IHDR":
         width, height = struct.unpack(">II", data[16:24])
-        return int(width), int(height)
+        bit_depth, colour_type = data[24], data[25]
+        return int(width), int(height), _PNG_CHANNELS.get(colour_type, 4), 2 if bit_depth > 8 else 1
     if data.startswith(JPEG_MAGIC):
         pos = 2
         while pos + 9 < len(data):
@@ -318,22 +343,28 @@ def image_dimensions(data: bytes) -> tuple[int, int] | None:
                 continue
             length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
             if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                precision = data[pos + 4]
                 height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
-                return int(width), int(height)
+                return int(width), int(height), max(1, min(data[pos + 9], 4)), 2 if precision > 8 else 1
             pos += 2 + length
     return None
 
 
 def radiograph_from_image_bytes(data: bytes, source: str = "upload") -> Radiograph:
-    """Decode a PNG (8/16-bit, gray or colour) or JPEG into model input, refusing decompression bombs."""
+    """Decode a PNG (8/16-bit, gray or colour) or JPEG into model input, refusing decompression bombs: the
+    header's size, channels and depth are checked against the pixel and decoded-bytes caps (dicom.limits)
+    before anything is decoded."""
     kind = sniff_format(data)
     if kind not in ("png", "jpeg"):
         raise ImageDecodeError("not a PNG or JPEG image")
-    dims = image_dimensions(data)
-    if dims is None:
+    header = image_header(data)
+    if header is None:
         raise ImageDecodeError(f"the {kind.upper()} header is damaged (no image size found)")
-    if dims[0] * dims[1] > MAX_PIXELS or 0 in dims:
-        raise ImageDecodeError(f"image of {dims[0]}x{dims[1]} pixels is outside the accepted size")
+    width, height, channels, depth = header
+    problem = decoded_size_problem(width, height, samples=channels, bytes_per_sample=depth)
+    if problem or width == 0 or height == 0:
+        raise ImageDecodeError(f"the {kind.upper()} is outside the accepted size: "
+                               + (problem or f"image of {width}x{height} pixels"))
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise ImageDecodeError(f"the {kind.upper()} image is truncated or corrupt")

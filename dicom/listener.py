@@ -39,7 +39,7 @@ from pynetdicom import sop_class as sc
 from pynetdicom.transport import ThreadedAssociationServer
 
 from config import Settings
-from dicom.net import set_tcp_nodelay
+from dicom.net import set_tcp_nodelay, use_fast_recv
 from dicom.status import SUCCESS, store_failure_status
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ def build_ae(settings: Settings) -> AE:
 def handlers(settings: Settings, db: Any) -> list[Any]:
     return [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+        (evt.EVT_CONN_OPEN, use_fast_recv),
         (evt.EVT_REQUESTED, _log_request, [settings]),
         (evt.EVT_ABORTED, _log_aborted),
         (evt.EVT_C_ECHO, _handle_echo),

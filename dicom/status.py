@@ -14,6 +14,7 @@ from pydicom import Dataset
 from service.ingest import (
     DatabaseUnavailable,
     DiskFull,
+    InflatedTooLarge,
     InstanceTooLarge,
     InvalidInstance,
     OutOfResources,
@@ -41,6 +42,7 @@ STATUS_TABLE: dict[type[BaseException], tuple[int, str]] = {
     DatabaseUnavailable: (OUT_OF_RESOURCES_DATABASE, "Out of resources: database unavailable"),
     StorageUnavailable: (OUT_OF_RESOURCES_STORAGE, "Out of resources: storage error"),
     OutOfResources: (OUT_OF_RESOURCES_STORAGE, "Out of resources"),
+    InflatedTooLarge: (OUT_OF_RESOURCES_TOO_LARGE, "Out of resources: deflated data set inflates too large"),
     InstanceTooLarge: (OUT_OF_RESOURCES_TOO_LARGE, "Out of resources: instance too large"),
     InvalidInstance: (DATASET_DOES_NOT_MATCH, "Data set does not match SOP class"),
     UnreadableInstance: (CANNOT_UNDERSTAND, "Cannot understand data set"),

@@ -98,6 +98,16 @@ def migrate(settings: Settings) -> None:
     upgrade(settings.database_url)
 
 
+def migrate_in_child() -> None:
+    """``fracture-node db upgrade`` in a child process (same environment, so the same settings): for a
+    long-lived process that should not keep SQLAlchemy, Alembic and the models imported just to migrate."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], check=False)
+    if done.returncode != 0:
+        raise click.ClickException(f"database migration failed (status {done.returncode})")
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fracture-node")
 def cli() -> None:
@@ -137,7 +147,7 @@ def web(threads: int) -> None:
 
     settings = load_settings()
     configure_logging(settings.log_level)
-    migrate(settings)
+    migrate_in_child()  # the gunicorn master this process becomes need not hold the database layer
     serve_web(settings, threads=threads)
 
 
@@ -148,7 +158,7 @@ def listen() -> None:
 
     settings = load_settings()
     configure_logging(settings.log_level)
-    migrate(settings)
+    migrate_in_child()
     serve_dicom(settings)
 
 

@@ -2,8 +2,10 @@
 
 :func:`ingest` is called by the DICOM listener's C-STORE handler and (through :func:`ingest_upload`) by
 the HTTP upload endpoint. It stores the encoded instance in the content-addressed store (temp file, fsync,
-atomic rename, SHA-256), then records patient, study, series, instance and a queued job in ONE database
-transaction. Nothing is decoded here beyond the header: workers do the pixel work.
+atomic rename, folder fsync, named by its SHA-256) and records patient, study, series, instance, a queued job
+and an audit row in ONE database transaction. The two overlap (a storage thread writes while this thread runs
+the statements), but the transaction commits only once the file is durable, and the caller answers only after
+the commit. Nothing is decoded here beyond the header: workers do the pixel work.
 
 Idempotency: the same SOP Instance UID with the same bytes is stored once and processed once; different
 bytes under a known SOP Instance UID become a new ``version`` flagged ``changed_from_previous``, with a job
@@ -23,34 +25,37 @@ import io
 import logging
 import re
 import secrets
+import struct
+import threading
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, Table, insert, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from config import Settings
-from service.audit import audit
+from dicom.limits import MAX_DECODED_BYTES, MAX_IMAGE_PIXELS, MB, InputTooLarge, decoded_size_problem, read_part10
 from service.db import Database
 from service.errors import ServiceError
-from service.jobs import create_job
-from service.models import Instance, Job, Patient, Series, Study, utcnow
-from service.storage import StorageFull, StoredFile, discard, store_bytes
+from service.jobs import QUEUED, RECEIVED
+from service.models import AuditEntry, Instance, Job, JobEvent, Patient, Series, Study, utcnow
+from service.storage import StorageFull, StoredFile, discard, path_for, sha256_bytes, store_bytes
 
 log = logging.getLogger(__name__)
 
-#: A decoded upload may not have more pixels than this (a 4300x3500 detector image has 15 MP).
-MAX_IMAGE_PIXELS = 64_000_000
+#: A decoded upload may not have more than MAX_IMAGE_PIXELS pixels (40 MP, shared with dicom.image: see
+#: dicom.limits; a 4300x3500 detector image has 15 MP) nor decode to more than MAX_DECODED_BYTES (80 MB).
 MAX_IMAGE_SIDE = 16_384
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -104,6 +109,11 @@ class UnreadableImage(IngestError):
     """A PNG/JPEG that cannot be decoded, or one whose pixel count is a decompression bomb."""
 
     status, code = 422, "unreadable_image"
+
+
+class InflatedTooLarge(InstanceTooLarge):
+    """A Deflated Explicit VR Little Endian object that inflates beyond ``dicom.limits.MAX_INFLATED_BYTES``
+    (a deflate bomb): refused while inflating, before that much memory is allocated."""
 
 
 class OutOfResources(IngestError):
@@ -173,11 +183,16 @@ def _int(ds: Dataset, keyword: str) -> int | None:
 
 
 def read_header(data: bytes) -> _Header:
-    """Parse the header of an encoded Part 10 object (no pixel data); raise our errors on anything odd."""
+    """Parse the header of an encoded Part 10 object (no pixel data); raise our errors on anything odd.
+
+    A deflated dataset is inflated within ``dicom.limits.MAX_INFLATED_BYTES`` (never by pydicom, which has no
+    limit): beyond it, :class:`InflatedTooLarge`."""
     try:
-        ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+        ds = read_part10(data, stop_before_pixels=True)
+    except InputTooLarge as exc:
+        raise InflatedTooLarge(str(exc)) from None
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, NotImplementedError,
-            BytesLengthException, zlib.error) as exc:
+            BytesLengthException, zlib.error, struct.error) as exc:
         raise UnreadableInstance(f"not a readable DICOM Part 10 object: {exc}") from None
     meta = getattr(ds, "file_meta", None)
     if len(ds) == 0:
@@ -208,77 +223,109 @@ def _insert_ignore(engine: Engine, table: Any) -> Any:
     return sqlite_insert(table)
 
 
-def _upsert(session: Session, model: Any, keys: dict[str, Any], values: dict[str, Any]) -> Any:
-    """Insert ``keys + values`` unless a row with ``keys`` exists (race-safe: ON CONFLICT DO NOTHING)."""
+def _get_or_insert(session: Session, model: Any, keys: dict[str, Any], values: dict[str, Any]) -> int:
+    """The id of the row with ``keys``, inserted with ``keys + values`` if there is none (race-safe: ON CONFLICT
+    DO NOTHING). One SELECT when it exists, SELECT + INSERT ... RETURNING when it is new."""
+    table = model.__table__
+    query = select(table.c.id)
+    for name, value in keys.items():
+        query = query.where(table.c[name] == value)
+    found = session.execute(query).scalar()
+    if found is not None:
+        return int(found)
     engine = session.get_bind()
     assert isinstance(engine, Engine)
-    stmt = _insert_ignore(engine, model.__table__).values(**keys, **values)
-    session.execute(stmt.on_conflict_do_nothing(index_elements=list(keys)))
-    query = select(model)
-    for name, value in keys.items():
-        query = query.where(getattr(model, name) == value)
-    return session.scalars(query).one()
+    stmt = (_insert_ignore(engine, table).values(**keys, **values)
+            .on_conflict_do_nothing(index_elements=list(keys)).returning(table.c.id))
+    inserted = session.execute(stmt).scalar()
+    if inserted is None:  # a concurrent transaction inserted it between our SELECT and INSERT
+        inserted = session.execute(query).scalar_one()
+    return int(inserted)
 
 
 def _record(session: Session, settings: Settings, header: _Header, stored: StoredFile, *, source: str,
             calling_ae: str | None, peer_address: str | None, uploaded_by_id: int | None,
             original_filename: str | None) -> IngestResult:
+    """Record patient, study, series, instance, its queued job (with its ``received`` and ``queued`` events) and
+    the audit row in the caller's transaction.
+
+    Core statements, not ORM objects (the C-STORE sender waits for this): 7 statements for an instance of a new
+    study, 6 for a further instance of a known study (SELECT latest version, patient, study upsert, series,
+    instance, job, its two events in one multi-row INSERT, audit).
+    """
     ds = header.ds
     now = utcnow()
-    latest = session.scalars(
-        select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
-        .order_by(Instance.version.desc()).limit(1)
+    instances, jobs_table = cast(Table, Instance.__table__), cast(Table, Job.__table__)
+    latest = session.execute(
+        select(instances.c.id, instances.c.version, instances.c.sha256, instances.c.series_pk, instances.c.file_path,
+               instances.c.sop_class_uid)
+        .where(instances.c.sop_instance_uid == header.sop_instance_uid)
+        .order_by(instances.c.version.desc()).limit(1)
     ).first()
     if latest is not None and latest.sha256 == stored.sha256:
         job_pk = session.scalar(select(Job.id).where(Job.instance_pk == latest.id).order_by(Job.id.desc()).limit(1))
         series = session.get(Series, latest.series_pk)
         study = session.get(Study, series.study_pk) if series else None
-        return IngestResult(latest.id, job_pk, latest.sop_instance_uid, latest.sop_class_uid,
+        return IngestResult(latest.id, job_pk, header.sop_instance_uid, latest.sop_class_uid,
                             study.study_instance_uid if study else header.study_instance_uid,
                             series.series_instance_uid if series else header.series_instance_uid,
                             latest.version, latest.sha256, Path(latest.file_path), duplicate=True, changed=False)
 
+    engine = session.get_bind()
+    assert isinstance(engine, Engine)
     patient_id = _text(ds, "PatientID", 64) or ""
-    patient = _upsert(session, Patient, {"patient_id": patient_id, "issuer": _text(ds, "IssuerOfPatientID", 64) or ""},
-                      {"name": _text(ds, "PatientName", 324) or "", "birth_date": _text(ds, "PatientBirthDate", 8),
-                       "sex": _text(ds, "PatientSex", 16), "created_at": now})
-    study = _upsert(session, Study, {"study_instance_uid": header.study_instance_uid}, {
-        "patient_pk": patient.id, "study_date": _text(ds, "StudyDate", 8), "study_time": _text(ds, "StudyTime", 16),
-        "accession_number": _text(ds, "AccessionNumber", 16),
-        "referring_physician_name": _text(ds, "ReferringPhysicianName", 324),
-        "description": _text(ds, "StudyDescription", 64), "uploaded_by_id": uploaded_by_id, "source": source,
-        "calling_ae": calling_ae, "created_at": now, "last_instance_at": now, "report_state": "pending",
-    })
-    # A new instance restarts the study's quiet period; one arriving after the report re-opens it.
-    session.execute(update(Study).where(Study.id == study.id).values(last_instance_at=now, report_state="pending"))
-    series = _upsert(session, Series, {"series_instance_uid": header.series_instance_uid}, {
-        "study_pk": study.id, "modality": _text(ds, "Modality", 16), "series_number": _int(ds, "SeriesNumber"),
+    patient_pk = _get_or_insert(
+        session, Patient, {"patient_id": patient_id, "issuer": _text(ds, "IssuerOfPatientID", 64) or ""},
+        {"name": _text(ds, "PatientName", 324) or "", "birth_date": _text(ds, "PatientBirthDate", 8),
+         "sex": _text(ds, "PatientSex", 16), "created_at": now})
+    # Insert the study, or (it exists) restart its quiet period: a new instance arriving after the report
+    # re-opens it. One statement either way.
+    studies = Study.__table__
+    study_stmt = _insert_ignore(engine, studies).values(
+        study_instance_uid=header.study_instance_uid, patient_pk=patient_pk, study_date=_text(ds, "StudyDate", 8),
+        study_time=_text(ds, "StudyTime", 16), accession_number=_text(ds, "AccessionNumber", 16),
+        referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
+        description=_text(ds, "StudyDescription", 64), uploaded_by_id=uploaded_by_id, source=source,
+        calling_ae=calling_ae, created_at=now, last_instance_at=now, report_state="pending")
+    study_pk = int(session.execute(
+        study_stmt.on_conflict_do_update(index_elements=["study_instance_uid"],
+                                         set_={"last_instance_at": now, "report_state": "pending"})
+        .returning(studies.c.id)).scalar_one())
+    series_pk = _get_or_insert(session, Series, {"series_instance_uid": header.series_instance_uid}, {
+        "study_pk": study_pk, "modality": _text(ds, "Modality", 16), "series_number": _int(ds, "SeriesNumber"),
         "body_part": _text(ds, "BodyPartExamined", 64), "laterality": _text(ds, "ImageLaterality", 16)
         or _text(ds, "Laterality", 16), "description": _text(ds, "SeriesDescription", 64),
     })
     version = 1 if latest is None else latest.version + 1
-    instance = Instance(
-        sop_instance_uid=header.sop_instance_uid, version=version, series_pk=series.id,
+    # IntegrityError here when a concurrent sender won the race for this version (the caller retries).
+    instance_pk = int(session.execute(insert(instances).values(
+        sop_instance_uid=header.sop_instance_uid, version=version, series_pk=series_pk,
         sop_class_uid=header.sop_class_uid, transfer_syntax_uid=header.transfer_syntax_uid,
         instance_number=_int(ds, "InstanceNumber"), file_path=str(stored.path), size_bytes=stored.size,
         sha256=stored.sha256, source=source, calling_ae=calling_ae, peer_address=peer_address,
         uploaded_by_id=uploaded_by_id,
         original_filename=(original_filename or None) and original_filename.replace("\x00", "")[:256],
         changed_from_previous=latest is not None, received_at=now,
-    )
-    session.add(instance)
-    session.flush()  # IntegrityError here when a concurrent sender won the race for this version
+    ).returning(instances.c.id)).scalar_one())
     detail = f"stored {stored.sha256[:16]} ({stored.size} bytes) via {source}"
     if calling_ae:
         detail += f" from AE {calling_ae}"
     if latest is not None:
         detail += f"; changed from version {latest.version}"
-    job = create_job(session, instance.id, max_attempts=settings.job_max_attempts, detail=detail)
+    # The same rows as service.jobs.create_job: the job, queued, with its "received" and "queued" events.
+    job_pk = int(session.execute(insert(jobs_table).values(
+        instance_pk=instance_pk, state=QUEUED, max_attempts=settings.job_max_attempts, created_at=now, updated_at=now,
+    ).returning(jobs_table.c.id)).scalar_one())
+    session.execute(insert(cast(Table, JobEvent.__table__)), [
+        {"job_pk": job_pk, "state": RECEIVED, "detail": detail, "at": now},
+        {"job_pk": job_pk, "state": QUEUED, "detail": None, "at": now},
+    ])
     actor_type, actor = ("ae", calling_ae or "?") if source == "dicom" else ("user", str(uploaded_by_id or "?"))
-    audit(session, actor_type=actor_type, actor=actor, action="instance.receive", object_type="instance",
-          object_id=header.sop_instance_uid, patient_id=patient_id or None, remote_addr=peer_address,
-          detail={"version": version, "sha256": stored.sha256, "study": header.study_instance_uid})
-    return IngestResult(instance.id, job.id, header.sop_instance_uid, header.sop_class_uid,
+    session.execute(insert(cast(Table, AuditEntry.__table__)).values(
+        at=now, actor_type=actor_type, actor=actor, action="instance.receive", object_type="instance",
+        object_id=header.sop_instance_uid, patient_id=patient_id or None, remote_addr=peer_address, outcome="ok",
+        detail={"version": version, "sha256": stored.sha256, "study": header.study_instance_uid}))
+    return IngestResult(instance_pk, job_pk, header.sop_instance_uid, header.sop_class_uid,
                         header.study_instance_uid, header.series_instance_uid, version, stored.sha256, stored.path,
                         duplicate=False, changed=latest is not None)
 
@@ -295,33 +342,47 @@ def ingest(db: Database, settings: Settings, data: bytes, *, source: str = "dico
     if len(data) > settings.max_upload_bytes:
         raise InstanceTooLarge(f"instance of {len(data)} bytes exceeds the {settings.max_upload_mb} MB limit")
     header = read_header(data)
-    try:
-        stored = store_bytes(settings.storage_dir, data)
-    except StorageFull as exc:
-        log.error("cannot store instance %s: %s", header.sop_instance_uid, exc)
-        raise DiskFull(str(exc)) from exc
-    except OSError as exc:
-        log.error("cannot store instance %s: %s", header.sop_instance_uid, exc)
-        raise StorageUnavailable(str(exc)) from exc
+    # The file is written and fsynced (file and folder) by a storage thread while this thread runs the
+    # database statements; the transaction commits only once the file is durable, so a committed row always
+    # names a whole file and Success (after the commit) is never early. fsync releases the GIL: the two overlap.
+    digest = sha256_bytes(data)
+    pending = _storage_pool().submit(store_bytes, settings.storage_dir, data, digest=digest)
+    planned = StoredFile(path_for(settings.storage_dir, digest), digest, len(data), created=True)
+    stored: StoredFile | None = None
+
+    def durable() -> StoredFile:
+        nonlocal stored
+        if stored is None:
+            try:
+                stored = pending.result()
+            except StorageFull as exc:
+                log.error("cannot store instance %s: %s", header.sop_instance_uid, exc)
+                raise DiskFull(str(exc)) from exc
+            except OSError as exc:
+                log.error("cannot store instance %s: %s", header.sop_instance_uid, exc)
+                raise StorageUnavailable(str(exc)) from exc
+        return stored
+
     try:
         for attempt in range(1, _RETRIES + 1):
             try:
                 with db.session() as session:
-                    result = _record(session, settings, header, stored, source=source, calling_ae=calling_ae,
+                    result = _record(session, settings, header, planned, source=source, calling_ae=calling_ae,
                                      peer_address=peer_address, uploaded_by_id=uploaded_by_id,
                                      original_filename=original_filename)
+                    durable()  # before the commit at the end of this block
                 break
             except sa_exc.IntegrityError:
                 if attempt == _RETRIES:
                     raise
                 log.info("concurrent insert of %s; retrying", header.sop_instance_uid)
     except (sa_exc.DBAPIError, sa_exc.TimeoutError) as exc:
-        discard(stored)
+        _discard_when_written(pending)
         log.error("database unavailable while recording %s: %s", header.sop_instance_uid,
                   str(exc).splitlines()[0])
         raise DatabaseUnavailable(f"database unavailable: {type(exc.__cause__ or exc).__name__}") from exc
     except BaseException:
-        discard(stored)
+        _discard_when_written(pending)
         raise
     if result.duplicate:
         log.info("duplicate of %s v%d (sha256 %s): already stored, not queued again", result.sop_instance_uid,
@@ -331,8 +392,30 @@ def ingest(db: Database, settings: Settings, data: bytes, *, source: str = "dico
                     result.sop_instance_uid, result.version, result.sha256[:16], result.job_pk)
     else:
         log.info("stored %s (%s, sha256 %s, %d bytes from %s), job %s", result.sop_instance_uid, source,
-                 result.sha256[:16], stored.size, calling_ae or peer_address or "upload", result.job_pk)
+                 result.sha256[:16], len(data), calling_ae or peer_address or "upload", result.job_pk)
     return result
+
+
+_STORAGE_POOL: ThreadPoolExecutor | None = None
+_STORAGE_POOL_LOCK = threading.Lock()
+
+
+def _storage_pool() -> ThreadPoolExecutor:
+    """Threads that write and fsync received files (one per instance in flight; created as needed)."""
+    global _STORAGE_POOL
+    with _STORAGE_POOL_LOCK:
+        if _STORAGE_POOL is None:
+            _STORAGE_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="store")
+        return _STORAGE_POOL
+
+
+def _discard_when_written(pending: Future[StoredFile]) -> None:
+    """The transaction failed: wait for the file's write to end, then remove the file if this call created it."""
+    try:
+        stored = pending.result()
+    except Exception:  # noqa: BLE001 - the write failed too: nothing to remove
+        return
+    discard(stored)
 
 
 # ------------------------------------------------------------------------------------------ uploads
@@ -363,9 +446,14 @@ def decode_upload_image(data: bytes, kind: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data), formats=["PNG" if kind == "png" else "JPEG"]) as img:
             width, height = img.size
-            if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_IMAGE_SIDE:
+            # What load() and the conversions below allocate: a palette becomes RGB, 16-bit stays 16-bit.
+            samples = 3 if img.mode in ("P", "PA") else len(img.getbands())
+            depth = 2 if img.mode.startswith("I;16") else 4 if img.mode in ("I", "F") else 1
+            problem = decoded_size_problem(width, height, samples=samples, bytes_per_sample=depth)
+            if problem or max(width, height) > MAX_IMAGE_SIDE:
                 raise UnreadableImage(f"image of {width}x{height} pixels is larger than allowed "
-                                      f"({MAX_IMAGE_PIXELS // 1_000_000} MP, {MAX_IMAGE_SIDE} px a side)")
+                                      f"({MAX_IMAGE_PIXELS // 1_000_000} MP, {MAX_IMAGE_SIDE} px a side, "
+                                      f"{MAX_DECODED_BYTES // MB} MB decoded)")
             img.load()
             image: Image.Image = ImageOps.exif_transpose(img) if kind == "jpeg" else img
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -13,8 +13,6 @@ import time
 from types import FrameType
 from typing import Any
 
-from sqlalchemy import func, select
-
 from config import Settings
 
 log = logging.getLogger(__name__)
@@ -25,6 +23,8 @@ EXIT_PERMANENT = 2
 
 def bootstrap(settings: Settings) -> None:
     """On a new database, create the first admin: password from FRACTURE_ADMIN_PASSWORD or printed once."""
+    from sqlalchemy import func, select
+
     from service.audit import audit
     from service.auth import create_user, generate_password
     from service.db import Database
@@ -120,12 +120,13 @@ def supervise(parts: list[str], *, grace_seconds: float = 30.0) -> int:
 
 
 def serve_web(settings: Settings, *, threads: int = 8) -> None:
-    """Serve the Flask app with gunicorn (one process, ``threads`` request threads)."""
+    """Serve the Flask app with gunicorn (one worker process, ``threads`` request threads).
+
+    The app is built in gunicorn's worker, after the fork, not in its master: the master only supervises the
+    worker, and would otherwise hold its own copy of Flask, the portal, pydicom and the database layer (about
+    100 MB resident in both processes: CPython's reference counting writes to the pages of every object it
+    touches, so copy-on-write does not keep them shared for long)."""
     from gunicorn.app.base import BaseApplication
-
-    from service.app import create_app
-
-    application = create_app(settings)
 
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -139,7 +140,9 @@ def serve_web(settings: Settings, *, threads: int = 8) -> None:
             self.cfg.set("limit_request_line", 8190)
 
         def load(self) -> Any:
-            return application
+            from service.app import create_app
+
+            return create_app(settings)
 
     log.info("web portal and API on http://%s:%s", settings.http_host, settings.http_port)
     _Gunicorn().run()

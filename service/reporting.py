@@ -170,7 +170,9 @@ def report_study(db: Database, settings: Settings, study_id: int) -> list[int]:
         return []
     sources: list[tuple[_Analysed, Dataset, ImageFindings]] = []
     for item in analysed:
-        sources.append((item, dcmread(item.source_path), findings_from_result(item.result)))
+        # Header only: the builders need the source's identity and geometry, never its pixels (a study of many
+        # large images would otherwise be held in memory whole).
+        sources.append((item, dcmread(item.source_path, stop_before_pixels=True), findings_from_result(item.result)))
     device = device_identity([f for _, _, f in sources])
     sc_series = str(generate_uid(entropy_srcs=[study_uid, "fracturenode-sc", device.uid]))
     sr_series = str(generate_uid(entropy_srcs=[study_uid, "fracturenode-sr", device.uid]))

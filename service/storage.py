@@ -58,6 +58,14 @@ def path_for(storage_dir: Path, sha256: str, suffix: str = ".dcm") -> Path:
     return storage_dir / sha256[:2] / sha256[2:4] / f"{sha256}{suffix}"
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -72,11 +80,21 @@ def _translate(exc: OSError, what: str) -> StorageError:
     return StorageError(exc.errno, f"storage error while {what}: {exc.strerror or exc}")
 
 
-def store_bytes(storage_dir: Path, data: bytes, suffix: str = ".dcm") -> StoredFile:
-    """Store ``data`` under its SHA-256; temp file, fsync, atomic rename. Raises :class:`StorageError`."""
-    digest = sha256_bytes(data)
+def store_bytes(storage_dir: Path, data: bytes, suffix: str = ".dcm", *, digest: str | None = None) -> StoredFile:
+    """Store ``data`` under its SHA-256 (``digest`` if the caller has it); temp file, fsync, atomic rename,
+    folder fsync. Raises :class:`StorageError`.
+
+    Identical bytes already in the store are not written again; their file and folder are fsynced all the
+    same (cheap when already clean), as a concurrent call may have renamed it into place without having
+    fsynced its folder yet, and the caller is about to rely on it being durable."""
+    digest = digest or sha256_bytes(data)
     final = path_for(storage_dir, digest, suffix)
     if final.is_file() and final.stat().st_size == len(data):
+        try:
+            _fsync_path(final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise _translate(exc, f"syncing {final.name}") from exc
         return StoredFile(final, digest, len(data), created=False)
     tmp_dir = storage_dir / ".tmp"
     tmp_name: str | None = None

@@ -79,7 +79,11 @@ class _Item:
 
 def _colour_heatmap(heatmap: np.ndarray) -> np.ndarray:
     """Float [0, 1] heatmap to an 8-bit colour-mapped BGR image (JET)."""
-    grey = np.clip(np.nan_to_num(heatmap) * 255.0, 0, 255).astype(np.uint8)
+    scaled = np.nan_to_num(heatmap, copy=True)  # one float copy, scaled and clipped in place
+    scaled *= 255.0
+    np.clip(scaled, 0, 255, out=scaled)
+    grey = scaled.astype(np.uint8)
+    del scaled
     return cv2.applyColorMap(grey, cv2.COLORMAP_JET)
 
 
@@ -95,16 +99,20 @@ def write_explanations(settings: Settings, item: _Item, explanation: Any) -> dic
     folder = settings.artifact_dir / item.study_instance_uid / item.sop_instance_uid
     if item.version > 1:
         folder = folder / f"v{item.version}"
-    hybrid = np.asarray(explanation.hybrid, dtype=np.uint8)
+    def hybrid_bgr() -> np.ndarray:
+        hybrid = np.asarray(explanation.hybrid, dtype=np.uint8)
+        return cv2.cvtColor(hybrid, cv2.COLOR_RGB2BGR) if hybrid.ndim == 3 else hybrid
+
+    # One image at a time (each made, encoded, written and dropped before the next): a smaller peak.
     images = {
-        "heatmap": _colour_heatmap(np.asarray(explanation.heatmap, dtype=np.float32)),
-        "edges": np.asarray(explanation.edges, dtype=np.uint8),
-        "hybrid": cv2.cvtColor(hybrid, cv2.COLOR_RGB2BGR) if hybrid.ndim == 3 else hybrid,
+        "heatmap": lambda: _colour_heatmap(np.asarray(explanation.heatmap, dtype=np.float32)),
+        "edges": lambda: np.asarray(explanation.edges, dtype=np.uint8),
+        "hybrid": hybrid_bgr,
     }
     paths = {}
-    for name, image in images.items():
+    for name, make in images.items():
         path = folder / f"{name}.png"
-        write_atomic(path, _png(image))
+        write_atomic(path, _png(make()))
         paths[name] = str(path)
     return paths
 
@@ -218,8 +226,13 @@ def _complete(db: Database, settings: Settings, item: _Item, analysis: Any) -> N
 
 def process_batch(db: Database, settings: Settings, claims: Sequence[Claim], models: Any, *,
                   retry_base: float = DEFAULT_RETRY_BASE_SECONDS, stop: threading.Event | None = None) -> list[str]:
-    """Process claimed jobs; returns each job's outcome (done, rejected, failed, queued, lost, released)."""
-    from pipeline.run import analyze, analyze_batch
+    """Process claimed jobs; returns each job's outcome (done, rejected, failed, queued, lost, released).
+
+    One image at a time: read and decode, analyse, write the explanation PNGs and the result, then let go of
+    the pixels and the explanation images before the next one, so that the worker's peak memory is one image's
+    worth whatever the batch size (the claim, the lease heartbeat and the database round trips stay batched).
+    """
+    from pipeline.run import analyze_batch
 
     items = [_Item(claim) for claim in claims]
     for item in items:
@@ -229,27 +242,10 @@ def process_batch(db: Database, settings: Settings, claims: Sequence[Claim], mod
             _prepare(db, item)
         except Exception as exc:  # noqa: BLE001 - transient: retried with backoff, then failed
             _transient(db, item, exc, retry_base)
-    ready = [item for item in items if item.outcome is None and item.radiograph is not None]
-    if ready:
-        analyses: list[Any]
-        try:
-            analyses = analyze_batch([item.radiograph for item in ready], models)
-        except Exception as exc:  # noqa: BLE001 - find the image that fails by analysing one at a time
-            log.warning("batch analysis failed (%s); analysing one image at a time", exc)
-            analyses = []
-            for item in ready:
-                try:
-                    analyses.append(analyze(item.radiograph, models))
-                except Exception as one_exc:  # noqa: BLE001
-                    _transient(db, item, one_exc, retry_base)
-                    analyses.append(None)
-        for item, analysis in zip(ready, analyses, strict=True):
-            if analysis is None or item.outcome is not None:
-                continue
-            try:
-                _complete(db, settings, item, analysis)
-            except Exception as exc:  # noqa: BLE001
-                _transient(db, item, exc, retry_base)
+        if item.outcome is None and item.radiograph is not None:
+            _analyse_one(db, settings, item, models, analyze_batch, retry_base)
+        item.radiograph = None
+        release_memory()
     leftover = [item.claim for item in items if item.outcome is None]
     if leftover:
         jobs.release(db, leftover)
@@ -257,6 +253,56 @@ def process_batch(db: Database, settings: Settings, claims: Sequence[Claim], mod
             if item.outcome is None:
                 item.outcome = "released"
     return [item.outcome or "released" for item in items]
+
+
+def _analyse_one(db: Database, settings: Settings, item: _Item, models: Any, analyze_batch: Any,
+                 retry_base: float) -> None:
+    try:
+        (analysis,) = analyze_batch([item.radiograph], models)
+    except Exception as exc:  # noqa: BLE001
+        _transient(db, item, exc, retry_base)
+        return
+    try:
+        _complete(db, settings, item, analysis)
+    except Exception as exc:  # noqa: BLE001
+        _transient(db, item, exc, retry_base)
+
+
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC: Any = None
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+def tune_malloc(mmap_threshold: int = 1 << 20, arena_max: int = 2) -> bool:
+    """glibc only (elsewhere a no-op): allocations of ``mmap_threshold`` bytes or more (decoded images, float
+    copies, activations) get their own mapping and go back to the system when freed, instead of glibc raising
+    the threshold after the first free and keeping later ones in its heap; at most ``arena_max`` malloc arenas
+    (the default is 8 per core, each keeping freed memory). What ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_ARENA_MAX`` would do, set from inside the process before the worker's threads start."""
+    global _LIBC
+    _LIBC = _LIBC or _libc()
+    mallopt = getattr(_LIBC, "mallopt", None)
+    if mallopt is None:
+        return False
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_ARENA_MAX, arena_max))
+    mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold)
+    return ok
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system after an image (glibc ``malloc_trim``; else nothing)."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 @contextmanager
@@ -355,11 +401,11 @@ def run_worker(settings: Settings, stop: threading.Event, *, db: Database | None
 def work(batch_size: int, poll_interval: float, max_jobs: int | None, exit_when_idle: bool) -> None:
     """Run a job worker (any number may share the database). SIGTERM finishes the batch in hand, then exits."""
     from pipeline.models.bundle import BundleError
-    from service.cli import configure_logging, load_settings, migrate
+    from service.cli import configure_logging, load_settings, migrate_in_child
 
     settings = load_settings()
     configure_logging(settings.log_level)
-    migrate(settings)
+    migrate_in_child()
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -368,6 +414,7 @@ def work(batch_size: int, poll_interval: float, max_jobs: int | None, exit_when_
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    tune_malloc()
     try:
         run_worker(settings, stop, batch_size=batch_size, poll_interval=poll_interval, max_jobs=max_jobs,
                    exit_when_idle=exit_when_idle)

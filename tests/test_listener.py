@@ -147,6 +147,38 @@ def test_aborted_association_mid_transfer_stores_nothing(settings: Settings, db:
     assert _counts(db) == (1, 1)
 
 
+def test_a_deflate_bomb_is_refused_over_c_store(settings: Settings, db: Database, listener,  # type: ignore[no-untyped-def]
+                                                make_dicom, tmp_path: Path) -> None:
+    """A Deflated Explicit VR Little Endian DX of ~120 kB on the wire that inflates to 120 MB: refused with
+    0xA702 and a comment saying why, nothing stored, the listener unharmed (SECURITY.md F2)."""
+    from pydicom.tag import Tag
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from tests.conftest import make_dx_dataset
+
+    ds = make_dx_dataset(rows=32, columns=24)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.add_new(Tag(0x0009, 0x0010), "LO", "FUZZ")
+    ds.add_new(Tag(0x0009, 0x1000), "OB", bytes(120 * 1024 * 1024))
+    bomb = tmp_path / "bomb.dcm"
+    ds.save_as(bomb, enforce_file_format=True)
+    del ds
+    assert bomb.stat().st_size < 1_000_000
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(DX, [DeflatedExplicitVRLittleEndian])
+    ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title=settings.ae_title)
+    assert assoc.is_established
+    status = assoc.send_c_store(bomb)  # sent as encoded: the SCU does not inflate it either
+    assoc.release()
+    assert status.Status == 0xA702 and "deflated" in status.ErrorComment
+    assert _counts(db) == (0, 0) and _stored_files(settings) == []
+    ok = _store_client(settings)
+    assert ok.send_c_store(dcmread(make_dicom("DX"))).Status == 0x0000
+    ok.release()
+    assert _counts(db) == (1, 1)
+
+
 def test_too_large_and_database_down_are_out_of_resources(settings: Settings, make_dicom, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     small = dataclasses.replace(settings, max_upload_mb=1)
     server = start_listener(small)

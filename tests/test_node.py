@@ -20,7 +20,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> 
         assert proc.poll() is None, "fracture-node run exited early"
         try:
             return requests.get(url, timeout=2)
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or its worker still booting
             time.sleep(0.3)
     raise AssertionError(f"{url} never answered")
 

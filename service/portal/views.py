@@ -12,7 +12,6 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from flask import Response, abort, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
@@ -323,6 +322,8 @@ def _instance_of(session: Session, study: Study, instance_id: int) -> Instance:
 
 def render_original_png(path: str | Path, max_side: int = MAX_ORIGINAL_SIDE) -> bytes:
     """The stored instance as an 8-bit display PNG (modality LUT, window, MONOCHROME1 inverted)."""
+    import cv2  # here, not at the top: the web process loads OpenCV only once an image is shown
+
     from dicom.image import radiograph_from_dataset, read_dataset
 
     radiograph = radiograph_from_dataset(read_dataset(str(path)))
@@ -343,6 +344,8 @@ def render_original_png(path: str | Path, max_side: int = MAX_ORIGINAL_SIDE) -> 
 def heatmap_overlay_png(data: bytes) -> bytes:
     """The worker's colour-mapped (JET) heatmap as RGBA with cold regions transparent, so that it can lie
     over the original: the heat is read back from the hue (blue 0 .. red 1) and becomes the alpha."""
+    import cv2
+
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         return data
