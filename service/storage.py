@@ -59,14 +59,7 @@ def path_for(storage_dir: Path, sha256: str, suffix: str = ".dcm") -> Path:
 
 
 def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+    """fsync a file or a folder (a folder: so that a rename into it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -92,7 +85,7 @@ def store_bytes(storage_dir: Path, data: bytes, suffix: str = ".dcm", *, digest:
     if final.is_file() and final.stat().st_size == len(data):
         try:
             _fsync_path(final)
-            _fsync_dir(final.parent)
+            _fsync_path(final.parent)
         except OSError as exc:
             raise _translate(exc, f"syncing {final.name}") from exc
         return StoredFile(final, digest, len(data), created=False)
@@ -108,7 +101,7 @@ def store_bytes(storage_dir: Path, data: bytes, suffix: str = ".dcm", *, digest:
             os.fsync(handle.fileno())
         os.replace(tmp_name, final)
         tmp_name = None
-        _fsync_dir(final.parent)
+        _fsync_path(final.parent)
     except OSError as exc:
         raise _translate(exc, f"writing {len(data)} bytes") from exc
     finally:

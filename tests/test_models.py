@@ -31,8 +31,8 @@ def test_fracture_net_shapes(net: FractureNet) -> None:
     out = net(torch.randn(2, 1, 128, 96))
     assert out.detect.shape == (2,)
     assert out.types.shape == (2, len(FRACTURE_TYPES))
-    assert out.seg.shape == (2, 1, 8, 6)
-    assert out.features.shape[-2:] == (8, 6)
+    assert out.seg.shape == (2, 1, 16, 12)  # 1/8 of the input
+    assert out.features.shape[-2:] == (16, 12)
 
 
 def test_validity_net_shape() -> None:

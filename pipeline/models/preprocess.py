@@ -1,7 +1,7 @@
 """Input preparation shared by training and inference, so both see exactly the same tensors.
 
 Detector/classifier: the radiograph (float32, bone-bright, [0, 1]) is resized with ``cv2.INTER_AREA`` so
-that its long side is ``long_side`` px, padded right/bottom to a multiple of 16 with zeros (air), then
+that its long side is ``long_side`` px, padded right/bottom to a multiple of 32 with zeros (air), then
 standardised per image (mean/std over the unpadded image). Validity: letterboxed into a ``size`` square,
 values mapped as ``(x - 0.5) / 0.25`` so absolute brightness and contrast still count.
 """
@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import torch
 
-STRIDE = 16
+STRIDE = 32  # inputs are padded to a multiple of the network's deepest stride (nets.INPUT_MULTIPLE)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,29 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(fine[int(np.argmin([nll(logits, labels, float(t)) for t in fine]))])
 
 
+def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Platt scaling: ``(temperature, shift)`` such that ``sigmoid((logit + shift) / temperature)`` minimises
+    the NLL. Temperature alone cannot remove a bias (every logit too high, say), which the whole-image head
+    refit or a change of domain can leave; the shift can be folded into the detection head's bias."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels).astype(np.float64)
+    if len(z) == 0 or y.min() == y.max():
+        return 1.0, 0.0
+    a, c = 1.0 / max(float(np.std(z)), 1e-3), 0.0
+    for _ in range(100):  # Newton on (a, c) for mean(log(1 + e^(a z + c)) - y (a z + c))
+        p = 1.0 / (1.0 + np.exp(-(a * z + c)))
+        g = np.array([np.mean((p - y) * z), np.mean(p - y)])
+        w = p * (1 - p)
+        h = np.array([[np.mean(w * z * z), np.mean(w * z)], [np.mean(w * z), np.mean(w)]]) + 1e-9 * np.eye(2)
+        step = np.linalg.solve(h, g)
+        a, c = a - step[0], c - step[1]
+        if np.abs(step).max() < 1e-10:
+            break
+    if not np.isfinite(a) or a <= 1e-6:
+        return fit_temperature(z, y.astype(bool)), 0.0
+    return float(1.0 / a), float(c / a)
+
+
 def threshold_for_sensitivity(probs: np.ndarray, labels: np.ndarray, target: float) -> float:
     """Largest threshold whose sensitivity (p >= t) is at least ``target``."""
     pos = np.sort(np.asarray(probs, dtype=np.float64)[np.asarray(labels).astype(bool)])

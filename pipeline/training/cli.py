@@ -74,6 +74,13 @@ def _command_line() -> str:
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
 @click.option("--val-limit", type=int, default=400, show_default=True, help="Images used for per-epoch validation.")
 @click.option("--cache-mb", type=int, default=3500, show_default=True)
+@click.option("--crops-per-image", type=int, default=3, show_default=True,
+              help="Fracture task with masks: crops drawn per image in each round (0 = draw every crop on the fly).")
+@click.option("--epochs-per-round", type=int, default=2, show_default=True,
+              help="Fracture task with masks: epochs that replay one round of drawn crops before new ones are drawn.")
+@click.option("--head-images", type=int, default=1500, show_default=True,
+              help="Fracture task: after crop training, refit the detection and type heads on this many whole "
+                   "training images with the backbone frozen (0 = skip).")
 @click.option("--max-images", type=int, default=None,
               help="Train on a seeded random subset of at most this many radiographs (negatives are kept).")
 @click.option("--weights-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
@@ -83,7 +90,8 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
           out: Path | None, seed: int, batch_size: int | None, lr: float | None, long_side: int, crop: int,
           width: int, max_minutes: float | None, max_steps: int | None, checkpoint_dir: Path | None,
           checkpoint_every: int, resume: bool, init: Path | None, workers: int, threads: int, val_limit: int,
-          cache_mb: int, max_images: int | None, weights_dtype: str, quiet: bool, augment: float) -> None:
+          cache_mb: int, crops_per_image: int, epochs_per_round: int, head_images: int,
+          max_images: int | None, weights_dtype: str, quiet: bool, augment: float) -> None:
     """Train a model bundle (reproducible, checkpointed, resumable)."""
     torch.set_num_threads(threads)
     try:
@@ -110,6 +118,7 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
         lr=lr or (3e-3 if task == "validity" else 2e-3),
         long_side=long_side, crop=crop, width=width, max_minutes=max_minutes, max_steps=max_steps,
         checkpoint_every=checkpoint_every, val_limit=val_limit, num_workers=workers, cache_mb=cache_mb,
+        bank_per_image=crops_per_image, bank_epochs=epochs_per_round, head_images=head_images,
         weights_dtype=weights_dtype, data_description=_describe(train_recs, data), augment=augment,
         extra={"command": _command_line(),
                **({"calibration_data": ", ".join(calibration_data)} if calibration_data else {})},

@@ -33,7 +33,7 @@ from pipeline.evaluation.metrics import (
 )
 from pipeline.models.bundle import load_bundle, make_card, save_bundle
 from pipeline.models.imageio import read_gray
-from pipeline.models.nets import FractureNet, ValidityNet, count_parameters
+from pipeline.models.nets import SEG_STRIDE, TOPK, FractureNet, ValidityNet, count_parameters
 from pipeline.models.preprocess import STRIDE, letterbox, prepare_fracture_input, resize_long_side
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.augment import (
@@ -45,11 +45,12 @@ from pipeline.training.augment import (
     random_acquisition,
     random_geometry,
 )
-from pipeline.training.calibration import fit_temperature, operating_point
+from pipeline.training.calibration import fit_platt, fit_temperature, operating_point
 from pipeline.training.datasets import Record
 
 ProgressFn = Callable[[dict[str, Any]], None]
 SCHEDULE_PROBE_STEPS = 60
+PROBE_START = 10
 
 
 @dataclass
@@ -70,6 +71,9 @@ class TrainConfig:
     val_limit: int = 400
     num_workers: int = 1
     cache_mb: int = 3500
+    bank_per_image: int = 3  # crops drawn per image and round (0: draw every crop on the fly)
+    bank_epochs: int = 2  # epochs served by one round of drawn crops
+    head_images: int = 0  # after crop training, refit the detection/type heads on this many whole images
     augment: float = 1.0
     weights_dtype: str = "float16"
     data_description: str = ""
@@ -144,10 +148,14 @@ class FractureCrops(Dataset[dict[str, Any]]):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, i = key
+        return self.sample(i, _rng(self.cfg.seed, epoch, i, 7))
+
+    def sample(self, i: int, rng: np.random.Generator,
+               loaded: tuple[np.ndarray, np.ndarray | None] | None = None) -> dict[str, Any]:
+        """One augmented crop of image ``i`` (``loaded``: its decoded image and mask, to draw several)."""
         cfg = self.cfg
-        rng = _rng(cfg.seed, epoch, i, 7)
         rec = self.records[i]
-        img16, mask0 = self._load(i)
+        img16, mask0 = loaded if loaded is not None else self._load(i)
         img: np.ndarray = img16.astype(np.float32) / 65535.0
         mask: np.ndarray | None = mask0
         h, w = img.shape
@@ -189,7 +197,7 @@ class FractureCrops(Dataset[dict[str, Any]]):
         x = (patch - mean) / std
         det_w = 1.0
         seg_w = 0.0
-        seg = np.zeros((crop // STRIDE, crop // STRIDE), dtype=np.float32)
+        seg = np.zeros((crop // SEG_STRIDE, crop // SEG_STRIDE), dtype=np.float32)
         if rec.fracture is None:
             det_label, det_w = 0.0, 0.0
         elif not rec.fracture:
@@ -200,7 +208,8 @@ class FractureCrops(Dataset[dict[str, Any]]):
             inside = int(mcrop.sum()) / frac_total
             det_label = 1.0 if inside >= 0.5 else 0.0
             det_w = 0.0 if 0.0 < inside < 0.5 else 1.0
-            seg = mcrop.reshape(crop // STRIDE, STRIDE, crop // STRIDE, STRIDE).max(axis=(1, 3)).astype(np.float32)
+            n = crop // SEG_STRIDE
+            seg = mcrop.reshape(n, SEG_STRIDE, n, SEG_STRIDE).max(axis=(1, 3)).astype(np.float32)
             seg_w = 1.0
         else:
             det_label = 1.0
@@ -211,6 +220,92 @@ class FractureCrops(Dataset[dict[str, Any]]):
             "seg": torch.from_numpy(seg)[None], "seg_w": torch.tensor(seg_w),
             "type": torch.tensor(type_idx),
         }
+
+
+_BANK_SOURCE: FractureCrops | None = None
+
+
+def _bank_item(job: tuple[int, int, int]) -> list[dict[str, Any]]:
+    """Worker side of :class:`CropBank`: decode image ``i`` once and draw ``per_image`` crops from it."""
+    rnd, i, per_image = job
+    src = _BANK_SOURCE
+    assert src is not None
+    loaded = src._load(i)
+    # numpy, not tensors: tensors would travel between processes as shared-memory file descriptors, one per
+    # tensor, and thousands of them exhaust the descriptor table
+    return [{k: v.numpy() for k, v in src.sample(i, _rng(src.cfg.seed, rnd, i, j, 17), loaded).items()}
+            for j in range(per_image)]
+
+
+class CropBank(Dataset[dict[str, Any]]):
+    """Augmented crops drawn in bulk ("rounds") and replayed for a few epochs with cheap dihedral flips.
+
+    Drawing a crop means decoding a large image, resizing and rotating it: done per sample, on two cores,
+    that starves the network. A round decodes each image once, draws ``per_image`` crops from it (each with
+    its own scale, rotation, acquisition and crop position) in ``workers`` processes, and keeps them in
+    memory as float16; round ``r`` serves epochs ``r * epochs_per_round ...`` and is a pure function of
+    ``(seed, r)``, so resuming rebuilds exactly the same crops.
+    """
+
+    def __init__(self, source: FractureCrops, per_image: int, epochs_per_round: int, workers: int,
+                 show: bool = False) -> None:
+        self.source, self.per_image = source, per_image
+        self.epochs_per_round, self.workers, self.show = max(1, epochs_per_round), max(1, workers), show
+        self.round = -1
+        self.build_seconds = 0.0
+        self.items: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.source) * self.per_image
+
+    def overhead_per_step(self, steps_per_epoch: int) -> float:
+        """Seconds of crop drawing per optimiser step, averaged over a round (for the time budget)."""
+        return self.build_seconds / max(1, steps_per_epoch * self.epochs_per_round)
+
+    def build(self, rnd: int) -> None:
+        global _BANK_SOURCE
+        t0 = time.time()
+        jobs = [(rnd, i, self.per_image) for i in range(len(self.source))]
+        _BANK_SOURCE = self.source
+        bar = tqdm(total=len(jobs), desc=f"crops (round {rnd})", disable=not self.show, leave=False)
+        samples: list[dict[str, Any]] = []
+        try:
+            if self.workers > 1:
+                import multiprocessing as mp
+                with mp.get_context("fork").Pool(self.workers) as pool:
+                    for got in pool.imap(_bank_item, jobs, chunksize=4):
+                        samples.extend(got)
+                        bar.update(1)
+            else:
+                for job in jobs:
+                    samples.extend(_bank_item(job))
+                    bar.update(1)
+        finally:
+            _BANK_SOURCE = None
+            bar.close()
+        self.items = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+        self.items["x"] = self.items["x"].astype(np.float16)
+        self.round = rnd
+        self.build_seconds = time.time() - t0
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, j = key
+        rnd = epoch // self.epochs_per_round
+        if rnd != self.round:
+            self.build(rnd)
+        rng = _rng(self.source.cfg.seed, epoch, j, 13)
+        x = self.items["x"][j].astype(np.float32)
+        seg = self.items["seg"][j]
+        if rng.random() < 0.5:
+            x, seg = x[..., ::-1], seg[..., ::-1]
+        if rng.random() < 0.5:
+            x, seg = x[..., ::-1, :], seg[..., ::-1, :]
+        if rng.random() < 0.5:
+            x, seg = x.swapaxes(-1, -2), seg.swapaxes(-1, -2)
+        out = {k: torch.as_tensor(v[j]) for k, v in self.items.items() if k not in ("x", "seg")}
+        out["x"] = torch.from_numpy(np.ascontiguousarray(x))
+        out["seg"] = torch.from_numpy(np.ascontiguousarray(seg))
+        return out
 
 
 class EpochBatches(Sampler[list[tuple[int, int]]]):
@@ -254,11 +349,7 @@ def fracture_loss(out: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
         if logits.shape[-2:] != target.shape[-2:]:
             logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
         sel = seg_w > 0
-        bce = F.binary_cross_entropy_with_logits(logits[sel], target[sel], pos_weight=torch.tensor(4.0))
-        prob = torch.sigmoid(logits[sel])
-        inter = (prob * target[sel]).sum()
-        dice = 1 - (2 * inter + 1) / (prob.sum() + target[sel].sum() + 1)
-        seg_loss = bce + dice
+        seg_loss = F.binary_cross_entropy_with_logits(logits[sel], target[sel], pos_weight=torch.tensor(4.0))
     tsel = batch["type"] >= 0
     type_loss = torch.zeros(())
     if bool(tsel.any()):
@@ -325,7 +416,8 @@ def _log(log_path: Path, entry: dict[str, Any]) -> None:
 
 def _run_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg: TrainConfig, ckpt_dir: Path,
               loss_fn: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
-              validate: Callable[[], dict[str, float]], resume: bool, show: bool) -> dict[str, Any]:
+              validate: Callable[[], dict[str, float]], resume: bool, show: bool,
+              loader_workers: int | None = None) -> dict[str, Any]:
     """Shared optimisation loop: checkpoints, resume, time budget, per-epoch validation."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / "checkpoint.pt"
@@ -349,7 +441,7 @@ def _run_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg: TrainC
         total = int(state["total"])
     sampler = EpochBatches(n, cfg.batch_size, cfg.seed, state["epoch"], state["batch"], cfg.epochs)
     loader: DataLoader[Any] = DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate,
-                                         num_workers=cfg.num_workers,
+                                         num_workers=cfg.num_workers if loader_workers is None else loader_workers,
                                          persistent_workers=False)
     started = time.time() - float(state["elapsed_s"])
     bar = tqdm(total=total, initial=min(state["step"], total), desc=f"train {cfg.task}", disable=not show,
@@ -359,6 +451,7 @@ def _run_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg: TrainC
     running: dict[str, float] = {}
     epoch_sum = (0.0, 0)
     last_val: dict[str, float] = {}
+    probe_t0 = time.time()
     for batch in loader:
         if state["step"] >= total:
             stopped = "max_steps"
@@ -380,10 +473,17 @@ def _run_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg: TrainC
             state["epoch"] += 1
             state["batch"] = 0
         state["elapsed_s"] = time.time() - started
+        if state["step"] == PROBE_START:
+            probe_t0 = time.time()
         if cfg.max_minutes is not None and not state.get("total") and state["step"] == SCHEDULE_PROBE_STEPS:
-            # Fix the schedule length once from the measured speed, so the cosine ends within the budget.
-            rate = state["elapsed_s"] / state["step"]
-            fits = int(cfg.max_minutes * 60 * 0.92 / rate)
+            # Fix the schedule length once from the measured speed (steps PROBE_START.. only, so one-off costs
+            # such as drawing the first round of crops do not count), plus the dataset's own periodic cost, so
+            # the cosine ends within the budget.
+            rate = (time.time() - probe_t0) / (SCHEDULE_PROBE_STEPS - PROBE_START)
+            overhead = getattr(dataset, "overhead_per_step", None)
+            rate += float(overhead(per_epoch)) if callable(overhead) else 0.0
+            remaining = cfg.max_minutes * 60 * 0.95 - state["elapsed_s"]
+            fits = state["step"] + int(max(0.0, remaining) / rate)
             total = max(state["step"] + 1, min(total, fits))
             state["total"] = total
             bar.total = total
@@ -435,6 +535,88 @@ def _init_from(model: torch.nn.Module, source: Path, show: bool) -> None:
         print(f"--init {source}: kept the fresh initialisation of {', '.join(skipped)}")
 
 
+@torch.no_grad()
+def _pooled(model: FractureNet, records: list[Record], long_side: int, desc: str,
+            show: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per whole image: the heads' pooled feature vector and the segmentation top-k evidence."""
+    model.eval()
+    pooled, tops = [], []
+    for rec in tqdm(records, desc=desc, leave=False, disable=not show):
+        x, _g = prepare_fracture_input(read_gray(rec.path), long_side)
+        f = model.backbone(x)
+        seg = model.seg_head(f)
+        flat = seg.flatten(1)
+        pooled.append(model.pooled(f, seg)[0])
+        tops.append(flat.topk(min(TOPK, flat.shape[1]), dim=1).values.mean(dim=1)[0])
+    return torch.stack(pooled), torch.stack(tops)
+
+
+def fit_whole_image_heads(model: FractureNet, train: list[Record], val: list[Record], cfg: TrainConfig,
+                          show: bool) -> dict[str, Any]:
+    """Second stage: refit the detection and type heads on whole images with the backbone frozen.
+
+    The backbone and segmentation head learn on crops, where a fracture fills a good part of the view; on a
+    whole radiograph the same pooled evidence is drawn from ~50 times more cells, among them look-alikes
+    (growth plates, nutrient canals, overlapping cortices). Refitting the two small heads (a linear layer and
+    an MLP, ~7 k parameters) on the pooled vectors of whole training images, with early stopping on the
+    validation images, adapts them to the statistics they meet at inference. Costs one forward pass per image.
+    """
+    rng = np.random.default_rng(cfg.seed + 1)
+    pool = [r for r in train if r.fracture is not None]
+    chosen = [pool[i] for i in sorted(rng.permutation(len(pool))[: cfg.head_images])]
+    t0 = time.time()
+    xt, st = _pooled(model, chosen, cfg.long_side, "whole-image features (train)", show)
+    xv, sv = _pooled(model, val, cfg.long_side, "whole-image features (validation)", show)
+    yt = torch.tensor([float(bool(r.fracture)) for r in chosen])
+    yv = np.array([bool(r.fracture) for r in val])
+    tt = torch.tensor([FRACTURE_TYPES.index(r.type) if r.fracture and r.type else -1 for r in chosen])
+    tv = np.array([FRACTURE_TYPES.index(r.type) if r.fracture and r.type else -1 for r in val])
+    summary: dict[str, Any] = {"images": len(chosen), "validation_images": len(val)}
+
+    def det_auc() -> float:
+        with torch.no_grad():
+            return roc_auc((model.det_fc(xv).squeeze(1) + sv).numpy(), yv)
+
+    def type_f1() -> float:
+        sel = tv >= 0
+        if not sel.any():
+            return 0.0
+        model.type_fc.eval()
+        with torch.no_grad():
+            pred = model.type_fc(xv[torch.from_numpy(sel)]).argmax(1).numpy()
+        return macro_f1(confusion_matrix(tv[sel], pred, len(FRACTURE_TYPES)))
+
+    for name, head, score, loss_of in (
+        ("detect", model.det_fc, det_auc,
+         lambda: F.binary_cross_entropy_with_logits(model.det_fc(xt).squeeze(1) + st, yt)),
+        ("types", model.type_fc, type_f1,
+         lambda: F.cross_entropy(model.type_fc(xt[tt >= 0]), tt[tt >= 0], label_smoothing=0.05)),
+    ):
+        if name == "types" and not bool((tt >= 0).any()):
+            continue
+        before = score()
+        best, best_state = before, {k: v.clone() for k, v in head.state_dict().items()}
+        opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-3)
+        for it in range(400):
+            head.train()
+            with torch.enable_grad():
+                loss = loss_of()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if (it + 1) % 20 == 0:
+                now = score()
+                if now > best:
+                    best, best_state = now, {k: v.clone() for k, v in head.state_dict().items()}
+        head.load_state_dict(best_state)
+        summary[name] = {"validation_before": round(before, 4), "validation_after": round(best, 4)}
+    model.eval()
+    summary["elapsed_s"] = round(time.time() - t0, 1)
+    if show:
+        tqdm.write("whole-image heads: " + json.dumps(summary))
+    return summary
+
+
 def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out: Path, ckpt_dir: Path,
                    resume: bool = False, init: Path | None = None, show: bool = True,
                    calibration: list[Record] | None = None) -> dict[str, Path]:
@@ -450,7 +632,11 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
         _init_from(model, init, show)
     train = [r for r in train if r.is_radiograph and r.fracture is not None]
     val = [r for r in val if r.is_radiograph and r.fracture is not None]
-    dataset = FractureCrops(train, cfg)
+    crops = FractureCrops(train, cfg)
+    dataset: FractureCrops | CropBank = crops
+    if crops.has_masks and cfg.bank_per_image > 0:
+        crops.cache = _Cache(0)  # each round decodes every image once anyway
+        dataset = CropBank(crops, cfg.bank_per_image, cfg.bank_epochs, cfg.num_workers, show)
     val_quick = val[: cfg.val_limit]
 
     def validate() -> dict[str, float]:
@@ -458,14 +644,26 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
         m = fracture_metrics(d, t, val_quick)
         return {k: m[k] for k in ("auc", "type_accuracy", "type_macro_f1") if k in m}
 
-    summary = _run_loop(model, dataset, len(train), cfg, ckpt_dir, fracture_loss, validate, resume, show)
+    loader_workers = 0 if isinstance(dataset, CropBank) else cfg.num_workers
+    if cfg.max_steps == 0:
+        summary: dict[str, Any] = {"steps": 0, "stopped": "max_steps 0: crop training skipped", "history": []}
+    else:
+        summary = _run_loop(model, dataset, len(dataset), cfg, ckpt_dir, fracture_loss, validate, resume, show,
+                            loader_workers=loader_workers)
+    if cfg.head_images > 0:
+        summary["whole_image_heads"] = fit_whole_image_heads(model, train, val_quick, cfg, show)
     # Calibration and operating point on the whole validation (or calibration) split.
     monitor_count = len(val)
     if calibration:
         val = [r for r in calibration if r.is_radiograph and r.fracture is not None]
     det_logits, type_logits = predict_fracture(model, val, cfg.long_side, show=show)
     labels = np.array([bool(r.fracture) for r in val])
-    det_t = fit_temperature(det_logits, labels) if labels.any() and (~labels).any() else 1.0
+    det_t, det_shift = fit_platt(det_logits, labels)
+    if det_shift:
+        # Fold the Platt shift into the detection head's bias, so the bundle stays "logit / temperature".
+        with torch.no_grad():
+            model.det_fc.bias.add_(det_shift)
+        det_logits = det_logits + det_shift
     probs = 1 / (1 + np.exp(-det_logits / det_t))
     op = operating_point(probs, labels)
     typed = [i for i, r in enumerate(val) if r.fracture and r.type]
@@ -488,10 +686,14 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
         "data": cfg.data_description,
         "train_images": len(train), "monitor_validation_images": monitor_count,
         "calibration_images": len(val), "calibration_data": cfg.extra.get("calibration_data", "validation split"),
+        "calibration": f"Platt scaling on the calibration images: shift {det_shift:+.4f} folded into the detection "
+                       f"head's bias, temperature {det_t:.4f} in the card",
         "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "crop": cfg.crop,
         "learning_rate": cfg.lr, "augmentation_strength": cfg.augment,
-        "losses": "BCE detection (crop-level label from the mask) + BCE/Dice segmentation of the fracture mask "
-                  "at 1/16 (training-only supervision) + cross-entropy over the 11 types (label smoothing 0.05)",
+        "losses": "BCE detection (crop-level label from the mask) + BCE segmentation of the fracture mask at 1/8 "
+                  "(pos_weight 4; training-only supervision) + cross-entropy over the 11 types (label smoothing "
+                  "0.05)",
+        "crops_per_image_and_round": cfg.bank_per_image, "epochs_per_round": cfg.bank_epochs,
         **{k: v for k, v in summary.items() if k != "history"},
         "history": summary["history"],
         "parameters": count_parameters(model),
