@@ -124,14 +124,17 @@ def test_tiny_training_loss_falls_and_bundle_round_trips(toy: Path, tmp_path: Pa
     cls = load_bundle(out / "classifier", expected_task="classify")
     assert det.identity.sha256 == cls.identity.sha256
     assert det.card["training"]["seed"] == 1 and 0 < det.operating_point <= 1
-    # Same outputs as the checkpointed network.
+    # Same backbone and segmentation as the checkpointed network; the detection and type heads are refitted
+    # on whole images and the Platt shift folded into the detection bias after the last checkpoint.
     state = torch.load(ckpt / "checkpoint.pt", weights_only=False)["model"]
     net = type(det.model)(**det.card["architecture"]["config"])
     net.load_state_dict(state)
     net.eval()
     x = torch.randn(1, 1, 96, 64)
     with torch.no_grad():
-        assert torch.allclose(net(x).detect, det.model(x).detect, atol=1e-5)
+        assert torch.allclose(net(x).seg, det.model(x).seg, atol=1e-5)
+    assert "whole_image_heads" in det.card["training"]
+    assert det.card["training"]["calibration"].startswith("Platt scaling")
 
     # Resume: two more epochs continue from the checkpoint (history grows, nothing replayed).
     result = CliRunner().invoke(train, [*_train_args(toy, out, ckpt, 5), "--resume"])
