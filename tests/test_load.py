@@ -41,6 +41,7 @@ def _send(settings: Settings, files: list[Path]) -> set[str]:
                 stored.add(str(ds.SOPInstanceUID))
     finally:
         assoc.release()
+        ae.shutdown()  # close every socket the requestor opened now, not when the garbage collector gets to it
     return stored
 
 
