@@ -121,24 +121,25 @@ class FractureNet(nn.Module):
         p = F.interpolate(p, size=f2.shape[-2:], mode="nearest") + self.lat2(f2)
         return self.fuse(p)
 
-    def heads(self, f: torch.Tensor) -> FractureOutput:
+    def evidence(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(seg, pooled, seg_top)``: what the detection and type heads read from the pyramid features.
+
+        Every pooling here is independent of the image size, so a network trained on crops behaves the same on
+        whole images: attention pooling of the features with the softmax of the segmentation map as weights,
+        the global maximum of the features (``pooled``, (N, 2C)), and the mean of the top-k segmentation
+        logits (``seg_top``, (N,))."""
         seg = self.seg_head(f)
         flat = seg.flatten(1)
-        # Every pooling here is independent of the image size, so a network trained on crops behaves the
-        # same on whole images: the mean of the top-k segmentation logits, attention pooling of the features
-        # with the softmax of the segmentation map as weights, and the global maximum of the features.
-        k = min(TOPK, flat.shape[1])
-        seg_top = flat.topk(k, dim=1).values.mean(dim=1)
-        pooled = self.pooled(f, seg)
+        seg_top = flat.topk(min(TOPK, flat.shape[1]), dim=1).values.mean(dim=1)
+        attn = torch.softmax(flat, dim=1).view_as(seg)
+        pooled = torch.cat([(f * attn).sum(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+        return seg, pooled, seg_top
+
+    def heads(self, f: torch.Tensor) -> FractureOutput:
+        seg, pooled, seg_top = self.evidence(f)
         det = self.det_fc(pooled).squeeze(1) + seg_top
         types = self.type_fc(pooled)
         return FractureOutput(detect=det, types=types, seg=seg, features=f)
-
-    @staticmethod
-    def pooled(f: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        """(N, 2C): features attention-pooled with the softmax of the segmentation map, and their maximum."""
-        attn = torch.softmax(seg.flatten(1), dim=1).view_as(seg)
-        return torch.cat([(f * attn).sum(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
 
     def forward(self, x: torch.Tensor) -> FractureOutput:
         return self.heads(self.backbone(x))

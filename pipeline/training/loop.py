@@ -33,7 +33,7 @@ from pipeline.evaluation.metrics import (
 )
 from pipeline.models.bundle import load_bundle, make_card, save_bundle
 from pipeline.models.imageio import read_gray
-from pipeline.models.nets import SEG_STRIDE, TOPK, FractureNet, ValidityNet, count_parameters
+from pipeline.models.nets import SEG_STRIDE, FractureNet, ValidityNet, count_parameters
 from pipeline.models.preprocess import STRIDE, letterbox, prepare_fracture_input, resize_long_side
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.augment import (
@@ -543,11 +543,9 @@ def _pooled(model: FractureNet, records: list[Record], long_side: int, desc: str
     pooled, tops = [], []
     for rec in tqdm(records, desc=desc, leave=False, disable=not show):
         x, _g = prepare_fracture_input(read_gray(rec.path), long_side)
-        f = model.backbone(x)
-        seg = model.seg_head(f)
-        flat = seg.flatten(1)
-        pooled.append(model.pooled(f, seg)[0])
-        tops.append(flat.topk(min(TOPK, flat.shape[1]), dim=1).values.mean(dim=1)[0])
+        _seg, vec, top = model.evidence(model.backbone(x))
+        pooled.append(vec[0])
+        tops.append(top[0])
     return torch.stack(pooled), torch.stack(tops)
 
 
