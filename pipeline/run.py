@@ -84,7 +84,7 @@ def load_models(model_dir: str | Path | None = None, num_threads: int | None = N
 
 
 def calibrated_probability(logit: float, temperature: float) -> float:
-    return float(1.0 / (1.0 + np.exp(-logit / temperature)))
+    return float(0.5 * (1.0 + np.tanh(0.5 * logit / temperature)))  # never overflows, however extreme the logit
 
 
 def detection_call(p: float, threshold: float, band: tuple[float, float]) -> DetectionCall:

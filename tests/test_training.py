@@ -13,7 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.models.bundle import load_bundle
-from pipeline.training.calibration import fit_temperature, operating_point
+from pipeline.run import calibrated_probability
+from pipeline.training.calibration import fit_platt, fit_temperature, operating_point
 from pipeline.training.cli import train
 from pipeline.training.datasets import (
     DatasetError,
@@ -155,3 +156,12 @@ def test_validity_training(toy: Path, tmp_path: Path) -> None:
 def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(train, ["--task", "detect", "--data", str(tmp_path / "nope")])
     assert result.exit_code != 0 and "neither a dataset folder nor a CSV" in result.output
+
+
+def test_platt_is_finite_on_separable_data_and_extreme_logits_do_not_overflow() -> None:
+    # A tiny calibration set is often perfectly separable: plain Newton would send the slope to infinity.
+    t, shift = fit_platt(np.array([-50.0, -40.0, 30.0, 60.0]), np.array([False, False, True, True]))
+    assert np.isfinite(t) and t > 0 and np.isfinite(shift)
+    # Warnings are errors in this suite: a logit of -1e6 must give 0.0 without an overflow warning.
+    assert calibrated_probability(-1e6, 0.01) == 0.0
+    assert calibrated_probability(1e6, 0.01) == 1.0

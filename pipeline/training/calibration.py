@@ -9,8 +9,9 @@ BAND_SENSITIVITY = 0.99  # lower edge of the indeterminate band
 BAND_SPECIFICITY = 0.97  # upper edge of the indeterminate band
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+def sigmoid(x: np.ndarray | float) -> np.ndarray:
+    """Logistic function that never overflows (tanh form), for any logit however extreme."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
 
 
 def binary_nll(logits: np.ndarray, labels: np.ndarray, t: float) -> float:
@@ -46,12 +47,15 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     the NLL. Temperature alone cannot remove a bias (every logit too high, say), which the whole-image head
     refit or a change of domain can leave; the shift can be folded into the detection head's bias."""
     z = np.asarray(logits, dtype=np.float64)
-    y = np.asarray(labels).astype(np.float64)
-    if len(z) == 0 or y.min() == y.max():
+    truth = np.asarray(labels).astype(bool)
+    if len(z) == 0 or truth.all() or not truth.any():
         return 1.0, 0.0
+    # Platt's smoothed targets keep the fit finite when the calibration set is perfectly separable.
+    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
+    y = np.where(truth, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
     a, c = 1.0 / max(float(np.std(z)), 1e-3), 0.0
     for _ in range(100):  # Newton on (a, c) for mean(log(1 + e^(a z + c)) - y (a z + c))
-        p = 1.0 / (1.0 + np.exp(-(a * z + c)))
+        p = sigmoid(a * z + c)
         g = np.array([np.mean((p - y) * z), np.mean(p - y)])
         w = p * (1 - p)
         h = np.array([[np.mean(w * z * z), np.mean(w * z)], [np.mean(w * z), np.mean(w)]]) + 1e-9 * np.eye(2)
@@ -60,7 +64,7 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
         if np.abs(step).max() < 1e-10:
             break
     if not np.isfinite(a) or a <= 1e-6:
-        return fit_temperature(z, y.astype(bool)), 0.0
+        return fit_temperature(z, truth), 0.0
     return float(1.0 / a), float(c / a)
 
 

@@ -45,7 +45,7 @@ from pipeline.training.augment import (
     random_acquisition,
     random_geometry,
 )
-from pipeline.training.calibration import fit_platt, fit_temperature, operating_point
+from pipeline.training.calibration import fit_platt, fit_temperature, operating_point, sigmoid
 from pipeline.training.datasets import Record
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -379,7 +379,7 @@ def predict_fracture(model: FractureNet, records: list[Record], long_side: int,
 def fracture_metrics(det_logits: np.ndarray, type_logits: np.ndarray, records: list[Record],
                      det_t: float = 1.0, threshold: float = 0.5) -> dict[str, float]:
     labels = np.array([bool(r.fracture) for r in records])
-    probs = 1 / (1 + np.exp(-det_logits / det_t))
+    probs = sigmoid(det_logits / det_t)
     sens, spec = sens_spec(probs, labels, threshold)
     metrics = {"auc": roc_auc(det_logits, labels), "sensitivity": sens, "specificity": spec,
                "ece": expected_calibration_error(probs, labels)}
@@ -662,7 +662,7 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
         with torch.no_grad():
             model.det_fc.bias.add_(det_shift)
         det_logits = det_logits + det_shift
-    probs = 1 / (1 + np.exp(-det_logits / det_t))
+    probs = sigmoid(det_logits / det_t)
     op = operating_point(probs, labels)
     typed = [i for i, r in enumerate(val) if r.fracture and r.type]
     type_t = 1.0
