@@ -21,8 +21,14 @@ import torch
 
 from pipeline.explain import edge_view, grad_cam, heatmap_to_original, hybrid_overlay, peak_box
 from pipeline.models.bundle import Bundle, BundleError, load_bundle
-from pipeline.models.nets import FractureNet
-from pipeline.models.preprocess import prepare_fracture_input
+from pipeline.models.nets import SEG_STRIDE, FractureNet, TypeReader
+from pipeline.models.preprocess import (
+    cut_patch,
+    patch_to_original,
+    prepare_fracture_input,
+    seg_peak,
+    standardise_patch,
+)
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.types import (
     Analysis,
@@ -77,9 +83,10 @@ def load_models(model_dir: str | Path | None = None, num_threads: int | None = N
     if detector.identity.sha256 == classifier.identity.sha256:
         # Same weights: share one network instance (one forward pass serves both).
         classifier.model = detector.model
-    for b in (detector, classifier):
-        if not isinstance(b.model, FractureNet):
-            raise BundleError(f"{b.path}: expected a FractureNet bundle")
+    if not isinstance(detector.model, FractureNet):
+        raise BundleError(f"{detector.path}: expected a FractureNet bundle")
+    if not isinstance(classifier.model, FractureNet | TypeReader):
+        raise BundleError(f"{classifier.path}: expected a FractureNet or TypeReader bundle")
     return ModelSet(RadiographCheck(validity), detector, classifier, root)
 
 
@@ -104,7 +111,29 @@ class FractureOutputs:
     type_probs: np.ndarray
     det_heatmap: np.ndarray | None = None
     type_heatmap: np.ndarray | None = None
+    type_centre: tuple[float, float] | None = None  # where a TypeReader read the type (original pixels)
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def read_type(pixels: np.ndarray, centre: tuple[float, float], bundle: Bundle,
+              cams: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """A :class:`TypeReader` bundle on the patch around ``centre``: the type distribution and, with ``cams``,
+    the Grad-CAM map of the top type pasted into the original geometry (zero outside the patch)."""
+    reader = bundle.model
+    assert isinstance(reader, TypeReader)
+    spec = bundle.input_spec
+    patch, where = cut_patch(pixels, centre, int(spec["long_side"]), int(spec["patch"]))
+    x = standardise_patch(patch)
+    with torch.no_grad():
+        feats = reader.features(x)
+    feats.requires_grad_(cams)
+    with torch.set_grad_enabled(cams):
+        logits = reader.classify(feats)[0]
+        probs = torch.softmax(logits.detach() / bundle.temperature, dim=0).numpy().astype(np.float64)
+        if not cams:
+            return probs, None
+        cam = grad_cam(feats, logits[int(np.argmax(probs))])
+    return probs, patch_to_original(cam, where, pixels.shape)
 
 
 def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = True) -> FractureOutputs:
@@ -122,6 +151,15 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
         logit = float(out.detect[0].detach())
         p = calibrated_probability(logit, det_b.temperature)
         det_cam = grad_cam(feats, out.detect[0], retain_graph=True) if cams else None
+        if isinstance(cls_b.model, TypeReader):
+            # Second stage: read the type from a patch around the detector's strongest segmentation evidence.
+            centre = seg_peak(out.seg[0, 0].detach().numpy(), geom, SEG_STRIDE)
+            probs, type_map = read_type(radiograph.pixels, centre, cls_b, cams)
+            return FractureOutputs(
+                detect_logit=logit, probability=p, type_probs=probs,
+                det_heatmap=heatmap_to_original(det_cam, geom) if det_cam is not None else None,
+                type_heatmap=type_map, type_centre=centre,
+            )
         if models.shared_backbone:
             cls_out, cls_feats = out, feats
         else:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.explain import edge_view, grad_cam, heatmap_to_original, hybrid_overlay, peak_box, peak_point
 from pipeline.models.nets import FractureNet
-from pipeline.models.preprocess import prepare_fracture_input
+from pipeline.models.preprocess import cut_patch, patch_to_original, prepare_fracture_input, seg_peak
 from pipeline.training.toydata import toy_radiograph
 
 
@@ -51,6 +51,36 @@ def test_grad_cam_of_fracture_net_has_original_geometry() -> None:
     assert cam.shape == pixels.shape
     type_cam = heatmap_to_original(grad_cam(feats, out.types[0, 3]), geom)
     assert type_cam.shape == pixels.shape
+
+
+def test_seg_peak_in_original_pixels() -> None:
+    pixels = np.zeros((300, 200), np.float32)  # scaled to 128 x 85, padded to 128 x 96
+    _x, geom = prepare_fracture_input(pixels, 128)
+    seg = np.zeros((16, 12), np.float32)
+    seg[5, 3] = 2.0
+    seg[0, 11] = 9.0  # a cell over the padding only: ignored
+    x, y = seg_peak(seg, geom, 8)
+    assert x == pytest.approx(3.5 * 8 / geom.scale) and y == pytest.approx(5.5 * 8 / geom.scale)
+
+
+@pytest.mark.parametrize("centre", [(150.0, 120.0), (5.0, 290.0)])
+def test_patch_is_centred_and_maps_back(centre: tuple[float, float]) -> None:
+    pixels = np.full((300, 400), 0.5, np.float32)
+    cx, cy = int(centre[0]), int(centre[1])
+    pixels[cy - 2:cy + 3, cx - 2:cx + 3] = 1.0  # a bright 5 px dot at the centre
+    patch, where = cut_patch(pixels, centre, long_side=200, size=32)  # half scale: 64 original px
+    assert patch.shape == (32, 32) and where.side == 64
+    py, px = np.unravel_index(int(np.argmax(patch)), patch.shape)
+    assert abs(py - 16) <= 1 and abs(px - 16) <= 1
+    if cx < 32:
+        assert patch[:, :4].max() == 0.0  # beyond the left edge: air
+    back = patch_to_original(patch, where, pixels.shape)
+    assert back.shape == pixels.shape
+    by, bx = np.unravel_index(int(np.argmax(back)), back.shape)
+    assert abs(bx - cx) <= 2 and abs(by - cy) <= 2
+    outside = np.ones(pixels.shape, bool)
+    outside[max(0, where.top):where.top + where.side, max(0, where.left):where.left + where.side] = False
+    assert not back[outside].any()
 
 
 def test_peak_box_in_original_coordinates() -> None:

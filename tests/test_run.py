@@ -9,11 +9,22 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pipeline.cli_analyze import analyze as analyze_cmd
 from pipeline.models.bundle import BundleError
-from pipeline.run import BUNDLED_MODEL_DIR, ModelSet, analyze, analyze_batch, detection_call, load_models
+from pipeline.models.nets import SEG_STRIDE, TypeReader
+from pipeline.models.preprocess import cut_patch, prepare_fracture_input, seg_peak
+from pipeline.run import (
+    BUNDLED_MODEL_DIR,
+    ModelSet,
+    analyze,
+    analyze_batch,
+    detection_call,
+    load_models,
+    run_fracture_models,
+)
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.toydata import toy_radiograph, write_untrained_bundles
 from pipeline.types import Radiograph
@@ -21,9 +32,10 @@ from pipeline.types import Radiograph
 DISCLAIMER = "Research use only. Not for diagnostic use."
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_untrained_bundles(tmp_path_factory.mktemp("bundles"))
+@pytest.fixture(scope="module", params=["shared", "reader"])
+def model_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """The classifier either shares the detector's network or is a second-stage type reader."""
+    return write_untrained_bundles(tmp_path_factory.mktemp("bundles"), reader=request.param == "reader")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +63,28 @@ def test_analyze_radiograph(models: ModelSet) -> None:
     if a.classification is not None:
         assert list(a.classification.distribution) == list(FRACTURE_TYPES)
         assert sum(a.classification.distribution.values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_type_is_read_where_the_detector_points(models: ModelSet) -> None:
+    img = _image()
+    outs = run_fracture_models(Radiograph(pixels=img), models, cams=True)
+    assert outs.type_probs.shape == (len(FRACTURE_TYPES),) and outs.type_probs.sum() == pytest.approx(1.0)
+    assert outs.type_heatmap is not None and outs.type_heatmap.shape == img.shape
+    if not isinstance(models.classifier.model, TypeReader):
+        assert outs.type_centre is None
+        return
+    # The patch is centred on the detector's segmentation peak, and the type map lies inside the patch.
+    x, geom = prepare_fracture_input(img, int(models.detector.input_spec["long_side"]))
+    with torch.no_grad():
+        seg = models.detector.model(x).seg[0, 0].numpy()
+    assert outs.type_centre == pytest.approx(seg_peak(seg, geom, SEG_STRIDE))
+    _patch, where = cut_patch(img, outs.type_centre, int(models.classifier.input_spec["long_side"]),
+                              int(models.classifier.input_spec["patch"]))
+    inside = np.zeros(img.shape, bool)
+    inside[max(0, where.top):where.top + where.side, max(0, where.left):where.left + where.side] = True
+    assert outs.type_heatmap[inside].any() and not outs.type_heatmap[~inside].any()
+    assert run_fracture_models(Radiograph(pixels=img), models, cams=False).type_probs == pytest.approx(
+        outs.type_probs)
 
 
 def test_non_radiograph_stops_after_validity(models: ModelSet) -> None:

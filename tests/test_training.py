@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -13,7 +14,8 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.models.bundle import load_bundle
-from pipeline.run import calibrated_probability
+from pipeline.models.nets import TypeReader
+from pipeline.run import calibrated_probability, load_models, run_fracture_models
 from pipeline.training.calibration import fit_platt, fit_temperature, operating_point
 from pipeline.training.cli import train
 from pipeline.training.datasets import (
@@ -24,7 +26,8 @@ from pipeline.training.datasets import (
     read_mura_csv,
     split_records,
 )
-from pipeline.training.toydata import write_toy_dataset
+from pipeline.training.toydata import toy_radiograph, write_toy_dataset
+from pipeline.types import Radiograph
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +145,42 @@ def test_tiny_training_loss_falls_and_bundle_round_trips(toy: Path, tmp_path: Pa
     assert result.exit_code == 0, result.output
     history = [json.loads(line) for line in (ckpt / "train_log.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+
+
+def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, model_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    out, ckpt = tmp_path / "reader", tmp_path / "ckpt"
+    detector = model_dir / "detector"
+    args = ["--task", "classify", "--data", str(toy), "--epochs", "4", "--out", str(out), "--long-side", "192",
+            "--patch", "64", "--width", "4", "--batch-size", "4", "--lr", "3e-3", "--checkpoint-dir", str(ckpt),
+            "--workers", "0", "--val-fraction", "0.25", "--seed", "1", "--weights-dtype", "float32", "--quiet",
+            "--detector", str(detector)]
+    result = CliRunner().invoke(train, args)
+    assert result.exit_code == 0, result.output
+    history = [json.loads(line) for line in (ckpt / "train_log.jsonl").read_text().splitlines()]
+    assert len(history) == 4 and history[-1]["epoch_loss"] < history[0]["epoch_loss"]
+    assert {"type", "seg", "val_type_macro_f1"} <= set(history[-1])
+    reader = load_bundle(out, expected_task="classify")
+    assert isinstance(reader.model, TypeReader)
+    card = reader.card
+    assert card["input"]["long_side"] == 192 and card["input"]["patch"] == 64
+    assert card["training"]["initialised_from"] == str(detector)
+    train_recs, _val = split_records(load_records(toy), 0.25, 1)  # the split the command made
+    assert card["training"]["train_images"] == sum(bool(r.fracture and r.type) for r in train_recs) > 0
+    placed = card["metrics"]["validation"]
+    assert {"at_true_centre", "at_detector_peak", "detector_peak_inside_box"} <= set(placed)
+    assert card["temperature"] > 0 and "placed by the detector" in card["training"]["calibration"]
+
+    # Behind the detector it was calibrated with, in a model set, through the whole pipeline.
+    models_dir = tmp_path / "models"
+    for name in ("validity", "detector"):
+        shutil.copytree(model_dir / name, models_dir / name)
+    shutil.copytree(out, models_dir / "classifier")
+    models = load_models(models_dir)
+    img, _mask, _box = toy_radiograph(np.random.default_rng(5), True, 2, h=200, w=150)
+    outs = run_fracture_models(Radiograph(pixels=img), models)
+    assert outs.type_centre is not None and outs.type_probs.sum() == pytest.approx(1.0)
 
 
 def test_validity_training(toy: Path, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.models.nets import FractureNet, ValidityNet
+from pipeline.models.nets import FractureNet, TypeReader, ValidityNet
 from pipeline.taxonomy import DETECTION_CLASSES, FRACTURE_TYPES
 from pipeline.types import ModelIdentity
 
@@ -35,7 +35,8 @@ DISCLAIMER = "Research use only. Not for diagnostic use."
 FORMAT_VERSION = 1
 TASKS = ("validity", "detect", "classify")
 VALIDITY_CLASSES: tuple[str, ...] = ("not_radiograph", "radiograph")
-ARCHITECTURES: dict[str, type[nn.Module]] = {"FractureNet": FractureNet, "ValidityNet": ValidityNet}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"FractureNet": FractureNet, "TypeReader": TypeReader,
+                                             "ValidityNet": ValidityNet}
 EXPECTED_CLASSES: dict[str, tuple[str, ...]] = {
     "validity": VALIDITY_CLASSES,
     "detect": DETECTION_CLASSES,

@@ -13,6 +13,10 @@ blur, sigma 3 px): fracture lines are 1-2 px features on smooth bone, and giving
 made the segmentation learn several times faster than from the image alone.  The high-pass filter is part of
 the network (a buffer, not a weight), so training and inference cannot disagree about it.
 
+:class:`TypeReader` is the second-stage type classifier: it reads a patch around the detector's strongest
+segmentation evidence at twice the detector's resolution, where the geometry that tells the eleven types apart
+(the line's angle to the shaft, a second line, a fragment, a lesion, a displaced joint) is still visible.
+
 :class:`ValidityNet` is a small classifier "bone radiograph or not" at 160 px.
 """
 
@@ -143,6 +147,52 @@ class FractureNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> FractureOutput:
         return self.heads(self.backbone(x))
+
+
+@dataclass
+class TypeOutput:
+    types: torch.Tensor  # (N, 11) logits
+    seg: torch.Tensor  # (N, 1, P/16, P/16) fracture logits (training-only supervision; the attention weights)
+
+
+class TypeReader(nn.Module):
+    """Patch (N, 1, P, P) -> eleven type logits.
+
+    The backbone has the detector's shape (stem and stages 1-4 of :class:`FractureNet`), so it can start from a
+    trained detector's weights: its line detectors carry over to the finer scale. A segmentation head at 1/16,
+    supervised by the fracture mask during training, gives attention weights that pool the 1/16 features over
+    the fracture wherever it lies in the patch; the 1/32 stage adds context across the whole patch. ``features``
+    (1/16) is the Grad-CAM target."""
+
+    def __init__(self, width: int = 16, num_types: int = 11) -> None:
+        super().__init__()
+        w = width
+        self.config = {"width": width, "num_types": num_types}
+        c1, c2, c3, c4, c5 = w, w, 2 * w, 4 * w, 8 * w
+        self.highpass = HighPass()
+        self.stem = nn.Sequential(nn.Conv2d(2, c1, 3, 2, 1, bias=False), _norm(c1), nn.ReLU(inplace=True))  # 1/2
+        self.stage1 = _stage(c1, c2)  # 1/4
+        self.stage2 = _stage(c2, c3)  # 1/8
+        self.stage3 = _stage(c3, c4)  # 1/16
+        self.stage4 = _stage(c4, c5)  # 1/32
+        self.reader_seg = nn.Conv2d(c4, 1, 1)
+        self.reader_fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(c4 + 2 * c5, num_types))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage3(self.stage2(self.stage1(self.stem(self.highpass(x)))))
+
+    def heads(self, f: torch.Tensor) -> TypeOutput:
+        seg = self.reader_seg(f)
+        attn = torch.softmax(seg.flatten(1), dim=1).view_as(seg)
+        t = self.stage4(f)
+        pooled = torch.cat([(f * attn).sum(dim=(2, 3)), t.mean(dim=(2, 3)), t.amax(dim=(2, 3))], dim=1)
+        return TypeOutput(types=self.reader_fc(pooled), seg=seg)
+
+    def classify(self, f: torch.Tensor) -> torch.Tensor:
+        return self.heads(f).types
+
+    def forward(self, x: torch.Tensor) -> TypeOutput:
+        return self.heads(self.features(x))
 
 
 class ValidityNet(nn.Module):

@@ -2,7 +2,9 @@
 
 Detector/classifier: the radiograph (float32, bone-bright, [0, 1]) is resized with ``cv2.INTER_AREA`` so
 that its long side is ``long_side`` px, padded right/bottom to a multiple of 32 with zeros (air), then
-standardised per image (mean/std over the unpadded image). Validity: letterboxed into a ``size`` square,
+standardised per image (mean/std over the unpadded image). Type reader: a ``size`` square patch centred on a
+point of the original image, cut at the scale that gives the whole image a long side of ``long_side`` px (air
+beyond the edges), standardised over the patch. Validity: letterboxed into a ``size`` square,
 values mapped as ``(x - 0.5) / 0.25`` so absolute brightness and contrast still count.
 """
 
@@ -74,6 +76,59 @@ def map_to_original(fmap: np.ndarray, geom: Geometry) -> np.ndarray:
     up = cv2.resize(fmap[:ch, :cw].astype(np.float32), (geom.orig_w, geom.orig_h),
                     interpolation=cv2.INTER_LINEAR)
     return up
+
+
+def seg_peak(seg: np.ndarray, geom: Geometry, stride: int) -> tuple[float, float]:
+    """(x, y) in original pixels of the centre of the strongest cell of a 1/``stride`` map of the padded input
+    (cells over the padding are ignored)."""
+    ch = max(1, min(seg.shape[0], -(-geom.scaled_h // stride)))
+    cw = max(1, min(seg.shape[1], -(-geom.scaled_w // stride)))
+    iy, ix = np.unravel_index(int(np.argmax(seg[:ch, :cw])), (ch, cw))
+    s = geom.scale
+    x = min(geom.orig_w - 1.0, (ix + 0.5) * stride / s)
+    y = min(geom.orig_h - 1.0, (iy + 0.5) * stride / s)
+    return float(x), float(y)
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Where a type-reader patch lies in the original image: a square of ``side`` px at (``left``, ``top``)."""
+
+    left: int
+    top: int
+    side: int
+
+
+def cut_patch(pixels: np.ndarray, centre: tuple[float, float], long_side: int, size: int) -> tuple[np.ndarray, Patch]:
+    """The ``size`` square around ``centre`` (x, y, original pixels) at the scale ``long_side / max(h, w)``:
+    float32, air (0) beyond the image's edges, not yet standardised."""
+    h, w = pixels.shape
+    side = max(1, int(round(size * max(h, w) / long_side)))
+    left, top = int(round(centre[0] - side / 2)), int(round(centre[1] - side / 2))
+    region: np.ndarray = np.zeros((side, side), dtype=np.float32)
+    y0, x0, y1, x1 = max(0, top), max(0, left), min(h, top + side), min(w, left + side)
+    if y1 > y0 and x1 > x0:
+        region[y0 - top:y1 - top, x0 - left:x1 - left] = pixels[y0:y1, x0:x1]
+    if side != size:
+        region = cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR)
+    return region, Patch(left, top, side)
+
+
+def standardise_patch(patch: np.ndarray) -> torch.Tensor:
+    """(1, 1, P, P) tensor: the patch standardised over itself (training and inference share this)."""
+    return torch.from_numpy(np.ascontiguousarray(standardise(patch), dtype=np.float32))[None, None]
+
+
+def patch_to_original(pmap: np.ndarray, patch: Patch, shape: tuple[int, int]) -> np.ndarray:
+    """Paste a map computed on a patch back into a zero map of the original ``shape`` (h, w)."""
+    h, w = shape
+    out = np.zeros((h, w), dtype=np.float32)
+    up = cv2.resize(pmap.astype(np.float32), (patch.side, patch.side), interpolation=cv2.INTER_LINEAR)
+    y0, x0 = max(0, patch.top), max(0, patch.left)
+    y1, x1 = min(h, patch.top + patch.side), min(w, patch.left + patch.side)
+    if y1 > y0 and x1 > x0:
+        out[y0:y1, x0:x1] = up[y0 - patch.top:y1 - patch.top, x0 - patch.left:x1 - patch.left]
+    return out
 
 
 def letterbox(img: np.ndarray, size: int) -> np.ndarray:

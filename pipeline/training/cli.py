@@ -11,6 +11,7 @@ import torch
 
 from pipeline.training.datasets import DatasetError, Record, load_records, split_records
 from pipeline.training.loop import TrainConfig, train_fracture, train_validity
+from pipeline.training.type_reader import train_type_reader
 
 DEFAULT_OUT = {"validity": "validity", "detect": "detector", "classify": "classifier", "fracture": "."}
 
@@ -43,8 +44,9 @@ def _command_line() -> str:
 
 @click.command(name="train")
 @click.option("--task", type=click.Choice(["validity", "detect", "classify", "fracture"]), required=True,
-              help="detect/classify train the shared multi-head network and write that task's bundle; "
-                   "'fracture' writes both (OUT/detector and OUT/classifier) from one run.")
+              help="detect trains the multi-head detector network; 'fracture' writes both OUT/detector and a "
+                   "classifier sharing its network from one run; classify trains the second-stage type reader, "
+                   "which reads a patch around the detector's fracture evidence at twice its resolution.")
 @click.option("--data", "data", multiple=True, required=True,
               help="Generator folder (labels.csv), folder-per-class tree, or MURA-style CSV. Repeatable.")
 @click.option("--val-data", multiple=True, help="Validation data (default: a seeded share of --data).")
@@ -56,9 +58,16 @@ def _command_line() -> str:
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="Bundle folder to write (default: ./var/models/<task bundle name>).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=None, help="Default 16 (fracture) or 64 (validity).")
+@click.option("--batch-size", type=int, default=None,
+              help="Default 16 (detect, fracture), 32 (classify) or 64 (validity).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (cosine schedule with warm-up).")
-@click.option("--long-side", type=int, default=512, show_default=True, help="Model input long side (px).")
+@click.option("--long-side", type=int, default=None,
+              help="Image long side (px) the model sees: default 512 (detector), 1024 (type reader).")
+@click.option("--patch", type=int, default=192, show_default=True,
+              help="Classify task: side of the square patch (px at --long-side scale) the type reader reads.")
+@click.option("--detector", "detector", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              default=None, help="Classify task: detector bundle that places the patches for calibration and "
+                                 "the card's metrics (default: the bundled detector).")
 @click.option("--crop", type=int, default=320, show_default=True, help="Training crop side (px, at input scale).")
 @click.option("--width", type=int, default=16, show_default=True, help="Backbone base width.")
 @click.option("--max-minutes", type=float, default=None, help="Time budget; stops early, then calibrates.")
@@ -87,7 +96,8 @@ def _command_line() -> str:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibration_data: tuple[str, ...],
           val_fraction: float, epochs: int,
-          out: Path | None, seed: int, batch_size: int | None, lr: float | None, long_side: int, crop: int,
+          out: Path | None, seed: int, batch_size: int | None, lr: float | None, long_side: int | None,
+          patch: int, detector: Path | None, crop: int,
           width: int, max_minutes: float | None, max_steps: int | None, checkpoint_dir: Path | None,
           checkpoint_every: int, resume: bool, init: Path | None, workers: int, threads: int, val_limit: int,
           cache_mb: int, crops_per_image: int, epochs_per_round: int, head_images: int,
@@ -114,19 +124,26 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
     ckpt = checkpoint_dir if checkpoint_dir is not None else Path("var/checkpoints") / f"{task}-seed{seed}"
     cfg = TrainConfig(
         task=task, epochs=epochs, seed=seed,
-        batch_size=batch_size or (64 if task == "validity" else 16),
+        batch_size=batch_size or {"validity": 64, "classify": 32}.get(task, 16),
         lr=lr or (3e-3 if task == "validity" else 2e-3),
-        long_side=long_side, crop=crop, width=width, max_minutes=max_minutes, max_steps=max_steps,
+        long_side=long_side or (1024 if task == "classify" else 512),
+        crop=crop, width=width, max_minutes=max_minutes, max_steps=max_steps,
         checkpoint_every=checkpoint_every, val_limit=val_limit, num_workers=workers, cache_mb=cache_mb,
         bank_per_image=crops_per_image, bank_epochs=epochs_per_round, head_images=head_images,
         weights_dtype=weights_dtype, data_description=_describe(train_recs, data), augment=augment,
-        extra={"command": _command_line(),
+        extra={"command": _command_line(), **({"patch": patch} if task == "classify" else {}),
                **({"calibration_data": ", ".join(calibration_data)} if calibration_data else {})},
     )
     show = not quiet
     try:
         if task == "validity":
             written = train_validity(train_recs, val_recs, cfg, out, ckpt, resume=resume, show=show)
+        elif task == "classify":
+            from pipeline.run import BUNDLE_NAMES, BUNDLED_MODEL_DIR
+
+            written = train_type_reader(
+                train_recs, val_recs, cfg, out, ckpt, detector or BUNDLED_MODEL_DIR / BUNDLE_NAMES["detect"],
+                resume=resume, init=init, show=show, calibration=calib_recs)
         else:
             written = train_fracture(train_recs, val_recs, cfg, out, ckpt, resume=resume, init=init, show=show,
                                      calibration=calib_recs)

@@ -81,12 +81,14 @@ def write_toy_dataset(root: str | Path, count: int = 24, seed: int = 0, negative
     return root
 
 
-def write_untrained_bundles(root: str | Path, width: int = 8, long_side: int = 128, seed: int = 0) -> Path:
-    """Randomly initialised validity/detector/classifier bundles (structure tests, no training)."""
+def write_untrained_bundles(root: str | Path, width: int = 8, long_side: int = 128, seed: int = 0,
+                            reader: bool = False) -> Path:
+    """Randomly initialised validity/detector/classifier bundles (structure tests, no training); with ``reader``
+    the classifier is a second-stage :class:`~pipeline.models.nets.TypeReader` instead of the detector's net."""
     import torch
 
     from pipeline.models.bundle import make_card, save_bundle
-    from pipeline.models.nets import FractureNet, ValidityNet
+    from pipeline.models.nets import FractureNet, TypeReader, ValidityNet
 
     root = Path(root)
     torch.manual_seed(seed)
@@ -95,8 +97,14 @@ def write_untrained_bundles(root: str | Path, width: int = 8, long_side: int = 1
     op = {"threshold": 0.5, "indeterminate_band": [0.4, 0.6]}
     save_bundle(net, make_card(name="toy-detector", task="detect", architecture="FractureNet",
                                config=dict(net.config), input_spec=spec, operating_point=op), root / "detector")
-    save_bundle(net, make_card(name="toy-classifier", task="classify", architecture="FractureNet",
-                               config=dict(net.config), input_spec=spec), root / "classifier")
+    if reader:
+        rnet = TypeReader(width=width).eval()
+        save_bundle(rnet, make_card(name="toy-type-reader", task="classify", architecture="TypeReader",
+                                    config=dict(rnet.config), input_spec={"long_side": 2 * long_side, "patch": 64}),
+                    root / "classifier")
+    else:
+        save_bundle(net, make_card(name="toy-classifier", task="classify", architecture="FractureNet",
+                                   config=dict(net.config), input_spec=spec), root / "classifier")
     vnet = ValidityNet(width=8).eval()
     save_bundle(vnet, make_card(name="toy-validity", task="validity", architecture="ValidityNet",
                                 config=dict(vnet.config), input_spec={"size": 64},

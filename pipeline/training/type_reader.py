@@ -1,0 +1,289 @@
+"""Training the second-stage type classifier (:class:`~pipeline.models.nets.TypeReader`).
+
+At inference the type is read from a patch centred on the detector's strongest segmentation evidence, cut at
+``long_side`` scale (twice the detector's by default). Training draws such patches around the fracture itself:
+the centre is a random pixel of the fracture mask plus a few pixels of jitter (so the reader does not rely on
+the fracture sitting exactly in the middle), with random scale, any rotation (the types are defined relative to
+the bone, not to the image), flips and the same acquisition augmentation as the detector.
+
+Each fractured image is decoded once, into a context window around its fracture kept in memory; every patch is
+then one affine warp of that window, cheap enough for the data-loader worker on two cores. The temperature is
+fitted, and the card's metrics measured, on patches placed by a real detector bundle, as at inference.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from pipeline.evaluation.metrics import accuracy, confusion_matrix, macro_f1
+from pipeline.models.bundle import Bundle, load_bundle, make_card, save_bundle
+from pipeline.models.imageio import read_gray
+from pipeline.models.nets import SEG_STRIDE, FractureNet, TypeOutput, TypeReader, count_parameters
+from pipeline.models.preprocess import (
+    cut_patch,
+    prepare_fracture_input,
+    resize_long_side,
+    seg_peak,
+    standardise_patch,
+)
+from pipeline.taxonomy import FRACTURE_TYPES
+from pipeline.training.augment import acquisition_params, apply_local, apply_pointwise, crop_padded
+from pipeline.training.calibration import fit_temperature
+from pipeline.training.datasets import Record
+from pipeline.training.loop import TrainConfig, _init_from, _rng, _run_loop
+
+READER_STRIDE = 16  # the reader's segmentation map is at 1/16 of the patch
+CENTRE_JITTER = 1 / 12  # standard deviation of the patch centre around the chosen mask pixel, in patch sides
+
+
+def typed_fractures(records: list[Record]) -> list[Record]:
+    """Radiographs with a fracture, a type and a location (mask or box): what the type reader learns from."""
+    return [r for r in records if r.is_radiograph and r.fracture and r.type and (r.mask is not None or r.box)]
+
+
+def _fracture_pixels(rec: Record, img_shape: tuple[int, int], scale: float) -> np.ndarray:
+    """The fracture's mask (uint8) at the scaled image's size; the box filled in when there is no mask."""
+    h, w = img_shape
+    if rec.mask is not None:
+        m = cv2.imread(str(rec.mask), cv2.IMREAD_GRAYSCALE)
+        if m is not None and m.any():
+            return (cv2.resize(m, (w, h), interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    if rec.box is not None:
+        x0, y0, x1, y1 = (int(round(v * scale)) for v in rec.box)
+        mask[max(0, y0):max(y0 + 1, y1), max(0, x0):max(x0 + 1, x1)] = 1
+    return mask
+
+
+_CONTEXT_SOURCE: TypePatches | None = None
+
+
+def _context_job(i: int) -> tuple[np.ndarray, np.ndarray]:
+    src = _CONTEXT_SOURCE
+    assert src is not None
+    return src.context(i)
+
+
+class TypePatches(Dataset[dict[str, Any]]):
+    """Augmented patches around each fracture, with its type label."""
+
+    def __init__(self, records: list[Record], cfg: TrainConfig, show: bool = False) -> None:
+        self.records = typed_fractures(records)
+        if not self.records:
+            raise ValueError("no fractured images with a type and a mask or box to train the type reader on")
+        self.cfg = cfg
+        self.patch = int(cfg.extra.get("patch", 192))
+        # Room for any rotation at the smallest zoom, around any mask pixel of a large fracture.
+        self.window = 2 * int(self.patch * 0.75 * 1.42 + 0.5) + 256
+        self.contexts: list[tuple[np.ndarray, np.ndarray]] = []
+        global _CONTEXT_SOURCE
+        _CONTEXT_SOURCE = self
+        bar = tqdm(total=len(self.records), desc="type patches: decode", disable=not show, leave=False)
+        try:
+            if cfg.num_workers > 1:
+                with mp.get_context("fork").Pool(cfg.num_workers) as pool:
+                    for ctx in pool.imap(_context_job, range(len(self.records)), chunksize=8):
+                        self.contexts.append(ctx)
+                        bar.update(1)
+            else:
+                for i in range(len(self.records)):
+                    self.contexts.append(self.context(i))
+                    bar.update(1)
+        finally:
+            _CONTEXT_SOURCE = None
+            bar.close()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def context(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """The image at ``long_side`` scale (uint16) and its fracture mask, in a window around the fracture."""
+        rec = self.records[i]
+        img = read_gray(rec.path)
+        small = resize_long_side(img, self.cfg.long_side)
+        mask = _fracture_pixels(rec, small.shape, small.shape[0] / img.shape[0])
+        ys, xs = np.nonzero(mask)
+        cy, cx = ((int(ys.min()) + int(ys.max())) // 2, (int(xs.min()) + int(xs.max())) // 2) if len(ys) else (
+            small.shape[0] // 2, small.shape[1] // 2)
+        top, left = cy - self.window // 2, cx - self.window // 2
+        img16 = (np.clip(crop_padded(small.astype(np.float32), top, left, self.window, 0.0), 0, 1) * 65535
+                 + 0.5).astype(np.uint16)
+        return img16, crop_padded(mask, top, left, self.window, 0)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, i = key
+        return self.sample(i, _rng(self.cfg.seed, epoch, i, 23))
+
+    def sample(self, i: int, rng: np.random.Generator) -> dict[str, Any]:
+        img16, mask = self.contexts[i]
+        p, aug = self.patch, self.cfg.augment
+        ys, xs = np.nonzero(mask)
+        half = self.window / 2
+        if len(ys):
+            k = int(rng.integers(0, len(ys)))
+            cy, cx = float(ys[k]), float(xs[k])
+        else:
+            cy = cx = half
+        jitter = CENTRE_JITTER * p * (1.0 if aug else 0.0)
+        cx += float(rng.normal(0, jitter)) if jitter else 0.0
+        cy += float(rng.normal(0, jitter)) if jitter else 0.0
+        zoom = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))) if aug else 1.0
+        angle = float(rng.uniform(0, 360)) if aug else 0.0
+        m = cv2.getRotationMatrix2D((cx, cy), angle, zoom)
+        m[:, 2] += np.array([p / 2 - cx, p / 2 - cy])
+        patch = cv2.warpAffine(img16.astype(np.float32) / 65535.0, m, (p, p), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        mpatch = cv2.warpAffine(mask, m, (p, p), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                                borderValue=0)
+        if aug and rng.random() < 0.5:
+            patch, mpatch = patch[:, ::-1], mpatch[:, ::-1]
+        n = p // READER_STRIDE
+        seg = mpatch[: n * READER_STRIDE, : n * READER_STRIDE].reshape(n, READER_STRIDE, n, READER_STRIDE).max(
+            axis=(1, 3)).astype(np.float32)
+        if aug:
+            params = acquisition_params(rng, aug, patch[::4, ::4])
+            patch = apply_local(apply_pointwise(patch, params), rng, aug)
+        rec = self.records[i]
+        return {"x": standardise_patch(patch)[0], "type": torch.tensor(FRACTURE_TYPES.index(rec.type or "")),
+                "seg": torch.from_numpy(np.ascontiguousarray(seg))[None]}
+
+
+def type_loss(out: TypeOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    type_loss = F.cross_entropy(out.types, batch["type"], label_smoothing=0.05)
+    target = batch["seg"]
+    logits = out.seg
+    if logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    seg_loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(4.0))
+    loss = type_loss + seg_loss
+    return loss, {"loss": float(loss.detach()), "type": float(type_loss.detach()), "seg": float(seg_loss.detach())}
+
+
+def _box_centre(rec: Record, pixels: np.ndarray) -> tuple[float, float]:
+    if rec.box is not None:
+        x0, y0, x1, y1 = rec.box
+        return (x0 + x1) / 2, (y0 + y1) / 2
+    ys, xs = np.nonzero(_fracture_pixels(rec, pixels.shape, 1.0))
+    return (float(xs.mean()), float(ys.mean())) if len(ys) else (pixels.shape[1] / 2, pixels.shape[0] / 2)
+
+
+def _inside(rec: Record, point: tuple[float, float]) -> bool:
+    if rec.box is None:
+        return False
+    x0, y0, x1, y1 = rec.box
+    return x0 <= point[0] < x1 and y0 <= point[1] < y1
+
+
+@torch.inference_mode()
+def read_types(reader: TypeReader, records: list[Record], long_side: int, patch: int,
+               detector: Bundle | None, show: bool = False) -> dict[str, Any]:
+    """Type logits of each record read at its true fracture centre and, with a ``detector``, at the detector's
+    segmentation peak (as at inference); plus whether that peak fell inside the true box."""
+    reader.eval()
+    truth, at_truth, at_peak, hits = [], [], [], []
+    det_net = detector.model if detector is not None else None
+    for rec in tqdm(records, desc="read types", leave=False, disable=not show):
+        pixels = read_gray(rec.path)
+        truth.append(FRACTURE_TYPES.index(rec.type or ""))
+        x, _ = cut_patch(pixels, _box_centre(rec, pixels), long_side, patch)
+        at_truth.append(reader(standardise_patch(x)).types[0].numpy())
+        if isinstance(det_net, FractureNet):
+            det_long = int(detector.input_spec.get("long_side", 512)) if detector is not None else 512
+            xd, geom = prepare_fracture_input(pixels, det_long)
+            centre = seg_peak(det_net(xd).seg[0, 0].numpy(), geom, SEG_STRIDE)
+            hits.append(_inside(rec, centre))
+            xp, _ = cut_patch(pixels, centre, long_side, patch)
+            at_peak.append(reader(standardise_patch(xp)).types[0].numpy())
+    empty = np.zeros((0, len(FRACTURE_TYPES)), np.float32)
+    return {"truth": np.array(truth, dtype=int), "at_truth": np.stack(at_truth) if at_truth else empty,
+            "at_peak": np.stack(at_peak) if at_peak else None, "peak_inside_box": hits}
+
+
+def _scores(truth: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    cm = confusion_matrix(truth, logits.argmax(axis=1), len(FRACTURE_TYPES))
+    return {"type_accuracy": accuracy(cm), "type_macro_f1": macro_f1(cm)}
+
+
+def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, out: Path, ckpt_dir: Path,
+                      detector_dir: Path | None, resume: bool = False, init: Path | None = None, show: bool = True,
+                      calibration: list[Record] | None = None) -> dict[str, Path]:
+    """Train a :class:`TypeReader` on patches around the fractures; write the ``classify`` bundle to ``out``.
+
+    The backbone starts from ``init`` or else from the detector's (same shapes at the same width).
+    ``val`` is monitored each epoch with patches at the true fracture centre. The temperature and the card's
+    metrics come from ``calibration`` (default ``val``) with patches placed by the ``detector_dir`` bundle.
+    """
+    torch.manual_seed(cfg.seed)
+    model = TypeReader(width=cfg.width)
+    start = init if init is not None else detector_dir  # the detector's backbone has the reader's shape
+    if start is not None:
+        _init_from(model, start, show)
+    patch = int(cfg.extra.get("patch", 192))
+    dataset = TypePatches(train, cfg, show=show)
+    val_typed = typed_fractures(val)[: cfg.val_limit]
+    val_x = torch.stack([standardise_patch(cut_patch(px, _box_centre(r, px), cfg.long_side, patch)[0])[0]
+                         for r in val_typed for px in (read_gray(r.path),)]) if val_typed else None
+    val_truth = np.array([FRACTURE_TYPES.index(r.type or "") for r in val_typed], dtype=int)
+
+    def validate() -> dict[str, float]:
+        if val_x is None:
+            return {}
+        model.eval()
+        with torch.inference_mode():
+            logits = torch.cat([model(val_x[k:k + 64]).types for k in range(0, len(val_x), 64)]).numpy()
+        return _scores(val_truth, logits)
+
+    summary = _run_loop(model, dataset, len(dataset), cfg, ckpt_dir, type_loss, validate, resume, show)
+    detector = load_bundle(detector_dir, expected_task="detect") if detector_dir is not None else None
+    held = typed_fractures(calibration if calibration else val)
+    read = read_types(model, held, cfg.long_side, patch, detector, show=show)
+    placed = read["at_peak"] if read["at_peak"] is not None else read["at_truth"]
+    temperature = fit_temperature(placed, read["truth"]) if len(held) else 1.0
+    metrics: dict[str, Any] = {"at_true_centre": _scores(read["truth"], read["at_truth"]), "images": len(held)}
+    if read["at_peak"] is not None:
+        metrics["at_detector_peak"] = _scores(read["truth"], read["at_peak"])
+        metrics["detector_peak_inside_box"] = float(np.mean(read["peak_inside_box"])) if held else None
+    input_spec = {
+        "pixels": "float32 in [0, 1], bone bright (as for the detector)",
+        "long_side": cfg.long_side,
+        "patch": patch,
+        "centre": "the strongest cell of the detector's segmentation map (pipeline.models.preprocess.seg_peak)",
+        "resize": "the square of patch * max(h, w) / long_side original pixels around the centre, air (0) "
+                  "beyond the image, cv2.INTER_AREA to patch x patch",
+        "normalisation": "per patch: (x - mean) / std",
+        "channels": 1,
+    }
+    training = {
+        "data": cfg.data_description, "train_images": len(dataset), "monitor_validation_images": len(val_typed),
+        "calibration_images": len(held),
+        "calibration_data": cfg.extra.get("calibration_data", "validation split"),
+        "calibration": "temperature scaling of the type logits on patches placed by the detector "
+                       f"{detector.identity.name} {detector.identity.sha256[:12]}" if detector is not None
+                       else "temperature scaling on patches at the true fracture centre",
+        "initialised_from": str(start) if start is not None else None,
+        "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "learning_rate": cfg.lr,
+        "augmentation_strength": cfg.augment,
+        "augmentation": f"centre: a random fracture-mask pixel + N(0, {CENTRE_JITTER:.3f} patch); zoom 0.8-1.25; "
+                        "any rotation; horizontal flip; window, gamma, contrast, blur/sharpen, noise, JPEG",
+        "losses": "cross-entropy over the 11 types (label smoothing 0.05) + BCE segmentation of the fracture mask "
+                  "at 1/16 (pos_weight 4; training-only supervision, its map weights the pooling)",
+        **{k: v for k, v in summary.items() if k != "history"},
+        "history": summary["history"],
+        "parameters": count_parameters(model),
+        **{k: v for k, v in cfg.extra.items() if k != "patch"},
+    }
+    card = make_card(name="fracturenode-type-reader", task="classify", architecture="TypeReader",
+                     config=dict(model.config), input_spec=input_spec, training=training, temperature=temperature,
+                     metrics={"validation": metrics},
+                     extra={"asked_when": "the detector's call is 'fracture' or 'indeterminate'",
+                            "needs": "a FractureNet detector bundle (its segmentation map places the patch)"})
+    return {"classify": save_bundle(model, card, out, dtype=cfg.weights_dtype)}
