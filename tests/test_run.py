@@ -138,13 +138,15 @@ def test_analyze_command_writes_json_and_images(model_dir: Path, tmp_path: Path)
 @pytest.mark.skipif(not (BUNDLED_MODEL_DIR / "detector" / "model.json").exists(), reason="no bundled models")
 def test_default_is_bundled_models() -> None:
     models = load_models()
-    assert models.model_dir == BUNDLED_MODEL_DIR and models.shared_backbone
+    assert models.model_dir == BUNDLED_MODEL_DIR and not models.shared_backbone
+    assert isinstance(models.classifier.model, TypeReader)  # the second-stage type reader
     synth = pytest.importorskip("pipeline.synth")
     pixels = synth.display_image(synth.render_sample(77, fracture=True, long_side=600))
     a = analyze(Radiograph(pixels=pixels), models)
     assert a.validity.is_radiograph, a.validity.reason
     assert a.detection is not None and a.detection.model.name == "fracturenode-detector"
     assert a.explanation is not None and a.explanation.heatmap.shape == pixels.shape
+    assert a.classification is not None and a.classification.model.name == "fracturenode-type-reader"
 
 
 def test_analyze_command_reads_dicom(model_dir: Path, tmp_path: Path) -> None:
