@@ -93,21 +93,31 @@ class FractureOutput:
     features: torch.Tensor  # (N, C, h, w) fused pyramid features at 1/8 (Grad-CAM target)
 
 
-class FractureNet(nn.Module):
-    """Residual backbone to 1/32, top-down pyramid back to 1/8, and detection/type/segmentation heads."""
+class ResidualBackbone(nn.Module):
+    """The high-pass input, the stem and four residual stages to 1/32 that :class:`FractureNet` and
+    :class:`TypeReader` share (same parameter names and shapes, so a type reader starts from a detector)."""
 
-    def __init__(self, width: int = 16, num_types: int = 11) -> None:
+    def __init__(self, width: int, num_types: int) -> None:
         super().__init__()
         w = width
         self.config = {"width": width, "num_types": num_types}
-        c1, c2, c3, c4, c5 = w, w, 2 * w, 4 * w, 8 * w
-        f = 3 * w  # pyramid channels
+        c1, c2, c3, c4, c5 = self.channels = (w, w, 2 * w, 4 * w, 8 * w)
         self.highpass = HighPass()
         self.stem = nn.Sequential(nn.Conv2d(2, c1, 3, 2, 1, bias=False), _norm(c1), nn.ReLU(inplace=True))  # 1/2
         self.stage1 = _stage(c1, c2)  # 1/4
         self.stage2 = _stage(c2, c3)  # 1/8
         self.stage3 = _stage(c3, c4)  # 1/16
         self.stage4 = _stage(c4, c5)  # 1/32
+
+
+class FractureNet(ResidualBackbone):
+    """Residual backbone to 1/32, top-down pyramid back to 1/8, and detection/type/segmentation heads."""
+
+    def __init__(self, width: int = 16, num_types: int = 11) -> None:
+        super().__init__(width, num_types)
+        w = width
+        _c1, _c2, c3, c4, c5 = self.channels
+        f = 3 * w  # pyramid channels
         self.lat2, self.lat3, self.lat4 = nn.Conv2d(c3, f, 1), nn.Conv2d(c4, f, 1), nn.Conv2d(c5, f, 1)
         self.fuse = nn.Sequential(nn.Conv2d(f, f, 3, padding=1, bias=False), _norm(f), nn.ReLU(inplace=True))
         self.seg_head = nn.Conv2d(f, 1, 1)
@@ -155,7 +165,7 @@ class TypeOutput:
     seg: torch.Tensor  # (N, 1, P/16, P/16) fracture logits (training-only supervision; the attention weights)
 
 
-class TypeReader(nn.Module):
+class TypeReader(ResidualBackbone):
     """Patch (N, 1, P, P) -> eleven type logits.
 
     The backbone has the detector's shape (stem and stages 1-4 of :class:`FractureNet`), so it can start from a
@@ -165,16 +175,8 @@ class TypeReader(nn.Module):
     (1/16) is the Grad-CAM target."""
 
     def __init__(self, width: int = 16, num_types: int = 11) -> None:
-        super().__init__()
-        w = width
-        self.config = {"width": width, "num_types": num_types}
-        c1, c2, c3, c4, c5 = w, w, 2 * w, 4 * w, 8 * w
-        self.highpass = HighPass()
-        self.stem = nn.Sequential(nn.Conv2d(2, c1, 3, 2, 1, bias=False), _norm(c1), nn.ReLU(inplace=True))  # 1/2
-        self.stage1 = _stage(c1, c2)  # 1/4
-        self.stage2 = _stage(c2, c3)  # 1/8
-        self.stage3 = _stage(c3, c4)  # 1/16
-        self.stage4 = _stage(c4, c5)  # 1/32
+        super().__init__(width, num_types)
+        _c1, _c2, _c3, c4, c5 = self.channels
         self.reader_seg = nn.Conv2d(c4, 1, 1)
         self.reader_fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(c4 + 2 * c5, num_types))
 
