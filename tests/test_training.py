@@ -67,6 +67,15 @@ def test_folder_per_class_maps_synonyms(tmp_path: Path) -> None:
     assert all(r.split == "train" for r in train_recs)  # test split never trains
 
 
+def test_split_does_not_depend_on_where_the_data_is(toy: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "elsewhere" / toy.name
+    shutil.copytree(toy, moved)
+    here, there = split_records(load_records(toy), 0.25, 1), split_records(load_records(moved), 0.25, 1)
+    for a, b in zip(here, there, strict=True):
+        assert sorted(r.path.name for r in a) == sorted(r.path.name for r in b)
+    assert 0 < len(here[1]) < len(here[0])
+
+
 def test_folder_per_class_unknown_class(tmp_path: Path) -> None:
     _png(tmp_path / "banana" / "a.png")
     with pytest.raises(DatasetError, match="banana"):

@@ -192,7 +192,8 @@ def load_records(source: str | Path) -> list[Record]:
 
 
 def split_records(records: list[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Deterministic split: explicit ``split`` columns win, otherwise a seeded hash of the file name."""
+    """Deterministic split: explicit ``split`` columns win, otherwise a seeded hash of the file's last three path
+    components (not the absolute path: the same dataset splits the same wherever it is stored)."""
     if any(r.split in ("val",) for r in records):
         train = [r for r in records if r.split in (None, "train")]
         val = [r for r in records if r.split == "val"]
@@ -201,7 +202,7 @@ def split_records(records: list[Record], val_fraction: float, seed: int) -> tupl
     for r in records:
         if r.split == "test":
             continue
-        h = hashlib.sha256(f"{seed}:{r.path.as_posix()}".encode()).digest()
+        h = hashlib.sha256(f"{seed}:{'/'.join(r.path.parts[-3:])}".encode()).digest()
         (val if int.from_bytes(h[:4], "big") / 2**32 < val_fraction else train).append(r)
     return train, val
 
