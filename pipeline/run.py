@@ -150,39 +150,38 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
         out = det_net.heads(feats)
         logit = float(out.detect[0].detach())
         p = calibrated_probability(logit, det_b.temperature)
-        det_cam = grad_cam(feats, out.detect[0], retain_graph=True) if cams else None
+        # The graph is kept only for the shared network's type map, which goes through the same features.
+        det_cam = grad_cam(feats, out.detect[0], retain_graph=models.shared_backbone) if cams else None
+        centre: tuple[float, float] | None = None
         if isinstance(cls_b.model, TypeReader):
             # Second stage: read the type from a patch around the detector's strongest segmentation evidence.
             centre = seg_peak(out.seg[0, 0].detach().numpy(), geom, SEG_STRIDE)
             probs, type_map = read_type(radiograph.pixels, centre, cls_b, cams)
-            return FractureOutputs(
-                detect_logit=logit, probability=p, type_probs=probs,
-                det_heatmap=heatmap_to_original(det_cam, geom) if det_cam is not None else None,
-                type_heatmap=type_map, type_centre=centre,
-            )
-        if models.shared_backbone:
-            cls_out, cls_feats = out, feats
         else:
-            cls_net = cls_b.model
-            assert isinstance(cls_net, FractureNet)
-            cls_long = int(cls_b.input_spec.get("long_side", 512))
-            xc, geom_c = prepare_fracture_input(radiograph.pixels, cls_long) if cls_long != long_side else (x, geom)
-            with torch.no_grad():
-                cls_feats = cls_net.backbone(xc)
-            cls_feats.requires_grad_(cams)
-            cls_out = cls_net.heads(cls_feats)
-        type_logits = cls_out.types[0] / cls_b.temperature
-        probs = torch.softmax(type_logits.detach(), dim=0).numpy().astype(np.float64)
-        type_cam = None
-        if cams:
-            top = int(np.argmax(probs))
-            type_cam = grad_cam(cls_feats, cls_out.types[0, top])
+            cls_out, cls_feats, cls_geom = out, feats, geom
+            if not models.shared_backbone:
+                cls_net = cls_b.model
+                assert isinstance(cls_net, FractureNet)
+                cls_long = int(cls_b.input_spec.get("long_side", 512))
+                xc, cls_geom = prepare_fracture_input(radiograph.pixels, cls_long) if cls_long != long_side \
+                    else (x, geom)
+                with torch.no_grad():
+                    cls_feats = cls_net.backbone(xc)
+                cls_feats.requires_grad_(cams)
+                cls_out = cls_net.heads(cls_feats)
+            type_logits = cls_out.types[0] / cls_b.temperature
+            probs = torch.softmax(type_logits.detach(), dim=0).numpy().astype(np.float64)
+            type_map = None
+            if cams:
+                type_cam = grad_cam(cls_feats, cls_out.types[0, int(np.argmax(probs))])
+                type_map = heatmap_to_original(type_cam, cls_geom)
     return FractureOutputs(
         detect_logit=logit,
         probability=p,
         type_probs=probs,
         det_heatmap=heatmap_to_original(det_cam, geom) if det_cam is not None else None,
-        type_heatmap=heatmap_to_original(type_cam, geom) if type_cam is not None else None,
+        type_heatmap=type_map,
+        type_centre=centre,
     )
 
 

@@ -127,11 +127,11 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
         batch_size=batch_size or {"validity": 64, "classify": 32}.get(task, 16),
         lr=lr or (3e-3 if task == "validity" else 2e-3),
         long_side=long_side or (1024 if task == "classify" else 512),
-        crop=crop, width=width, max_minutes=max_minutes, max_steps=max_steps,
+        crop=crop, patch=patch, width=width, max_minutes=max_minutes, max_steps=max_steps,
         checkpoint_every=checkpoint_every, val_limit=val_limit, num_workers=workers, cache_mb=cache_mb,
         bank_per_image=crops_per_image, bank_epochs=epochs_per_round, head_images=head_images,
         weights_dtype=weights_dtype, data_description=_describe(train_recs, data), augment=augment,
-        extra={"command": _command_line(), **({"patch": patch} if task == "classify" else {}),
+        extra={"command": _command_line(),
                **({"calibration_data": ", ".join(calibration_data)} if calibration_data else {})},
     )
     show = not quiet

@@ -63,6 +63,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     long_side: int = 512
     crop: int = 320
+    patch: int = 192  # type reader: side of the patch it reads (px at long_side scale)
     width: int = 16
     validity_size: int = 160
     max_minutes: float | None = None

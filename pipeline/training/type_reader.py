@@ -81,7 +81,7 @@ class TypePatches(Dataset[dict[str, Any]]):
         if not self.records:
             raise ValueError("no fractured images with a type and a mask or box to train the type reader on")
         self.cfg = cfg
-        self.patch = int(cfg.extra.get("patch", 192))
+        self.patch = cfg.patch
         # Room for any rotation at the smallest zoom, around any mask pixel of a large fracture.
         self.window = 2 * int(self.patch * 0.75 * 1.42 + 0.5) + 256
         self.contexts: list[tuple[np.ndarray, np.ndarray]] = []
@@ -183,6 +183,11 @@ def _inside(rec: Record, point: tuple[float, float]) -> bool:
     return x0 <= point[0] < x1 and y0 <= point[1] < y1
 
 
+def _patch_at(pixels: np.ndarray, centre: tuple[float, float], long_side: int, patch: int) -> torch.Tensor:
+    """The reader's input (1, 1, patch, patch) around ``centre``, exactly as at inference."""
+    return standardise_patch(cut_patch(pixels, centre, long_side, patch)[0])
+
+
 @torch.inference_mode()
 def read_types(reader: TypeReader, records: list[Record], long_side: int, patch: int,
                detector: Bundle | None, show: bool = False) -> dict[str, Any]:
@@ -191,18 +196,16 @@ def read_types(reader: TypeReader, records: list[Record], long_side: int, patch:
     reader.eval()
     truth, at_truth, at_peak, hits = [], [], [], []
     det_net = detector.model if detector is not None else None
+    det_long = int(detector.input_spec.get("long_side", 512)) if detector is not None else 0
     for rec in tqdm(records, desc="read types", leave=False, disable=not show):
         pixels = read_gray(rec.path)
         truth.append(FRACTURE_TYPES.index(rec.type or ""))
-        x, _ = cut_patch(pixels, _box_centre(rec, pixels), long_side, patch)
-        at_truth.append(reader(standardise_patch(x)).types[0].numpy())
+        at_truth.append(reader(_patch_at(pixels, _box_centre(rec, pixels), long_side, patch)).types[0].numpy())
         if isinstance(det_net, FractureNet):
-            det_long = int(detector.input_spec.get("long_side", 512)) if detector is not None else 512
             xd, geom = prepare_fracture_input(pixels, det_long)
             centre = seg_peak(det_net(xd).seg[0, 0].numpy(), geom, SEG_STRIDE)
             hits.append(_inside(rec, centre))
-            xp, _ = cut_patch(pixels, centre, long_side, patch)
-            at_peak.append(reader(standardise_patch(xp)).types[0].numpy())
+            at_peak.append(reader(_patch_at(pixels, centre, long_side, patch)).types[0].numpy())
     empty = np.zeros((0, len(FRACTURE_TYPES)), np.float32)
     return {"truth": np.array(truth, dtype=int), "at_truth": np.stack(at_truth) if at_truth else empty,
             "at_peak": np.stack(at_peak) if at_peak else None, "peak_inside_box": hits}
@@ -227,11 +230,14 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
     start = init if init is not None else detector_dir  # the detector's backbone has the reader's shape
     if start is not None:
         _init_from(model, start, show)
-    patch = int(cfg.extra.get("patch", 192))
+    patch = cfg.patch
     dataset = TypePatches(train, cfg, show=show)
     val_typed = typed_fractures(val)[: cfg.val_limit]
-    val_x = torch.stack([standardise_patch(cut_patch(px, _box_centre(r, px), cfg.long_side, patch)[0])[0]
-                         for r in val_typed for px in (read_gray(r.path),)]) if val_typed else None
+    val_patches = []  # decoded once: the monitoring images are read at their true fracture centre every epoch
+    for rec in val_typed:
+        pixels = read_gray(rec.path)
+        val_patches.append(_patch_at(pixels, _box_centre(rec, pixels), cfg.long_side, patch))
+    val_x = torch.cat(val_patches) if val_patches else None
     val_truth = np.array([FRACTURE_TYPES.index(r.type or "") for r in val_typed], dtype=int)
 
     def validate() -> dict[str, float]:
@@ -279,7 +285,7 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
         **{k: v for k, v in summary.items() if k != "history"},
         "history": summary["history"],
         "parameters": count_parameters(model),
-        **{k: v for k, v in cfg.extra.items() if k != "patch"},
+        **cfg.extra,
     }
     card = make_card(name="fracturenode-type-reader", task="classify", architecture="TypeReader",
                      config=dict(model.config), input_spec=input_spec, training=training, temperature=temperature,
