@@ -26,7 +26,9 @@ from pipeline.training.datasets import (
     read_mura_csv,
     split_records,
 )
+from pipeline.training.loop import CropBank, FractureCrops, TrainConfig
 from pipeline.training.toydata import toy_radiograph, write_toy_dataset
+from pipeline.training.type_reader import TypePatches
 from pipeline.types import Radiograph
 
 
@@ -190,6 +192,22 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     img, _mask, _box = toy_radiograph(np.random.default_rng(5), True, 2, h=200, w=150)
     outs = run_fracture_models(Radiograph(pixels=img), models)
     assert outs.type_centre is not None and outs.type_probs.sum() == pytest.approx(1.0)
+
+
+def test_forked_workers_draw_the_same_crops_and_patches(toy: Path) -> None:
+    records = [r for r in read_generator_layout(toy) if r.is_radiograph][:8]
+    drawn = []
+    for workers in (1, 2):
+        cfg = TrainConfig(long_side=96, crop=64, patch=32, seed=4, num_workers=workers)
+        bank = CropBank(FractureCrops(records, cfg), per_image=2, epochs_per_round=1, workers=workers)
+        bank.build(0)
+        patches = TypePatches(records, cfg)
+        drawn.append((bank.items, patches.contexts))
+    (items1, ctx1), (items2, ctx2) = drawn
+    assert items1.keys() == items2.keys() and len(items1["x"]) == 16
+    assert all(np.array_equal(items1[k], items2[k]) for k in items1)
+    assert len(ctx1) == len(ctx2) == sum(bool(r.fracture) for r in records) > 0
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(ctx1, ctx2, strict=True))
 
 
 def test_validity_training(toy: Path, tmp_path: Path) -> None:

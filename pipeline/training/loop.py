@@ -8,6 +8,7 @@ A time budget (``max_minutes``) stops early but always finishes with calibration
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -223,18 +224,45 @@ class FractureCrops(Dataset[dict[str, Any]]):
         }
 
 
-_BANK_SOURCE: FractureCrops | None = None
+_FORKED: Callable[[Any], Any] | None = None
 
 
-def _bank_item(job: tuple[int, int, int]) -> list[dict[str, Any]]:
+def _call_forked(job: Any) -> Any:
+    assert _FORKED is not None
+    return _FORKED(job)
+
+
+def fork_map(fn: Callable[[Any], Any], jobs: list[Any], workers: int, desc: str, show: bool,
+             chunksize: int = 4) -> Iterator[Any]:
+    """``fn(job)`` for each job, in order, in ``workers`` forked processes (in this one when ``workers <= 1``).
+
+    ``fn`` may be a bound method of an object holding large data: forked workers inherit it through a module
+    global instead of receiving a pickled copy with every chunk of jobs."""
+    global _FORKED
+    bar = tqdm(total=len(jobs), desc=desc, disable=not show, leave=False)
+    _FORKED = fn
+    try:
+        if workers > 1:
+            import multiprocessing as mp
+            with mp.get_context("fork").Pool(workers) as pool:
+                for got in pool.imap(_call_forked, jobs, chunksize=chunksize):
+                    bar.update(1)
+                    yield got
+        else:
+            for job in jobs:
+                bar.update(1)
+                yield fn(job)
+    finally:
+        _FORKED = None
+        bar.close()
+
+
+def _bank_item(source: FractureCrops, rnd: int, per_image: int, i: int) -> list[dict[str, Any]]:
     """Worker side of :class:`CropBank`: decode image ``i`` once and draw ``per_image`` crops from it."""
-    rnd, i, per_image = job
-    src = _BANK_SOURCE
-    assert src is not None
-    loaded = src._load(i)
+    loaded = source._load(i)
     # numpy, not tensors: tensors would travel between processes as shared-memory file descriptors, one per
     # tensor, and thousands of them exhaust the descriptor table
-    return [{k: v.numpy() for k, v in src.sample(i, _rng(src.cfg.seed, rnd, i, j, 17), loaded).items()}
+    return [{k: v.numpy() for k, v in source.sample(i, _rng(source.cfg.seed, rnd, i, j, 17), loaded).items()}
             for j in range(per_image)]
 
 
@@ -264,26 +292,11 @@ class CropBank(Dataset[dict[str, Any]]):
         return self.build_seconds / max(1, steps_per_epoch * self.epochs_per_round)
 
     def build(self, rnd: int) -> None:
-        global _BANK_SOURCE
         t0 = time.time()
-        jobs = [(rnd, i, self.per_image) for i in range(len(self.source))]
-        _BANK_SOURCE = self.source
-        bar = tqdm(total=len(jobs), desc=f"crops (round {rnd})", disable=not self.show, leave=False)
+        draw = functools.partial(_bank_item, self.source, rnd, self.per_image)
         samples: list[dict[str, Any]] = []
-        try:
-            if self.workers > 1:
-                import multiprocessing as mp
-                with mp.get_context("fork").Pool(self.workers) as pool:
-                    for got in pool.imap(_bank_item, jobs, chunksize=4):
-                        samples.extend(got)
-                        bar.update(1)
-            else:
-                for job in jobs:
-                    samples.extend(_bank_item(job))
-                    bar.update(1)
-        finally:
-            _BANK_SOURCE = None
-            bar.close()
+        for got in fork_map(draw, list(range(len(self.source))), self.workers, f"crops (round {rnd})", self.show):
+            samples.extend(got)
         self.items = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
         self.items["x"] = self.items["x"].astype(np.float16)
         self.round = rnd

@@ -13,7 +13,6 @@ fitted, and the card's metrics measured, on patches placed by a real detector bu
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.augment import acquisition_params, apply_local, apply_pointwise, crop_padded
 from pipeline.training.calibration import fit_temperature
 from pipeline.training.datasets import Record
-from pipeline.training.loop import TrainConfig, _init_from, _rng, _run_loop
+from pipeline.training.loop import TrainConfig, _init_from, _rng, _run_loop, fork_map
 
 READER_STRIDE = 16  # the reader's segmentation map is at 1/16 of the patch
 CENTRE_JITTER = 1 / 12  # standard deviation of the patch centre around the chosen mask pixel, in patch sides
@@ -64,15 +63,6 @@ def _fracture_pixels(rec: Record, img_shape: tuple[int, int], scale: float) -> n
     return mask
 
 
-_CONTEXT_SOURCE: TypePatches | None = None
-
-
-def _context_job(i: int) -> tuple[np.ndarray, np.ndarray]:
-    src = _CONTEXT_SOURCE
-    assert src is not None
-    return src.context(i)
-
-
 class TypePatches(Dataset[dict[str, Any]]):
     """Augmented patches around each fracture, with its type label."""
 
@@ -84,23 +74,9 @@ class TypePatches(Dataset[dict[str, Any]]):
         self.patch = cfg.patch
         # Room for any rotation at the smallest zoom, around any mask pixel of a large fracture.
         self.window = 2 * int(self.patch * 0.75 * 1.42 + 0.5) + 256
-        self.contexts: list[tuple[np.ndarray, np.ndarray]] = []
-        global _CONTEXT_SOURCE
-        _CONTEXT_SOURCE = self
-        bar = tqdm(total=len(self.records), desc="type patches: decode", disable=not show, leave=False)
-        try:
-            if cfg.num_workers > 1:
-                with mp.get_context("fork").Pool(cfg.num_workers) as pool:
-                    for ctx in pool.imap(_context_job, range(len(self.records)), chunksize=8):
-                        self.contexts.append(ctx)
-                        bar.update(1)
-            else:
-                for i in range(len(self.records)):
-                    self.contexts.append(self.context(i))
-                    bar.update(1)
-        finally:
-            _CONTEXT_SOURCE = None
-            bar.close()
+        self.contexts: list[tuple[np.ndarray, np.ndarray]] = list(
+            fork_map(self.context, list(range(len(self.records))), cfg.num_workers, "type patches: decode", show,
+                     chunksize=8))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -158,14 +134,14 @@ class TypePatches(Dataset[dict[str, Any]]):
 
 
 def type_loss(out: TypeOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    type_loss = F.cross_entropy(out.types, batch["type"], label_smoothing=0.05)
+    cls_loss = F.cross_entropy(out.types, batch["type"], label_smoothing=0.05)
     target = batch["seg"]
     logits = out.seg
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
     seg_loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(4.0))
-    loss = type_loss + seg_loss
-    return loss, {"loss": float(loss.detach()), "type": float(type_loss.detach()), "seg": float(seg_loss.detach())}
+    loss = cls_loss + seg_loss
+    return loss, {"loss": float(loss.detach()), "type": float(cls_loss.detach()), "seg": float(seg_loss.detach())}
 
 
 def _box_centre(rec: Record, pixels: np.ndarray) -> tuple[float, float]:
