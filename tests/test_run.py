@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli_analyze import analyze as analyze_cmd
+from pipeline.explain import grad_cam, heatmap_to_original
 from pipeline.models.bundle import BundleError
 from pipeline.models.nets import SEG_STRIDE, TypeReader
 from pipeline.models.preprocess import cut_patch, prepare_fracture_input, seg_peak
@@ -85,6 +86,21 @@ def test_type_is_read_where_the_detector_points(models: ModelSet) -> None:
     assert outs.type_heatmap[inside].any() and not outs.type_heatmap[~inside].any()
     assert run_fracture_models(Radiograph(pixels=img), models, cams=False).type_probs == pytest.approx(
         outs.type_probs)
+
+
+def test_separate_classifier_maps_its_heatmap_with_its_own_geometry(tmp_path: Path) -> None:
+    models = load_models(write_untrained_bundles(tmp_path, classifier_long_side=200))
+    assert not models.shared_backbone
+    img = _image(300, 170)
+    outs = run_fracture_models(Radiograph(pixels=img), models)
+    net = models.classifier.model
+    x, geom = prepare_fracture_input(img, 200)
+    with torch.no_grad():
+        feats = net.backbone(x)
+    feats.requires_grad_(True)
+    out = net.heads(feats)
+    expected = heatmap_to_original(grad_cam(feats, out.types[0, int(np.argmax(outs.type_probs))]), geom)
+    assert outs.type_heatmap is not None and np.allclose(outs.type_heatmap, expected, atol=1e-5)
 
 
 def test_non_radiograph_stops_after_validity(models: ModelSet) -> None:

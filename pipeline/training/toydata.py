@@ -82,9 +82,10 @@ def write_toy_dataset(root: str | Path, count: int = 24, seed: int = 0, negative
 
 
 def write_untrained_bundles(root: str | Path, width: int = 8, long_side: int = 128, seed: int = 0,
-                            reader: bool = False) -> Path:
+                            reader: bool = False, classifier_long_side: int | None = None) -> Path:
     """Randomly initialised validity/detector/classifier bundles (structure tests, no training); with ``reader``
-    the classifier is a second-stage :class:`~pipeline.models.nets.TypeReader` instead of the detector's net."""
+    the classifier is a second-stage :class:`~pipeline.models.nets.TypeReader` instead of the detector's net,
+    with ``classifier_long_side`` a separate FractureNet of its own that reads the image at that size."""
     import torch
 
     from pipeline.models.bundle import make_card, save_bundle
@@ -103,8 +104,11 @@ def write_untrained_bundles(root: str | Path, width: int = 8, long_side: int = 1
                                     config=dict(rnet.config), input_spec={"long_side": 2 * long_side, "patch": 64}),
                     root / "classifier")
     else:
-        save_bundle(net, make_card(name="toy-classifier", task="classify", architecture="FractureNet",
-                                   config=dict(net.config), input_spec=spec), root / "classifier")
+        cnet = FractureNet(width=width).eval() if classifier_long_side else net
+        save_bundle(cnet, make_card(name="toy-classifier", task="classify", architecture="FractureNet",
+                                    config=dict(cnet.config),
+                                    input_spec={"long_side": classifier_long_side or long_side}),
+                    root / "classifier")
     vnet = ValidityNet(width=8).eval()
     save_bundle(vnet, make_card(name="toy-validity", task="validity", architecture="ValidityNet",
                                 config=dict(vnet.config), input_spec={"size": 64},
