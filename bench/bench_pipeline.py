@@ -1,21 +1,22 @@
 """Pipeline throughput and the node's peak memory, in one run.
 
-The whole node runs as subprocesses (web, listener, ``--workers`` workers with the models loaded; SQLite in a
-temporary data dir; a DCMTK ``storescp`` as the destination PACS). ``storescu`` pushes ``--images``
+The whole node runs as a user starts it, ``fracture-node run`` (its supervisor, the web server, the listener and
+``--workers`` workers with the models loaded; SQLite in a temporary data dir; a DCMTK ``storescp`` as the
+destination PACS). ``storescu`` pushes ``--images``
 synthetic DX radiographs (one study each) to the listener as fast as it takes them, so that every worker is
 busy; each image then goes through decode + validity + detection + classification + Grad-CAM + explanation
 PNGs, and each study through SC + GSPS + SR encoding and delivery.
 
 Throughput = images / (first job claimed -> last study reported), from the database's own timestamps.
 Memory = the peak, sampled every 0.25 s from /proc, of the sum of the resident set sizes (RSS) of every node
-process (web incl. its gunicorn worker, listener, workers); PSS (shared pages divided among the processes
-that share them) is printed beside it.
+process (the supervisor, web incl. its gunicorn worker, listener, workers); PSS (shared pages divided among the
+processes that share them) is printed beside it.
 
     .venv/bin/python bench/bench_pipeline.py                     # 60 images, 2000 px, 1 worker (the memory goal)
     .venv/bin/python bench/bench_pipeline.py --workers 2         # all cores busy
     .venv/bin/python bench/bench_pipeline.py --images 10 --size 1024 --models DIR   # quick
 
-Goal (memory): <= 512 MB for web + listener + one worker.
+Goal (memory): <= 512 MB for the whole node with one worker.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def main() -> None:
         base = synth_dicoms(args.cache, min(args.images, 12), args.size, seed=21)
         files = copies_with_new_uids(base, workdir / "inputs", args.images)
         parts = ("web", "listen", *(["work"] * args.workers))
-        with running_node(parts=parts, model_dir=args.models, destinations=f"PACS@127.0.0.1:{sink_port}") as node:
+        with running_node(parts=parts, supervised=True, model_dir=args.models,
+                          destinations=f"PACS@127.0.0.1:{sink_port}") as node:
             node.wait_workers_ready()
             db = node.database()
             with MemorySampler(node) as memory:

@@ -121,10 +121,14 @@ def storescu(port: int, files: Sequence[Path], *, called: str = "FRACTURENODE", 
 
 @dataclass
 class Node:
-    """FractureNode parts (``web``, ``listen``, ``work`` ×N) as subprocesses on a temporary data dir."""
+    """FractureNode parts (``web``, ``listen``, ``work`` ×N) as subprocesses on a temporary data dir.
+
+    With ``supervised``, the node is started as a user starts it, ``fracture-node run`` (its supervisor
+    starts the parts), and :meth:`pids` counts the supervisor too."""
 
     workdir: Path
     parts: Sequence[str] = ("web", "listen", "work")
+    supervised: bool = False
     database_url: str | None = None
     model_dir: Path | None = None
     destinations: str = ""
@@ -156,6 +160,28 @@ class Node:
 
     def start(self, timeout: float = 180) -> Node:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.supervised:
+            self._start_supervised()
+        else:
+            self._start_parts()
+        deadline = time.monotonic() + timeout
+        if "listen" in self.parts:
+            self._wait(lambda: _port_open(self.dicom_port), deadline, "the DICOM listener")
+        if "web" in self.parts:
+            self._wait(lambda: _http_ok(f"http://127.0.0.1:{self.http_port}/healthz"), deadline, "the web server")
+        return self
+
+    def _start_supervised(self) -> None:
+        if self.worker_args:
+            raise ValueError("worker_args need the parts started one by one (supervised=False)")
+        args = ["run", "--workers", str(sum(1 for part in self.parts if part == "work")),
+                *([] if "web" in self.parts else ["--no-web"]), *([] if "listen" in self.parts else ["--no-listen"])]
+        log = open(self.workdir / "run-0.log", "ab")  # noqa: SIM115 - kept by the child
+        self.procs.append(("run", subprocess.Popen([PYTHON, "-m", "service.cli", *args], env=self.env, cwd=ROOT,
+                                                   stdout=log, stderr=subprocess.STDOUT)))
+        log.close()
+
+    def _start_parts(self) -> None:
         done = self.cli("db", "upgrade")
         if done.returncode != 0:
             raise RuntimeError(f"migration failed: {done.stderr[-2000:]}")
@@ -165,20 +191,14 @@ class Node:
             self.procs.append((part, subprocess.Popen([PYTHON, "-m", "service.cli", *args], env=self.env, cwd=ROOT,
                                                       stdout=log, stderr=subprocess.STDOUT)))
             log.close()
-        deadline = time.monotonic() + timeout
-        if "listen" in self.parts:
-            self._wait(lambda: _port_open(self.dicom_port), deadline, "the DICOM listener")
-        if "web" in self.parts:
-            self._wait(lambda: _http_ok(f"http://127.0.0.1:{self.http_port}/healthz"), deadline, "the web server")
-        return self
 
     def wait_workers_ready(self, timeout: float = 300) -> None:
         """Wait until every worker has logged that its models are loaded."""
         deadline = time.monotonic() + timeout
-        count = sum(1 for part, _ in self.procs if part == "work")
+        count = sum(1 for part in self.parts if part == "work")
 
         def ready() -> bool:
-            text = "".join(p.read_text(errors="replace") for p in self.workdir.glob("work-*.log"))
+            text = "".join(p.read_text(errors="replace") for p in self.workdir.glob("*.log"))
             return text.count("loaded models") >= count
 
         self._wait(ready, deadline, "the workers' models")
@@ -199,16 +219,24 @@ class Node:
                 raise RuntimeError(f"{part} exited with status {proc.returncode}:\n{tail}")
 
     def pids(self) -> dict[str, list[int]]:
-        """Each part's process and its descendants (gunicorn forks its worker)."""
+        """Each part's process and its descendants (gunicorn forks its worker); supervised, the supervisor
+        (``run``) alone and each part it started, named by its command line."""
         children = _children_map()
-        out: dict[str, list[int]] = {}
-        for index, (part, proc) in enumerate(self.procs):
-            tree, todo = [], [proc.pid]
+
+        def tree(root: int) -> list[int]:
+            pids, todo = [], [root]
             while todo:
                 pid = todo.pop()
-                tree.append(pid)
+                pids.append(pid)
                 todo.extend(children.get(pid, []))
-            out[f"{part}#{index}"] = tree
+            return pids
+
+        if not self.supervised:
+            return {f"{part}#{index}": tree(proc.pid) for index, (part, proc) in enumerate(self.procs)}
+        (_, supervisor), = self.procs
+        out = {"run": [supervisor.pid]}
+        for index, child in enumerate(sorted(children.get(supervisor.pid, []))):
+            out[f"{_part_name(child)}#{index}"] = tree(child)
         return out
 
     def database(self):  # type: ignore[no-untyped-def]
@@ -272,6 +300,17 @@ def _children_map() -> dict[int, list[int]]:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
     return children
+
+
+def _part_name(pid: int) -> str:
+    """The node part a process runs (the last word of ``python -m service.cli PART``)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            words = cmdline.read().split(b"\0")
+    except OSError:
+        return "gone"
+    words = [w.decode(errors="replace") for w in words if w]
+    return words[-1] if words else "?"
 
 
 def rss_kib(pid: int) -> int:

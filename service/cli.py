@@ -98,14 +98,17 @@ def migrate(settings: Settings) -> None:
     upgrade(settings.database_url)
 
 
-def migrate_in_child() -> None:
+def migrate_in_child(first_admin: bool = False) -> None:
     """``fracture-node db upgrade`` in a child process (same environment, so the same settings): for a
-    long-lived process that should not keep SQLAlchemy, Alembic and the models imported just to migrate."""
+    long-lived process that should not keep SQLAlchemy, Alembic and the models imported just to migrate.
+    With ``first_admin``, the child also creates the first admin on a new database (``--first-admin``)."""
     import subprocess
 
-    done = subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], check=False)
+    command = [sys.executable, "-m", "service.cli", "db", "upgrade", *(["--first-admin"] if first_admin else [])]
+    done = subprocess.run(command, check=False)
     if done.returncode != 0:
-        raise click.ClickException(f"database migration failed (status {done.returncode})")
+        what = "database migration or first-admin creation" if first_admin else "database migration"
+        raise click.ClickException(f"{what} failed (status {done.returncode}; its message is above)")
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -126,13 +129,14 @@ def cli() -> None:
 @click.option("--no-listen", is_flag=True, help="Do not start the DICOM listener.")
 def run(workers: int | None, no_web: bool, no_listen: bool) -> None:
     """Start the whole node: migrate, web server, DICOM listener and workers. Ctrl-C stops it all."""
-    from service.node import bootstrap, supervise
+    from service.node import supervise
 
     settings = load_settings()
     configure_logging(settings.log_level)
     log_settings(settings)
-    migrate(settings)
-    bootstrap(settings)
+    # Migration and the first admin in a child: the supervisor lives as long as the node, and would otherwise
+    # keep SQLAlchemy, Alembic and the password hasher resident (about 45 MB, measured for issue #9).
+    migrate_in_child(first_admin=True)
     parts = [] if no_web else ["web"]
     parts += [] if no_listen else ["listen"]
     parts += ["work"] * (settings.workers if workers is None else workers)
@@ -172,7 +176,10 @@ def db() -> None:
 
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
-def db_upgrade(revision: str) -> None:
+@click.option("--first-admin", is_flag=True,
+              help="On a new database also create the first admin, as `run` does (password from "
+                   "FRACTURE_ADMIN_PASSWORD, else generated and printed once).")
+def db_upgrade(revision: str, first_admin: bool) -> None:
     """Migrate the database to the latest schema."""
     from service.db import current_revision, upgrade
 
@@ -181,6 +188,14 @@ def db_upgrade(revision: str) -> None:
     settings.ensure_dirs()
     upgrade(settings.database_url, revision)
     click.echo(f"database at revision {current_revision(settings.database_url)}")
+    if first_admin:
+        from service.auth import AuthError
+        from service.node import bootstrap
+
+        try:
+            bootstrap(settings)
+        except AuthError as exc:
+            raise click.ClickException(f"cannot create the first admin: {exc} (FRACTURE_ADMIN_PASSWORD)") from None
 
 
 @db.command("downgrade")

@@ -22,6 +22,20 @@ def test_db_upgrade_on_a_new_database(env: dict[str, str]) -> None:
     assert result.output.strip() == "0001"
 
 
+def test_db_upgrade_first_admin_once_with_a_clear_error_for_a_weak_password(env: dict[str, str]) -> None:
+    """What `fracture-node run` runs in a child before it starts the node's parts."""
+    weak = CliRunner().invoke(cli, ["db", "upgrade", "--first-admin"], env={**env, "FRACTURE_ADMIN_PASSWORD": "short"})
+    assert weak.exit_code == 1
+    assert "cannot create the first admin: password must be at least" in weak.output
+    good = {**env, "FRACTURE_ADMIN_PASSWORD": "a long enough password"}
+    first = CliRunner().invoke(cli, ["db", "upgrade", "--first-admin"], env=good)
+    assert first.exit_code == 0, first.output
+    assert "created first admin user 'admin'" in first.output
+    again = CliRunner().invoke(cli, ["db", "upgrade", "--first-admin"], env=good)
+    assert again.exit_code == 0 and "created first admin" not in again.output
+    assert "admin" in CliRunner().invoke(cli, ["users", "list"], env=env).output
+
+
 def test_users_and_api_keys(env: dict[str, str]) -> None:
     runner = CliRunner()
     result = runner.invoke(cli, ["users", "add", "drhouse", "--role", "admin"], env=env)

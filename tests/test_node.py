@@ -50,6 +50,10 @@ def test_run_serves_http_and_dicom_echo_and_stops_cleanly(tmp_path: Path) -> Non
             time.sleep(0.5)
         assert echo.returncode == 0, echo.stderr
         assert (tmp_path / "var" / "fracture.db").exists()
+        # The supervisor lives as long as the node: migration and the first admin ran in a child, so it holds
+        # neither the database layer nor the password hasher (issue #9's memory budget).
+        mapped = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "sqlalchemy" not in mapped and "argon2" not in mapped
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
