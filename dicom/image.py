@@ -177,15 +177,23 @@ def _first_frame(ds: Dataset, frames: int) -> np.ndarray:
 
 
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """PS3.3 C.11.2.1.2-3: window to [0, 1]."""
+    """PS3.3 C.11.2.1.2-3: window float32 ``values`` to [0, 1], in place (the caller's array is consumed: a
+    2000 px image is 12 MB, and each temporary copy would add as much to the worker's peak memory)."""
     if function == "SIGMOID":
-        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / max(width, 1e-6)))).astype(np.float32)
+        values -= center
+        values *= -4.0 / max(width, 1e-6)
+        np.exp(values, out=values)
+        values += 1.0
+        return np.reciprocal(values, out=values)
     if function == "LINEAR_EXACT":
-        out = (values - center) / max(width, 1e-6) + 0.5
+        values -= center
+        values /= max(width, 1e-6)
     else:  # LINEAR
         width = max(width, 1.0)
-        out = (values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+        values -= center - 0.5
+        values /= max(width - 1.0, 1e-6)
+    values += 0.5
+    return np.clip(values, 0.0, 1.0, out=values)
 
 
 def _first_value(value: object) -> float | None:
@@ -197,15 +205,34 @@ def _first_value(value: object) -> float | None:
 
 
 def robust_normalise(values: np.ndarray) -> np.ndarray:
-    """Map the 0.5-99.5 percentile range to [0, 1] (used when the object carries no window)."""
+    """Map the 0.5-99.5 percentile range of float32 ``values`` to [0, 1], in place (used when the object carries
+    no window)."""
     sample = values[:: max(1, values.shape[0] // 512), :: max(1, values.shape[1] // 512)]
-    lo, hi = np.percentile(sample, [0.5, 99.5])
+    lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
     if hi <= lo:
         hi = lo + 1.0
-    return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    values -= lo
+    values /= hi - lo
+    return np.clip(values, 0.0, 1.0, out=values)
+
+
+def _modality_values(ds: Dataset, stored: np.ndarray) -> np.ndarray:
+    """The Modality LUT (PS3.3 C.11.1) as a new float32 array: a linear rescale is applied in place on one
+    float32 copy (pydicom's ``apply_modality_lut`` makes a float64 one, twice the size), a LUT by pydicom."""
+    if ds.get("ModalityLUTSequence"):
+        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    values = stored.astype(np.float32)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        if float(slope) != 1.0:
+            values *= float(slope)
+        if float(intercept) != 0.0:
+            values += float(intercept)
+    return values
 
 
 def _voi(ds: Dataset, stored: np.ndarray, modality_values: np.ndarray) -> np.ndarray:
+    """The VOI LUT or window to [0, 1] as float32; ``modality_values`` is consumed (windowed in place)."""
     if ds.get("VOILUTSequence"):
         item = ds.VOILUTSequence[0]
         bits = int(item.LUTDescriptor[2])
@@ -279,10 +306,9 @@ def _radiograph_from_dataset(ds: Dataset, source: str) -> Radiograph:
         raise ImageDecodeError(f"photometric interpretation {photometric or '(missing)'} is not supported")
     if arr.ndim != 2:
         raise ImageDecodeError(f"grayscale pixel data has an unexpected shape {arr.shape}")
-    modality_values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
-    pixels = _voi(ds, arr, modality_values)
+    pixels = _voi(ds, arr, _modality_values(ds, arr))
     if photometric == "MONOCHROME1":
-        pixels = 1.0 - pixels
+        np.subtract(1.0, pixels, out=pixels)
     return Radiograph(pixels=np.ascontiguousarray(pixels, dtype=np.float32), **common)  # type: ignore[arg-type]
 
 

@@ -32,8 +32,11 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom import codes as fn_codes
+from dicom import highdicom_tables
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.types import ModelIdentity
+
+highdicom_tables.install()  # highdicom's 22 MB table of module attributes, read a module at a time (see there)
 
 DISCLAIMER = "Research use only. NOT FOR DIAGNOSTIC USE."
 MANUFACTURER = "FractureNode project"

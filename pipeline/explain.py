@@ -33,8 +33,9 @@ def grad_cam(features: torch.Tensor, score: torch.Tensor, retain_graph: bool = F
 
 
 def heatmap_to_original(cam: np.ndarray, geom: Geometry) -> np.ndarray:
-    """Upsample a Grad-CAM map to the original geometry, clipped to [0, 1]."""
-    return np.clip(map_to_original(cam, geom), 0.0, 1.0)
+    """Upsample a Grad-CAM map to the original geometry, clipped to [0, 1] (in place: one full-size map)."""
+    up = map_to_original(cam, geom)
+    return np.clip(up, 0.0, 1.0, out=up)
 
 
 def peak_box(heatmap: np.ndarray, fraction: float = PEAK_FRACTION, work_size: int = 256) -> Box | None:
@@ -93,19 +94,40 @@ def edge_view(pixels: np.ndarray, work_size: int = 768) -> np.ndarray:
     return edges
 
 
-def hybrid_overlay(pixels: np.ndarray, heatmap: np.ndarray, edges: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+def hybrid_overlay(pixels: np.ndarray, heatmap: np.ndarray, edges: np.ndarray, alpha: float = 0.55,
+                   band_rows: int = 256) -> np.ndarray:
     """RGB uint8: the original in gray, the heatmap in a JET colour map blended where it is high, and the
     bone edges in cyan on top."""
-    # Blended in uint8 by OpenCV with per-pixel weights: float32 RGB copies of a 2000 px image cost ~140 MB of
-    # peak memory in the worker (measured, issue #9), this ~30 MB; the result differs by at most one grey level.
-    base = cv2.cvtColor(to_uint8(pixels), cv2.COLOR_GRAY2RGB)
-    colour = cv2.cvtColor(cv2.applyColorMap(to_uint8(heatmap), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    a = np.clip(alpha * heatmap, 0.0, 1.0).astype(np.float32)
-    out = cv2.blendLinear(base, colour, 1.0 - a, a)
-    out[edges > 0] = EDGE_COLOUR
+    # Blended in uint8 by OpenCV with per-pixel weights, in bands of ``band_rows`` rows: every step is per pixel,
+    # so the result is the whole image's, while the temporaries (grey and colour RGB, two float weight maps) are a
+    # band's, not a 2000 px image's (each ~10 MB there, measured for issue #9).
+    h, w = heatmap.shape
+    out = np.empty((h, w, 3), np.uint8)
+    for top in range(0, h, band_rows):
+        rows = slice(top, min(h, top + band_rows))
+        heat = heatmap[rows]
+        base = cv2.cvtColor(to_uint8(pixels[rows]), cv2.COLOR_GRAY2RGB)
+        colour = cv2.cvtColor(cv2.applyColorMap(to_uint8(heat), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+        a = np.clip(alpha * heat, 0.0, 1.0).astype(np.float32)
+        band = cv2.blendLinear(base, colour, 1.0 - a, a)
+        band[edges[rows] > 0] = EDGE_COLOUR
+        out[rows] = band
     return out
+
+
+def heatmap_grey(heatmap: np.ndarray, band_rows: int = 256) -> np.ndarray:
+    """A [0, 1] map as uint8 (NaN as 0), converted in bands of rows (no full-size float temporary)."""
+    out = np.empty(heatmap.shape, np.uint8)
+    for top in range(0, heatmap.shape[0], band_rows):
+        out[top:top + band_rows] = to_uint8(np.nan_to_num(heatmap[top:top + band_rows]))
+    return out
+
+
+def heatmap_bgr(heatmap: np.ndarray) -> np.ndarray:
+    """The heatmap alone as a BGR JET image (OpenCV's order, for writing)."""
+    return cv2.applyColorMap(heatmap_grey(heatmap), cv2.COLORMAP_JET)
 
 
 def heatmap_rgb(heatmap: np.ndarray) -> np.ndarray:
     """The heatmap alone as an RGB JET image."""
-    return cv2.cvtColor(cv2.applyColorMap(to_uint8(heatmap), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(heatmap_bgr(heatmap), cv2.COLOR_BGR2RGB)

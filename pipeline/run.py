@@ -136,8 +136,11 @@ def read_type(pixels: np.ndarray, centre: tuple[float, float], bundle: Bundle,
     return probs, patch_to_original(cam, where, pixels.shape)
 
 
-def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = True) -> FractureOutputs:
-    """Detector + classifier (+ Grad-CAM maps at the original geometry)."""
+def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = True,
+                        type_cam: bool | None = None) -> FractureOutputs:
+    """Detector + classifier (+ with ``cams``, Grad-CAM maps at the original geometry: the detector's, and the
+    classifier's top type unless ``type_cam`` is False)."""
+    type_cam = cams if type_cam is None else type_cam and cams
     det_b, cls_b = models.detector, models.classifier
     det_net = det_b.model
     assert isinstance(det_net, FractureNet)
@@ -151,12 +154,12 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
         logit = float(out.detect[0].detach())
         p = calibrated_probability(logit, det_b.temperature)
         # The graph is kept only for the shared network's type map, which goes through the same features.
-        det_cam = grad_cam(feats, out.detect[0], retain_graph=models.shared_backbone) if cams else None
+        det_cam = grad_cam(feats, out.detect[0], retain_graph=models.shared_backbone and type_cam) if cams else None
         centre: tuple[float, float] | None = None
         if isinstance(cls_b.model, TypeReader):
             # Second stage: read the type from a patch around the detector's strongest segmentation evidence.
             centre = seg_peak(out.seg[0, 0].detach().numpy(), geom, SEG_STRIDE)
-            probs, type_map = read_type(radiograph.pixels, centre, cls_b, cams)
+            probs, type_map = read_type(radiograph.pixels, centre, cls_b, type_cam)
         else:
             cls_out, cls_feats, cls_geom = out, feats, geom
             if not models.shared_backbone:
@@ -167,14 +170,14 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
                     else (x, geom)
                 with torch.no_grad():
                     cls_feats = cls_net.backbone(xc)
-                cls_feats.requires_grad_(cams)
+                cls_feats.requires_grad_(type_cam)
                 cls_out = cls_net.heads(cls_feats)
             type_logits = cls_out.types[0] / cls_b.temperature
             probs = torch.softmax(type_logits.detach(), dim=0).numpy().astype(np.float64)
             type_map = None
-            if cams:
-                type_cam = grad_cam(cls_feats, cls_out.types[0, int(np.argmax(probs))])
-                type_map = heatmap_to_original(type_cam, cls_geom)
+            if type_cam:
+                cam = grad_cam(cls_feats, cls_out.types[0, int(np.argmax(probs))])
+                type_map = heatmap_to_original(cam, cls_geom)
     return FractureOutputs(
         detect_logit=logit,
         probability=p,
@@ -191,13 +194,15 @@ class DetailedAnalysis:
     type_heatmap: np.ndarray | None = None
 
 
-def analyze_detailed(radiograph: Radiograph, models: ModelSet, explain: bool = True) -> DetailedAnalysis:
-    """:func:`analyze` plus the classifier's top-class Grad-CAM map (for the analyze command)."""
+def analyze_detailed(radiograph: Radiograph, models: ModelSet, explain: bool = True,
+                     type_map: bool = True) -> DetailedAnalysis:
+    """:func:`analyze` plus, with ``type_map``, the classifier's top-class Grad-CAM map (for the analyze
+    command)."""
     validity = models.validity(radiograph)
     analysis = Analysis(validity=validity, models=models.identities)
     if not validity.is_radiograph:
         return DetailedAnalysis(analysis)
-    outs = run_fracture_models(radiograph, models, cams=explain)
+    outs = run_fracture_models(radiograph, models, cams=explain, type_cam=type_map)
     det_b, cls_b = models.detector, models.classifier
     call = detection_call(outs.probability, det_b.operating_point, det_b.indeterminate_band)
     analysis.detection = DetectionResult(
@@ -223,8 +228,9 @@ def analyze_detailed(radiograph: Radiograph, models: ModelSet, explain: bool = T
 
 
 def analyze(radiograph: Radiograph, models: ModelSet, explain: bool = True) -> Analysis:
-    """Run the whole pipeline on one radiograph."""
-    return analyze_detailed(radiograph, models, explain=explain).analysis
+    """Run the whole pipeline on one radiograph (the type's Grad-CAM, which :class:`Analysis` does not carry, is
+    not computed: a full-size float map less in a worker's peak memory)."""
+    return analyze_detailed(radiograph, models, explain=explain, type_map=False).analysis
 
 
 def analyze_batch(radiographs: Sequence[Radiograph], models: ModelSet, explain: bool = True) -> list[Analysis]:

@@ -77,16 +77,6 @@ class _Item:
 # ------------------------------------------------------------------------------------------- results
 
 
-def _colour_heatmap(heatmap: np.ndarray) -> np.ndarray:
-    """Float [0, 1] heatmap to an 8-bit colour-mapped BGR image (JET)."""
-    scaled = np.nan_to_num(heatmap, copy=True)  # one float copy, scaled and clipped in place
-    scaled *= 255.0
-    np.clip(scaled, 0, 255, out=scaled)
-    grey = scaled.astype(np.uint8)
-    del scaled
-    return cv2.applyColorMap(grey, cv2.COLORMAP_JET)
-
-
 def _png(image: np.ndarray) -> bytes:
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
@@ -96,6 +86,8 @@ def _png(image: np.ndarray) -> bytes:
 
 def write_explanations(settings: Settings, item: _Item, explanation: Any) -> dict[str, str]:
     """heatmap.png (colour-mapped), edges.png, hybrid.png under the instance's artifact folder."""
+    from pipeline.explain import heatmap_bgr
+
     folder = settings.artifact_dir / item.study_instance_uid / item.sop_instance_uid
     if item.version > 1:
         folder = folder / f"v{item.version}"
@@ -105,7 +97,7 @@ def write_explanations(settings: Settings, item: _Item, explanation: Any) -> dic
 
     # One image at a time (each made, encoded, written and dropped before the next): a smaller peak.
     images = {
-        "heatmap": lambda: _colour_heatmap(np.asarray(explanation.heatmap, dtype=np.float32)),
+        "heatmap": lambda: heatmap_bgr(np.asarray(explanation.heatmap, dtype=np.float32)),
         "edges": lambda: np.asarray(explanation.edges, dtype=np.uint8),
         "hybrid": hybrid_bgr,
     }

@@ -103,3 +103,15 @@ def test_edges_and_hybrid() -> None:
     hybrid = hybrid_overlay(img, heat, edges)
     assert hybrid.shape == (*img.shape, 3) and hybrid.dtype == np.uint8
     assert hybrid[65, 45, 0] > hybrid[65, 45, 2]  # red in the hot spot (JET)
+
+
+def test_hybrid_overlay_in_bands_is_the_whole_image_overlay() -> None:
+    rng = np.random.default_rng(3)
+    img = rng.random((301, 203), dtype=np.float32)
+    heat = np.clip(rng.normal(0.4, 0.3, img.shape), 0, 1).astype(np.float32)
+    edges = np.where(rng.random(img.shape) > 0.9, 255, 0).astype(np.uint8)
+    whole = hybrid_overlay(img, heat, edges, band_rows=10_000)
+    banded = hybrid_overlay(img, heat, edges, band_rows=7)
+    assert whole.shape == (301, 203, 3) and whole.dtype == np.uint8
+    assert (whole[edges > 0] == (0, 255, 255)).all() and len(np.unique(whole[edges == 0])) > 50
+    np.testing.assert_array_equal(banded, whole)

@@ -176,3 +176,30 @@ def test_truncated_and_bomb_images_are_refused() -> None:
         radiograph_from_image_bytes(bytes(bomb))
     with pytest.raises(ImageDecodeError, match="not a PNG or JPEG"):
         radiograph_from_image_bytes(b"GIF89a....")
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_rescale_and_window_match_pydicom(make_dicom, function: str, photometric: str) -> None:  # type: ignore[no-untyped-def]
+    """Decoding rescales and windows in place, in float32; the values are PS3.3's, as pydicom computes them."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    path = make_dicom(photometric=photometric, RescaleSlope="0.5", RescaleIntercept="-100", WindowCenter="700",
+                      WindowWidth="1500", VOILUTFunction=function)
+    ds = read_dataset(path)
+    pixels = radiograph_from_dataset(ds).pixels
+    assert pixels.dtype == np.float32
+    # pydicom windows to the rescaled range of the 12-bit stored values, [0 * 0.5 - 100, 4095 * 0.5 - 100]
+    expected = (apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds) + 100.0) / (4095 * 0.5)
+    if photometric == "MONOCHROME1":
+        expected = 1.0 - expected
+    assert 0.05 < float(expected.std())  # the window keeps contrast: the comparison means something
+    np.testing.assert_allclose(pixels, expected, atol=2e-5)
+
+
+def test_without_a_window_the_robust_range_maps_to_unit_interval(make_dicom) -> None:  # type: ignore[no-untyped-def]
+    ds = read_dataset(make_dicom(RescaleSlope="2", RescaleIntercept="10"))
+    pixels = radiograph_from_dataset(ds).pixels
+    values = ds.pixel_array.astype(np.float64) * 2 + 10
+    lo, hi = np.percentile(values, [0.5, 99.5])  # a 256 px image: the sample is every pixel
+    np.testing.assert_allclose(pixels, np.clip((values - lo) / (hi - lo), 0, 1), atol=1e-5)

@@ -88,6 +88,18 @@ def test_type_is_read_where_the_detector_points(models: ModelSet) -> None:
         outs.type_probs)
 
 
+def test_without_the_type_map_the_numbers_and_the_detector_map_are_unchanged(models: ModelSet) -> None:
+    """What a worker runs (its results carry no type map): the same outputs, one full-size map less."""
+    img = _image()
+    full = run_fracture_models(Radiograph(pixels=img), models, cams=True)
+    lean = run_fracture_models(Radiograph(pixels=img), models, cams=True, type_cam=False)
+    assert lean.type_heatmap is None and full.type_heatmap is not None
+    assert lean.det_heatmap is not None and full.det_heatmap is not None
+    np.testing.assert_allclose(lean.det_heatmap, full.det_heatmap, atol=1e-6)
+    assert lean.probability == pytest.approx(full.probability) and lean.type_probs == pytest.approx(full.type_probs)
+    assert lean.type_centre == full.type_centre
+
+
 def test_separate_classifier_maps_its_heatmap_with_its_own_geometry(tmp_path: Path) -> None:
     models = load_models(write_untrained_bundles(tmp_path, classifier_long_side=200))
     assert not models.shared_backbone

@@ -1,0 +1,46 @@
+"""highdicom's module table, read a module at a time: the same values as highdicom's own loader."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import highdicom._standard_utils as hd_standard
+import pytest
+
+import dicom.sr  # noqa: F401 - installs the table
+from dicom import highdicom_tables
+from dicom.highdicom_tables import TABLE, ModuleAttributeMap
+
+
+def test_every_module_reads_as_highdicom_reads_the_whole_file() -> None:
+    path = Path(str(resources.files("highdicom") / TABLE))
+    whole = json.loads(path.read_bytes())
+    table = ModuleAttributeMap(path)
+    assert len(table) == len(whole) > 400
+    assert list(table) == list(whole)
+    for module, attributes in whole.items():
+        assert module in table and table[module] == attributes
+    assert "no-such-module" not in table
+    with pytest.raises(KeyError):
+        table["no-such-module"]
+
+
+def test_installed_where_highdicom_looks_it_up() -> None:
+    import highdicom.base
+    import highdicom.image
+
+    table = highdicom_tables.installed()
+    assert isinstance(table, ModuleAttributeMap)
+    for module in (hd_standard, highdicom.base, highdicom.image):
+        assert module.get_module_attribute_map() is table
+    assert highdicom_tables.install() is True  # idempotent
+    tree = hd_standard.construct_module_tree("general-study")  # a highdicom function through the table
+    assert "StudyInstanceUID" in tree["attributes"]
+
+
+def test_a_file_not_laid_out_as_expected_is_refused(tmp_path: Path) -> None:
+    compact = tmp_path / "table.json"
+    compact.write_text(json.dumps({"patient": [{"keyword": "PatientName", "type": "2", "path": []}]}))
+    assert len(ModuleAttributeMap(compact)) == 0  # no two-space indented keys: install() would keep highdicom's
