@@ -53,7 +53,7 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         t0 = time.perf_counter()
         rad = load_file(rec.path)
         verdict = models.validity(rad)
-        outs = run_fracture_models(rad, models, cams=True)
+        outs = run_fracture_models(rad, models, cams=True, type_cam=False)  # the pointing game uses the detector map
         t_inference += time.perf_counter() - t0
         validity_ok.setdefault("radiograph", []).append(verdict.is_radiograph)
         probs.append(outs.probability)
