@@ -25,6 +25,7 @@ log = logging.getLogger("fracture_node")
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("pipeline.synth.cli:synth", "Generate synthetic radiographs with ground truth."),
     "train": ("pipeline.training.cli:train", "Train a model bundle."),
+    "recalibrate": ("pipeline.training.cli:recalibrate", "Refit a type reader behind another detector."),
     "evaluate": ("pipeline.evaluation.cli:evaluate", "Evaluate model bundles on a labelled folder."),
     "analyze": ("pipeline.cli_analyze:analyze", "Run the whole pipeline on local files."),
     "work": ("service.worker:work", "Run a job worker."),

@@ -17,7 +17,7 @@ from pipeline.models.bundle import load_bundle
 from pipeline.models.nets import TypeReader
 from pipeline.run import calibrated_probability, load_models, run_fracture_models
 from pipeline.training.calibration import fit_platt, fit_temperature, operating_point
-from pipeline.training.cli import train
+from pipeline.training.cli import recalibrate, train
 from pipeline.training.datasets import (
     DatasetError,
     load_records,
@@ -27,8 +27,8 @@ from pipeline.training.datasets import (
     split_records,
 )
 from pipeline.training.loop import CropBank, FractureCrops, TrainConfig
-from pipeline.training.toydata import toy_radiograph, write_toy_dataset
-from pipeline.training.type_reader import TypePatches
+from pipeline.training.toydata import toy_radiograph, write_toy_dataset, write_untrained_bundles
+from pipeline.training.type_reader import TypePatches, typed_fractures
 from pipeline.types import Radiograph
 
 
@@ -192,6 +192,29 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     img, _mask, _box = toy_radiograph(np.random.default_rng(5), True, 2, h=200, w=150)
     outs = run_fracture_models(Radiograph(pixels=img), models)
     assert outs.type_centre is not None and outs.type_probs.sum() == pytest.approx(1.0)
+
+    # Behind another detector: `fracture-node recalibrate` refits the temperature and the metrics there, keeps
+    # the weights (same hash) and the training record, and lists what it replaced.
+    other = load_bundle(write_untrained_bundles(tmp_path / "other", reader=False) / "detector", expected_task="detect")
+    assert other.identity.sha256 != load_bundle(detector).identity.sha256
+    moved = tmp_path / "recalibrated"
+    result = CliRunner().invoke(recalibrate, ["--classifier", str(out), "--detector", str(other.path), "--data",
+                                              str(toy), "--out", str(moved), "--quiet"])
+    assert result.exit_code == 0, result.output
+    again = load_bundle(moved, expected_task="classify")  # the hash still verifies
+    assert again.card["weights"]["sha256"] == card["weights"]["sha256"]
+    assert other.identity.sha256[:12] in again.card["training"]["calibration"]
+    assert again.card["training"]["train_images"] == card["training"]["train_images"]
+    (entry,) = again.card["training"]["recalibrations"]
+    assert entry["previous_temperature"] == card["temperature"]
+    assert entry["previous_calibration"] == card["training"]["calibration"]
+    typed = len(typed_fractures(load_records(toy)))
+    assert again.card["metrics"]["validation"]["images"] == typed > card["metrics"]["validation"]["images"]
+    assert json.loads(result.output)["temperature"] == again.card["temperature"]
+    shared = write_untrained_bundles(tmp_path / "shared") / "classifier"  # a FractureNet classifier: refused
+    refused = CliRunner().invoke(recalibrate, ["--classifier", str(shared), "--detector", str(other.path),
+                                               "--data", str(toy), "--quiet"])
+    assert refused.exit_code == 1 and "not a TypeReader bundle" in refused.output
 
 
 def test_forked_workers_draw_the_same_crops_and_patches(toy: Path) -> None:

@@ -9,6 +9,7 @@ import click
 import numpy as np
 import torch
 
+from pipeline.models.bundle import read_card
 from pipeline.training.datasets import DatasetError, Record, load_records, split_records
 from pipeline.training.loop import TrainConfig, train_fracture, train_validity
 from pipeline.training.type_reader import train_type_reader
@@ -150,3 +151,35 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({k: str(v) for k, v in written.items()}))
+
+
+@click.command(name="recalibrate")
+@click.option("--classifier", "reader", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
+              help="The type reader bundle (task classify, TypeReader).")
+@click.option("--detector", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
+              help="The detector bundle it will run behind (its segmentation peak places the reader's patch).")
+@click.option("--data", multiple=True, required=True,
+              help="Calibration data: fractured radiographs with type and box (generator layout); repeatable.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to write the recalibrated bundle (default: the --classifier folder, in place).")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def recalibrate(reader: Path, detector: Path, data: tuple[str, ...], out: Path | None, threads: int,
+                quiet: bool) -> None:
+    """Refit a type reader's temperature and card metrics behind another detector (no training).
+
+    Needed whenever the detector in front of a reader changes (a new run, or real weights trained elsewhere):
+    the reader's patch is centred on the detector's peak, so its calibration belongs to that pairing.
+    """
+    from pipeline.training.type_reader import recalibrate_type_reader
+
+    torch.set_num_threads(threads)
+    try:
+        records = [r for src in data for r in load_records(src)]
+        written = recalibrate_type_reader(reader, detector, records, out or reader, ", ".join(data),
+                                          show=not quiet)
+    except (DatasetError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    card = read_card(written)
+    click.echo(json.dumps({"classify": str(written), "temperature": card["temperature"],
+                           "metrics": card["metrics"]["validation"]}))

@@ -13,6 +13,8 @@ fitted, and the card's metrics measured, on patches placed by a real detector bu
 
 from __future__ import annotations
 
+import datetime as _dt
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pipeline.evaluation.metrics import accuracy, confusion_matrix, macro_f1
-from pipeline.models.bundle import Bundle, load_bundle, make_card, save_bundle
+from pipeline.models.bundle import Bundle, load_bundle, make_card, read_card, save_bundle, update_card
 from pipeline.models.imageio import read_gray
 from pipeline.models.nets import SEG_STRIDE, FractureNet, TypeOutput, TypeReader, count_parameters
 from pipeline.models.preprocess import (
@@ -227,13 +229,7 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
     summary = _run_loop(model, dataset, len(dataset), cfg, ckpt_dir, type_loss, validate, resume, show)
     detector = load_bundle(detector_dir, expected_task="detect") if detector_dir is not None else None
     held = typed_fractures(calibration if calibration else val)
-    read = read_types(model, held, cfg.long_side, patch, detector, show=show)
-    placed = read["at_peak"] if read["at_peak"] is not None else read["at_truth"]
-    temperature = fit_temperature(placed, read["truth"]) if len(held) else 1.0
-    metrics: dict[str, Any] = {"at_true_centre": _scores(read["truth"], read["at_truth"]), "images": len(held)}
-    if read["at_peak"] is not None:
-        metrics["at_detector_peak"] = _scores(read["truth"], read["at_peak"])
-        metrics["detector_peak_inside_box"] = float(np.mean(read["peak_inside_box"])) if held else None
+    temperature, metrics, how = calibrate_reader(model, held, cfg.long_side, patch, detector, show)
     input_spec = {
         "pixels": "float32 in [0, 1], bone bright (as for the detector)",
         "long_side": cfg.long_side,
@@ -248,9 +244,7 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
         "data": cfg.data_description, "train_images": len(dataset), "monitor_validation_images": len(val_typed),
         "calibration_images": len(held),
         "calibration_data": cfg.extra.get("calibration_data", "validation split"),
-        "calibration": "temperature scaling of the type logits on patches placed by the detector "
-                       f"{detector.identity.name} {detector.identity.sha256[:12]}" if detector is not None
-                       else "temperature scaling on patches at the true fracture centre",
+        "calibration": how,
         "initialised_from": str(start) if start is not None else None,
         "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "learning_rate": cfg.lr,
         "augmentation_strength": cfg.augment,
@@ -269,3 +263,51 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
                      extra={"asked_when": "the detector's call is 'fracture' or 'indeterminate'",
                             "needs": "a FractureNet detector bundle (its segmentation map places the patch)"})
     return {"classify": save_bundle(model, card, out, dtype=cfg.weights_dtype)}
+
+
+def calibrate_reader(model: TypeReader, held: list[Record], long_side: int, patch: int, detector: Bundle | None,
+                     show: bool) -> tuple[float, dict[str, Any], str]:
+    """The temperature and the card's metrics of a reader on ``held``, with its patches placed by ``detector``'s
+    segmentation peak as at inference (else at the true fracture centre); and how it was calibrated, in words."""
+    read = read_types(model, held, long_side, patch, detector, show=show)
+    placed = read["at_peak"] if read["at_peak"] is not None else read["at_truth"]
+    temperature = fit_temperature(placed, read["truth"]) if len(held) else 1.0
+    metrics: dict[str, Any] = {"at_true_centre": _scores(read["truth"], read["at_truth"]), "images": len(held)}
+    if read["at_peak"] is not None:
+        metrics["at_detector_peak"] = _scores(read["truth"], read["at_peak"])
+        metrics["detector_peak_inside_box"] = float(np.mean(read["peak_inside_box"])) if held else None
+    how = ("temperature scaling of the type logits on patches placed by the detector "
+           f"{detector.identity.name} {detector.identity.sha256[:12]}" if detector is not None
+           else "temperature scaling on patches at the true fracture centre")
+    return temperature, metrics, how
+
+
+def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: list[Record], out: Path,
+                            calibration_data: str, show: bool = True) -> Path:
+    """A trained reader behind another detector: its patches move with that detector's peak, so refit the
+    temperature and the card's metrics there. The weights are the same file (same SHA-256); the card keeps
+    its training record and lists the recalibration with the values it replaced. Written to ``out`` (may be
+    ``reader_dir`` itself)."""
+    reader = load_bundle(reader_dir, expected_task="classify")
+    if not isinstance(reader.model, TypeReader):
+        raise ValueError(f"{reader_dir} is not a TypeReader bundle (a FractureNet classifier shares the "
+                         "detector's network: retrain it instead)")
+    detector = load_bundle(detector_dir, expected_task="detect")
+    held = typed_fractures(calibration)
+    if not held:
+        raise ValueError("the calibration data has no fractured radiograph with a type and a box")
+    spec = reader.input_spec
+    temperature, metrics, how = calibrate_reader(reader.model, held, int(spec["long_side"]), int(spec["patch"]),
+                                                 detector, show)
+    card = read_card(reader_dir)
+    training = dict(card.get("training", {}))
+    training["recalibrations"] = [*training.get("recalibrations", []), {
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "previous_calibration": training.get("calibration"), "previous_temperature": card.get("temperature"),
+        "previous_metrics": card.get("metrics")}]
+    training.update(calibration=how, calibration_images=len(held), calibration_data=calibration_data)
+    if Path(out).resolve() != Path(reader_dir).resolve():
+        shutil.copytree(reader_dir, out, dirs_exist_ok=True)
+    # Metrics measured behind the previous detector (a held-out test's too) no longer describe this pairing.
+    update_card(out, temperature=temperature, training=training, metrics={"validation": metrics})
+    return Path(out)
