@@ -10,3 +10,4 @@ run 3-pipeline1 .venv/bin/python bench/bench_pipeline.py
 run 4-pipeline2 .venv/bin/python bench/bench_pipeline.py --workers 2 --images 40
 run 5-load      .venv/bin/python bench/bench_load.py --timeout 780
 run 6-e2e-poll0.1 .venv/bin/python bench/bench_e2e.py --studies 20 --poll-interval 0.1
+run 7-worker-memory .venv/bin/python bench/bench_worker_memory.py
