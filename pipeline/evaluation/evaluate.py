@@ -125,7 +125,8 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         },
         "images_per_second": _rnd(n_images / t_inference) if t_inference > 0 else None,
         "ms_per_image": _rnd(1000 * t_inference / n_images) if n_images else None,
-        "timing_note": "decode + radiograph check + detection + classification + Grad-CAM maps, one process",
+        "timing_note": "decode + radiograph check + detection + classification + the detector's Grad-CAM map (the "
+                       "pointing game's; bench/bench_inference.py times both maps), one process",
     }
     if figures is not None:
         result["figures"] = {
