@@ -82,7 +82,9 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _rng(*keys: int) -> np.random.Generator:
+def keyed_rng(*keys: int) -> np.random.Generator:
+    """A generator that is a pure function of its integer keys (seed, epoch, image, purpose), so that forked
+    workers and resumed runs draw exactly what one uninterrupted process would."""
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in keys])
 
 
@@ -150,7 +152,7 @@ class FractureCrops(Dataset[dict[str, Any]]):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, i = key
-        return self.sample(i, _rng(self.cfg.seed, epoch, i, 7))
+        return self.sample(i, keyed_rng(self.cfg.seed, epoch, i, 7))
 
     def sample(self, i: int, rng: np.random.Generator,
                loaded: tuple[np.ndarray, np.ndarray | None] | None = None) -> dict[str, Any]:
@@ -262,7 +264,7 @@ def _bank_item(source: FractureCrops, rnd: int, per_image: int, i: int) -> list[
     loaded = source._load(i)
     # numpy, not tensors: tensors would travel between processes as shared-memory file descriptors, one per
     # tensor, and thousands of them exhaust the descriptor table
-    return [{k: v.numpy() for k, v in source.sample(i, _rng(source.cfg.seed, rnd, i, j, 17), loaded).items()}
+    return [{k: v.numpy() for k, v in source.sample(i, keyed_rng(source.cfg.seed, rnd, i, j, 17), loaded).items()}
             for j in range(per_image)]
 
 
@@ -307,7 +309,7 @@ class CropBank(Dataset[dict[str, Any]]):
         rnd = epoch // self.epochs_per_round
         if rnd != self.round:
             self.build(rnd)
-        rng = _rng(self.source.cfg.seed, epoch, j, 13)
+        rng = keyed_rng(self.source.cfg.seed, epoch, j, 13)
         x = self.items["x"][j].astype(np.float32)
         seg = self.items["seg"][j]
         if rng.random() < 0.5:
@@ -335,7 +337,7 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for epoch in range(self.start_epoch, self.epochs):
-            perm = _rng(self.seed, epoch, 1).permutation(self.n)
+            perm = keyed_rng(self.seed, epoch, 1).permutation(self.n)
             first = self.start_batch if epoch == self.start_epoch else 0
             for b in range(first, self.batches_per_epoch()):
                 yield [(epoch, int(i)) for i in perm[b * self.batch:(b + 1) * self.batch]]
@@ -428,10 +430,10 @@ def _log(log_path: Path, entry: dict[str, Any]) -> None:
         handle.write(json.dumps(entry) + "\n")
 
 
-def _run_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg: TrainConfig, ckpt_dir: Path,
-              loss_fn: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
-              validate: Callable[[], dict[str, float]], resume: bool, show: bool,
-              loader_workers: int | None = None) -> dict[str, Any]:
+def run_training_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg: TrainConfig, ckpt_dir: Path,
+                      loss_fn: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
+                      validate: Callable[[], dict[str, float]], resume: bool, show: bool,
+                      loader_workers: int | None = None) -> dict[str, Any]:
     """Shared optimisation loop: checkpoints, resume, time budget, per-epoch validation."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / "checkpoint.pt"
@@ -534,7 +536,7 @@ def _run_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg: TrainC
             "log": str(log_path)}
 
 
-def _init_from(model: torch.nn.Module, source: Path, show: bool) -> None:
+def init_from_bundle(model: torch.nn.Module, source: Path, show: bool) -> None:
     """Start from a bundle or a training checkpoint; parameters whose shape differs are left as initialised
     (e.g. a head that changed), and reported."""
     if source.is_dir():
@@ -641,7 +643,7 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
     torch.manual_seed(cfg.seed)
     model = FractureNet(width=cfg.width)
     if init is not None:
-        _init_from(model, init, show)
+        init_from_bundle(model, init, show)
     train = [r for r in train if r.is_radiograph and r.fracture is not None]
     val = [r for r in val if r.is_radiograph and r.fracture is not None]
     crops = FractureCrops(train, cfg)
@@ -660,8 +662,8 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
     if cfg.max_steps == 0:
         summary: dict[str, Any] = {"steps": 0, "stopped": "max_steps 0: crop training skipped", "history": []}
     else:
-        summary = _run_loop(model, dataset, len(dataset), cfg, ckpt_dir, fracture_loss, validate, resume, show,
-                            loader_workers=loader_workers)
+        summary = run_training_loop(model, dataset, len(dataset), cfg, ckpt_dir, fracture_loss, validate, resume,
+                                    show, loader_workers=loader_workers)
     if cfg.head_images > 0:
         summary["whole_image_heads"] = fit_whole_image_heads(model, train, val_quick, cfg, show)
     # Calibration and operating point on the whole validation (or calibration) split.
@@ -755,7 +757,7 @@ class ValiditySet(Dataset[dict[str, Any]]):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, i = key
-        rng = _rng(self.cfg.seed, epoch, i, 11)
+        rng = keyed_rng(self.cfg.seed, epoch, i, 11)
         img = self.image(i)
         if self.augment:
             h, w = img.shape
@@ -808,7 +810,7 @@ def train_validity(train: list[Record], val: list[Record], cfg: TrainConfig, out
         logits = predict_validity(model, val[: cfg.val_limit], cfg.validity_size)
         return {"accuracy": validity_breakdown(logits, val[: cfg.val_limit])["accuracy"]}
 
-    summary = _run_loop(model, dataset, len(train), cfg, ckpt_dir, validity_loss, validate, resume, show)
+    summary = run_training_loop(model, dataset, len(train), cfg, ckpt_dir, validity_loss, validate, resume, show)
     logits = predict_validity(model, val, cfg.validity_size)
     labels = np.array([r.is_radiograph for r in val])
     t = fit_temperature(logits, labels) if labels.any() and (~labels).any() else 1.0

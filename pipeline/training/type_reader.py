@@ -40,7 +40,7 @@ from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.augment import acquisition_params, apply_local, apply_pointwise, crop_padded
 from pipeline.training.calibration import fit_temperature
 from pipeline.training.datasets import Record
-from pipeline.training.loop import TrainConfig, _init_from, _rng, _run_loop, fork_map
+from pipeline.training.loop import TrainConfig, fork_map, init_from_bundle, keyed_rng, run_training_loop
 
 READER_STRIDE = 16  # the reader's segmentation map is at 1/16 of the patch
 CENTRE_JITTER = 1 / 12  # standard deviation of the patch centre around the chosen mask pixel, in patch sides
@@ -99,7 +99,7 @@ class TypePatches(Dataset[dict[str, Any]]):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, i = key
-        return self.sample(i, _rng(self.cfg.seed, epoch, i, 23))
+        return self.sample(i, keyed_rng(self.cfg.seed, epoch, i, 23))
 
     def sample(self, i: int, rng: np.random.Generator) -> dict[str, Any]:
         img16, mask = self.contexts[i]
@@ -207,7 +207,7 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
     model = TypeReader(width=cfg.width)
     start = init if init is not None else detector_dir  # the detector's backbone has the reader's shape
     if start is not None:
-        _init_from(model, start, show)
+        init_from_bundle(model, start, show)
     patch = cfg.patch
     dataset = TypePatches(train, cfg, show=show)
     val_typed = typed_fractures(val)[: cfg.val_limit]
@@ -226,7 +226,7 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
             logits = torch.cat([model(val_x[k:k + 64]).types for k in range(0, len(val_x), 64)]).numpy()
         return _scores(val_truth, logits)
 
-    summary = _run_loop(model, dataset, len(dataset), cfg, ckpt_dir, type_loss, validate, resume, show)
+    summary = run_training_loop(model, dataset, len(dataset), cfg, ckpt_dir, type_loss, validate, resume, show)
     detector = load_bundle(detector_dir, expected_task="detect") if detector_dir is not None else None
     held = typed_fractures(calibration if calibration else val)
     temperature, metrics, how = calibrate_reader(model, held, cfg.long_side, patch, detector, show)
