@@ -60,20 +60,22 @@ def main() -> None:
     header("worker memory by stage")
     files = synth_dicoms(args.cache, args.images, args.size, seed=21)
 
-    from service.worker import _png, release_memory, tune_malloc
+    from service.worker import release_memory, tune_malloc
 
     tune_malloc()  # as `fracture-node work` does before its threads start
     start = rss_mib()[0]
     from pydicom import dcmread
     from pydicom.uid import generate_uid
 
+    from config import Settings
     from dicom.gsps import build_presentation_state
     from dicom.image import check_radiograph_header, radiograph_from_dataset, read_dataset
     from dicom.sc import build_secondary_capture
-    from dicom.sr import DetectionCallValues, ImageFindings, build_structured_report
-    from pipeline.explain import heatmap_bgr
+    from dicom.sr import build_structured_report
     from pipeline.run import analyze_batch, load_models
-    from service.reporting import _read_rgb, device_identity
+    from service.jobs import Claim
+    from service.reporting import _read_rgb, device_identity, findings_from_result
+    from service.worker import _Item, _result_from_analysis, write_explanations
 
     imported = rss_mib()[0]
     models = load_models(args.models)
@@ -82,37 +84,33 @@ def main() -> None:
     stages = Stages()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
+        settings = Settings.from_env({}, data_dir=out)
         for index, path in enumerate(files):
             stages.image = index + 1
+            item = _Item(Claim(job_id=index, instance_pk=index, attempt=1, max_attempts=1, owner="bench"),
+                         sop_instance_uid=f"image-{index}", study_instance_uid="study")
             release_memory()
             stages.reset()
+            # What service.worker._prepare does once the stored file is read and verified.
             ds = read_dataset(path.read_bytes())
             assert check_radiograph_header(ds) is None
-            radiograph = radiograph_from_dataset(ds)
+            item.radiograph = radiograph_from_dataset(ds)
             del ds
             stages.done("read + decode")
-            (analysis,) = analyze_batch([radiograph], models)
+            (analysis,) = analyze_batch([item.radiograph], models)
             stages.done("analyse")
-            explanation = analysis.explanation
-            assert explanation is not None and analysis.detection is not None
-            # One image made, encoded and written at a time, as service.worker.write_explanations does.
-            (out / "heatmap.png").write_bytes(_png(heatmap_bgr(explanation.heatmap)))
-            (out / "edges.png").write_bytes(_png(explanation.edges))
-            (out / "hybrid.png").write_bytes(_png(explanation.hybrid[..., ::-1]))
+            assert analysis.explanation is not None
+            item.artifacts = write_explanations(settings, item, analysis.explanation)
             stages.done("explanation PNGs")
-            detection = analysis.detection
-            findings = ImageFindings(fracture_probability=detection.probability,
-                                     detection_call=DetectionCallValues(detection.call),
-                                     algorithm=detection.model, models=tuple(analysis.models),
-                                     operating_point=detection.operating_point,
-                                     peak_box=tuple(explanation.peak_box.as_list()) if explanation.peak_box  # type: ignore[arg-type]
-                                     else (0, 0, 8, 8))
-            del analysis, explanation, radiograph
+            findings = findings_from_result(_result_from_analysis(item, analysis))
+            del analysis
+            item.radiograph = None
             release_memory()
             stages.done("release pixels")
+            # What service.reporting.report_study does for the study (one image here).
             source = dcmread(path, stop_before_pixels=True)
             device = device_identity([findings])
-            sc = build_secondary_capture(source, _read_rgb(str(out / "hybrid.png")), findings, device,
+            sc = build_secondary_capture(source, _read_rgb(item.artifacts["hybrid"]), findings, device,
                                          series_instance_uid=generate_uid(), series_number=900,
                                          sop_instance_uid=generate_uid(), instance_number=1)
             sc.save_as(out / "sc.dcm", enforce_file_format=True)
