@@ -8,7 +8,8 @@ for the life of the process: about 75 MB more resident memory in a worker from i
 :func:`install` swaps highdicom's cached loader for one that indexes where each module's list starts in that
 file and parses a module when it is first asked for (then keeps it). The values are those of highdicom's own
 loader (a test compares every module). If highdicom's file or loader is not where this expects, nothing is
-changed and highdicom keeps its own.
+changed and highdicom keeps its own; if the file is not laid out as expected, it is parsed whole, as highdicom
+would.
 """
 
 from __future__ import annotations
@@ -30,22 +31,39 @@ _KEY = re.compile(rb'^  "([^"\\]+)": \[', re.MULTILINE)  # a top-level key: the 
 
 
 class ModuleAttributeMap(Mapping[str, list[dict[str, Any]]]):
-    """Module key (``"general-series"``) -> attribute list, parsed from ``path`` on first access."""
+    """Module key (``"general-series"``) -> attribute list, parsed from ``path`` on first access.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        data = path.read_bytes()
-        keys = list(_KEY.finditer(data))
-        self._spans: dict[str, tuple[int, int]] = {}
-        for index, match in enumerate(keys):
-            # From the list's "[" to just before the next key (or the closing brace): one JSON value and a comma.
-            end = keys[index + 1].start() if index + 1 < len(keys) else data.rstrip().rfind(b"}")
-            self._spans[match.group(1).decode()] = (match.end() - 1, end)
+    The file is first read when a module is first asked for (not when highdicom is imported). If its top-level
+    keys cannot be found as expected (two-space indentation, at least ``min_modules`` of them), the whole file is
+    parsed once instead, as highdicom itself does: slower and larger, never wrong."""
+
+    def __init__(self, path: Path, min_modules: int = 100) -> None:
+        self.path, self.min_modules = path, min_modules
+        self._spans: dict[str, tuple[int, int]] | None = None
         self._parsed: dict[str, list[dict[str, Any]]] = {}
+        self.whole = False  # True once the file had to be parsed whole
+
+    def _index(self) -> dict[str, tuple[int, int]]:
+        if self._spans is None:
+            data = self.path.read_bytes()
+            keys = list(_KEY.finditer(data))
+            spans: dict[str, tuple[int, int]] = {}
+            for index, match in enumerate(keys):
+                # From the list's "[" to just before the next key (or the closing brace): one value and a comma.
+                end = keys[index + 1].start() if index + 1 < len(keys) else data.rstrip().rfind(b"}")
+                spans[match.group(1).decode()] = (match.end() - 1, end)
+            if len(spans) < self.min_modules:
+                log.warning("%s is not laid out as expected (%d modules found): parsing it whole", self.path,
+                            len(spans))
+                self._parsed = json.loads(data)
+                self.whole = True
+                spans = {module: (0, 0) for module in self._parsed}
+            self._spans = spans
+        return self._spans
 
     def __getitem__(self, module: str) -> list[dict[str, Any]]:
         if module not in self._parsed:
-            start, end = self._spans[module]  # KeyError for an unknown module, as with a dict
+            start, end = self._index()[module]  # KeyError for an unknown module, as with a dict
             with self.path.open("rb") as table:
                 table.seek(start)
                 text = table.read(end - start).rstrip().rstrip(b",")
@@ -53,13 +71,13 @@ class ModuleAttributeMap(Mapping[str, list[dict[str, Any]]]):
         return self._parsed[module]
 
     def __contains__(self, module: object) -> bool:
-        return module in self._spans
+        return module in self._index()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._spans)
+        return iter(self._index())
 
     def __len__(self) -> int:
-        return len(self._spans)
+        return len(self._index())
 
 
 _installed: ModuleAttributeMap | None = None
@@ -79,14 +97,14 @@ def install() -> bool:
     try:
         users = [importlib.import_module(name) for name in USERS]
         path = Path(str(resources.files("highdicom") / TABLE))
+        if not path.is_file():
+            raise LookupError(f"highdicom has no {TABLE}")
         if not all(callable(getattr(module, "get_module_attribute_map", None)) for module in users):
             raise LookupError("highdicom has no get_module_attribute_map where expected")
-        table = ModuleAttributeMap(path)
-        if len(table) < 100 or "patient" not in table or "general-study" not in table:
-            raise LookupError(f"{TABLE} is not laid out as expected ({len(table)} modules found)")
-    except (ImportError, OSError, LookupError) as exc:
+    except (ImportError, LookupError) as exc:
         log.warning("highdicom's module table stays whole in memory: %s", exc)
         return False
+    table = ModuleAttributeMap(path)
 
     def get_module_attribute_map() -> ModuleAttributeMap:
         return table

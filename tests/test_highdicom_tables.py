@@ -18,7 +18,7 @@ def test_every_module_reads_as_highdicom_reads_the_whole_file() -> None:
     path = Path(str(resources.files("highdicom") / TABLE))
     whole = json.loads(path.read_bytes())
     table = ModuleAttributeMap(path)
-    assert len(table) == len(whole) > 400
+    assert len(table) == len(whole) > 400 and not table.whole
     assert list(table) == list(whole)
     for module, attributes in whole.items():
         assert module in table and table[module] == attributes
@@ -40,7 +40,19 @@ def test_installed_where_highdicom_looks_it_up() -> None:
     assert "StudyInstanceUID" in tree["attributes"]
 
 
-def test_a_file_not_laid_out_as_expected_is_refused(tmp_path: Path) -> None:
-    compact = tmp_path / "table.json"
-    compact.write_text(json.dumps({"patient": [{"keyword": "PatientName", "type": "2", "path": []}]}))
-    assert len(ModuleAttributeMap(compact)) == 0  # no two-space indented keys: install() would keep highdicom's
+def test_a_file_not_laid_out_as_expected_is_parsed_whole(tmp_path: Path) -> None:
+    compact = tmp_path / "table.json"  # no two-space indented keys: the index finds nothing
+    entries = {"patient": [{"keyword": "PatientName", "type": "2", "path": []}], "general-study": []}
+    compact.write_text(json.dumps(entries))
+    table = ModuleAttributeMap(compact)
+    assert dict(table) == entries and table.whole
+    indented = tmp_path / "indented.json"
+    indented.write_text(json.dumps(entries, indent=2))
+    small = ModuleAttributeMap(indented, min_modules=2)
+    assert small["patient"] == entries["patient"] and list(small) == list(entries) and not small.whole
+
+
+def test_the_table_is_read_on_first_use_not_at_import() -> None:
+    table = ModuleAttributeMap(Path("/nonexistent/module_attribute_map.json"))  # no error until used
+    with pytest.raises(FileNotFoundError):
+        len(table)
