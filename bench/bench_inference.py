@@ -2,7 +2,12 @@
 classification + Grad-CAM (maps at the original geometry). Explanation images (edges, hybrid) are timed
 separately.
 
-    .venv/bin/python bench/bench_inference.py [--models DIR] [--runs 20] [--size 2000]
+    .venv/bin/python bench/bench_inference.py [--models DIR] [--runs 20] [--size 2000] [--runtime numpy|torch]
+
+``--runtime numpy`` (the job workers' default) makes the detector's Grad-CAM only: the NumPy type reader has
+none, and a worker's results carry none. ``--runtime torch`` makes the type reader's map too, as
+``fracture-node analyze`` does. ``--threads`` sets PyTorch's threads; NumPy's BLAS uses every core unless
+``OPENBLAS_NUM_THREADS`` says otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -43,9 +47,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--size", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runtime", choices=("numpy", "torch"), default="numpy")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    models = load_models(args.models)
+    models = load_models(args.models, num_threads=args.threads, runtime=args.runtime)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.png"
         make_image(path, args.size)
@@ -66,11 +70,13 @@ def main() -> None:
         h, w = rad.pixels.shape
     result = {
         "image": f"{w}x{h} 16-bit PNG",
-        "threads": args.threads,
+        "runtime": args.runtime,
+        "threads": args.threads if args.runtime == "torch" else "BLAS default",
         "runs": args.runs,
         "core_ms_median": round(statistics.median(core), 1),
         "core_ms_p90": round(sorted(core)[int(0.9 * (len(core) - 1))], 1),
-        "core": "decode + validity (rules + CNN) + detection + classification + Grad-CAM of both heads",
+        "core": "decode + validity (rules + CNN) + detection + classification + Grad-CAM of the detector"
+                + (" and of the type reader" if outs.type_heatmap is not None else ""),
         "explanation_images_ms_median": round(statistics.median(explain), 1),
         "target_ms": 150,
     }

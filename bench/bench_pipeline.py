@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2000, help="long side, px")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--models", type=Path, default=None, help="model bundles (default: the bundled models)")
+    parser.add_argument("--runtime", choices=("numpy", "torch"), default="numpy",
+                        help="FRACTURE_MODEL_RUNTIME of the workers (numpy is the default)")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fn-bench-inputs")
     args = parser.parse_args()
@@ -76,7 +78,8 @@ def main() -> None:
         files = copies_with_new_uids(base, workdir / "inputs", args.images)
         parts = ("web", "listen", *(["work"] * args.workers))
         with running_node(parts=parts, supervised=True, model_dir=args.models,
-                          destinations=f"PACS@127.0.0.1:{sink_port}") as node:
+                          destinations=f"PACS@127.0.0.1:{sink_port}",
+                          extra_env={"FRACTURE_MODEL_RUNTIME": args.runtime}) as node:
             node.wait_workers_ready()
             db = node.database()
             with MemorySampler(node) as memory:
@@ -110,7 +113,8 @@ def main() -> None:
     span = (last_report - first_claim).total_seconds()
     jobs_span = (last_job - first_claim).total_seconds()
     rate = len(files) / span
-    print(f"images: {len(files)} x {args.size} px DX; workers: {args.workers}; models: {args.models or 'bundled'}")
+    print(f"images: {len(files)} x {args.size} px DX; workers: {args.workers}; models: {args.models or 'bundled'}"
+          f" ({args.runtime} runtime)")
     print(f"C-STORE of all images took {received:.1f} s; wall time to the last report {wall:.1f} s")
     print(f"jobs: {states}; objects delivered to the PACS: {delivered}")
     print(f"pipeline throughput: {rate:.2f} images/s ({span / len(files):.2f} s per image; analysis alone "

@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--size", type=int, default=2000, help="long side, px")
     parser.add_argument("--models", type=Path, default=None, help="model bundles (default: the bundled models)")
+    parser.add_argument("--runtime", choices=("numpy", "torch"), default="numpy",
+                        help="how the networks run (FRACTURE_MODEL_RUNTIME; numpy is the workers' default)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fn-bench-inputs")
     args = parser.parse_args()
     header("worker memory by stage")
@@ -78,9 +80,10 @@ def main() -> None:
     from service.worker import _Item, _result_from_analysis, write_explanations
 
     imported = rss_mib()[0]
-    models = load_models(args.models)
+    models = load_models(args.models, runtime=args.runtime)
     loaded = rss_mib()[0]
-    print(f"python {start} MiB; + imports {imported} MiB; + models loaded {loaded} MiB")
+    print(f"runtime {args.runtime}: python {start} MiB; + imports {imported} MiB; + models loaded {loaded} MiB;"
+          f" torch imported: {'torch' in sys.modules}")
     stages = Stages()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

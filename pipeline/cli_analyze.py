@@ -14,10 +14,9 @@ from typing import Any
 
 import click
 import cv2
-import torch
 
 from pipeline.explain import heatmap_rgb
-from pipeline.models.bundle import BundleError
+from pipeline.models.bundle import RUNTIMES, BundleError
 from pipeline.models.imageio import load_file
 from pipeline.run import analysis_to_dict, analyze_detailed, load_models
 
@@ -35,13 +34,14 @@ def _write_rgb(path: Path, rgb: Any) -> str:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to write results and images (default: next to each input file).")
 @click.option("--no-images", is_flag=True, help="Skip the explanation images.")
-@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True, help="PyTorch threads (the torch runtime).")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="torch", show_default=True,
+              help="PyTorch (needed for the type map) or NumPy (then no type map is written).")
 def analyze(files: tuple[Path, ...], as_json: bool, models_dir: Path | None, out_dir: Path | None,
-            no_images: bool, threads: int) -> None:
+            no_images: bool, threads: int, runtime: str) -> None:
     """Run the whole pipeline on local files (research use only, not for diagnostic use)."""
-    torch.set_num_threads(threads)
     try:
-        models = load_models(models_dir)
+        models = load_models(models_dir, num_threads=threads, runtime=runtime)
     except BundleError as exc:
         raise click.ClickException(str(exc)) from None
     results = []
@@ -59,7 +59,7 @@ def analyze(files: tuple[Path, ...], as_json: bool, models_dir: Path | None, out
             if not as_json:
                 click.echo(f"{path}: ERROR {entry['error']}", err=True)
             continue
-        detailed = analyze_detailed(radiograph, models, explain=not no_images)
+        detailed = analyze_detailed(radiograph, models, explain=not no_images, type_map=runtime == "torch")
         a = detailed.analysis
         entry = {"file": str(path), **analysis_to_dict(a), "images": {}}
         if a.explanation is not None:

@@ -10,19 +10,26 @@ original image geometry (``Explanation`` images always have the original's shape
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
-import torch
 
 from pipeline.models.preprocess import Geometry, map_to_original, resize_long_side
 from pipeline.types import Box
+
+if TYPE_CHECKING:
+    import torch
 
 PEAK_FRACTION = 0.5  # the peak region is the connected area above this fraction of the maximum
 EDGE_COLOUR = (0, 255, 255)  # cyan (RGB)
 
 
 def grad_cam(features: torch.Tensor, score: torch.Tensor, retain_graph: bool = False) -> np.ndarray:
-    """Grad-CAM map (h, w) in [0, 1] of ``score`` with respect to ``features`` (1, C, h, w)."""
+    """Grad-CAM map (h, w) in [0, 1] of ``score`` with respect to ``features`` (1, C, h, w) (the torch runtime;
+    the NumPy detector computes the same map in closed form: ``NumpyFractureNet.cam``)."""
+    import torch
+
     (grads,) = torch.autograd.grad(score, features, retain_graph=retain_graph)
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * features).sum(dim=1))[0].detach().numpy().astype(np.float32)

@@ -4,6 +4,10 @@ Both inputs (DICOM listener and HTTP uploads, via the job workers) call :func:`a
 :class:`~pipeline.types.Radiograph` and a :class:`ModelSet` loaded once per process by :func:`load_models`.
 Every output carries the identity (name, version, SHA-256) of the bundle that produced it, and the
 Analysis carries the not-for-diagnostic-use statement.
+
+The networks run in either runtime of :mod:`pipeline.models.runtime` (``numpy``, a job worker's default: no
+PyTorch in the process; or ``torch``), through the same calls; this module imports neither torch nor the
+torch networks.
 """
 
 from __future__ import annotations
@@ -17,17 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from pipeline.explain import edge_view, grad_cam, heatmap_to_original, hybrid_overlay, peak_box
-from pipeline.models.bundle import Bundle, BundleError, load_bundle
-from pipeline.models.nets import SEG_STRIDE, FractureNet, TypeReader
+from pipeline.explain import edge_view, heatmap_to_original, hybrid_overlay, peak_box
+from pipeline.models.architecture import SEG_STRIDE
+from pipeline.models.bundle import RUNTIMES, Bundle, BundleError, load_bundle
 from pipeline.models.preprocess import (
     cut_patch,
+    fracture_input,
     patch_to_original,
-    prepare_fracture_input,
     seg_peak,
-    standardise_patch,
+    standardise,
 )
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.types import (
@@ -43,6 +46,7 @@ from pipeline.validation import RadiographCheck
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "bundled"
 BUNDLE_NAMES = {"validity": "validity", "detect": "detector", "classify": "classifier"}
+DEFAULT_RUNTIME = "numpy"
 
 
 @dataclass
@@ -67,31 +71,43 @@ class ModelSet:
         return ids
 
 
-def load_models(model_dir: str | Path | None = None, num_threads: int | None = None) -> ModelSet:
-    """Load ``validity/``, ``detector/`` and ``classifier/`` from ``model_dir`` (default: the bundled ones).
+def load_models(model_dir: str | Path | None = None, num_threads: int | None = None,
+                runtime: str = DEFAULT_RUNTIME) -> ModelSet:
+    """Load ``validity/``, ``detector/`` and ``classifier/`` from ``model_dir`` (default: the bundled ones) into
+    ``runtime`` (``numpy`` or ``torch``; ``num_threads`` sets torch's threads).
 
     Raises :class:`~pipeline.models.bundle.BundleError` if a bundle is missing, corrupted or off-contract.
     """
     root = Path(model_dir) if model_dir is not None else BUNDLED_MODEL_DIR
+    if runtime not in RUNTIMES:
+        raise BundleError(f"unknown model runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
     if not root.is_dir():
         raise BundleError(f"model directory {root} does not exist")
-    if num_threads:
+    if num_threads and runtime == "torch":
+        import torch
+
         torch.set_num_threads(num_threads)
-    validity = load_bundle(root / BUNDLE_NAMES["validity"], expected_task="validity")
-    detector = load_bundle(root / BUNDLE_NAMES["detect"], expected_task="detect")
-    classifier = load_bundle(root / BUNDLE_NAMES["classify"], expected_task="classify")
+    validity = load_bundle(root / BUNDLE_NAMES["validity"], expected_task="validity", runtime=runtime)
+    detector = load_bundle(root / BUNDLE_NAMES["detect"], expected_task="detect", runtime=runtime)
+    classifier = load_bundle(root / BUNDLE_NAMES["classify"], expected_task="classify", runtime=runtime)
+    if detector.architecture != "FractureNet":
+        raise BundleError(f"{detector.path}: expected a FractureNet bundle")
+    if classifier.architecture not in ("FractureNet", "TypeReader"):
+        raise BundleError(f"{classifier.path}: expected a FractureNet or TypeReader bundle")
     if detector.identity.sha256 == classifier.identity.sha256:
         # Same weights: share one network instance (one forward pass serves both).
         classifier.model = detector.model
-    if not isinstance(detector.model, FractureNet):
-        raise BundleError(f"{detector.path}: expected a FractureNet bundle")
-    if not isinstance(classifier.model, FractureNet | TypeReader):
-        raise BundleError(f"{classifier.path}: expected a FractureNet or TypeReader bundle")
     return ModelSet(RadiographCheck(validity), detector, classifier, root)
 
 
 def calibrated_probability(logit: float, temperature: float) -> float:
     return float(0.5 * (1.0 + np.tanh(0.5 * logit / temperature)))  # never overflows, however extreme the logit
+
+
+def tempered_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    e = np.exp(z - z.max())
+    return e / e.sum()
 
 
 def detection_call(p: float, threshold: float, band: tuple[float, float]) -> DetectionCall:
@@ -117,67 +133,49 @@ class FractureOutputs:
 
 def read_type(pixels: np.ndarray, centre: tuple[float, float], bundle: Bundle,
               cams: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """A :class:`TypeReader` bundle on the patch around ``centre``: the type distribution and, with ``cams``,
-    the Grad-CAM map of the top type pasted into the original geometry (zero outside the patch)."""
-    reader = bundle.model
-    assert isinstance(reader, TypeReader)
+    """A type reader bundle on the patch around ``centre``: the type distribution and, with ``cams``, the
+    Grad-CAM map of the top type pasted into the original geometry (zero outside the patch)."""
     spec = bundle.input_spec
     patch, where = cut_patch(pixels, centre, int(spec["long_side"]), int(spec["patch"]))
-    x = standardise_patch(patch)
-    with torch.no_grad():
-        feats = reader.features(x)
-    feats.requires_grad_(cams)
-    with torch.set_grad_enabled(cams):
-        logits = reader.classify(feats)[0]
-        probs = torch.softmax(logits.detach() / bundle.temperature, dim=0).numpy().astype(np.float64)
-        if not cams:
-            return probs, None
-        cam = grad_cam(feats, logits[int(np.argmax(probs))])
+    reader = bundle.engine
+    rp = reader.classify(standardise(patch), cams=cams)
+    probs = tempered_softmax(rp.type_logits, bundle.temperature)
+    if not cams:
+        return probs, None
+    cam = reader.cam(rp, int(np.argmax(probs)))
     return probs, patch_to_original(cam, where, pixels.shape)
 
 
 def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = True,
                         type_cam: bool | None = None) -> FractureOutputs:
     """Detector + classifier (+ with ``cams``, Grad-CAM maps at the original geometry: the detector's, and the
-    classifier's top type unless ``type_cam`` is False)."""
-    type_cam = cams if type_cam is None else type_cam and cams
+    classifier's top type unless ``type_cam`` is False or, left None, the runtime cannot make it: the NumPy
+    type reader)."""
     det_b, cls_b = models.detector, models.classifier
-    det_net = det_b.model
-    assert isinstance(det_net, FractureNet)
+    can_type_cam = getattr(cls_b.engine, "supports_cam", True)
+    type_cam = cams and (can_type_cam if type_cam is None else type_cam)
+    detector = det_b.engine
     long_side = int(det_b.input_spec.get("long_side", 512))
-    x, geom = prepare_fracture_input(radiograph.pixels, long_side)
-    with torch.no_grad():
-        feats = det_net.backbone(x)
-    feats.requires_grad_(cams)
-    with torch.set_grad_enabled(cams):
-        out = det_net.heads(feats)
-        logit = float(out.detect[0].detach())
-        p = calibrated_probability(logit, det_b.temperature)
-        # The graph is kept only for the shared network's type map, which goes through the same features.
-        det_cam = grad_cam(feats, out.detect[0], retain_graph=models.shared_backbone and type_cam) if cams else None
-        centre: tuple[float, float] | None = None
-        if isinstance(cls_b.model, TypeReader):
-            # Second stage: read the type from a patch around the detector's strongest segmentation evidence.
-            centre = seg_peak(out.seg[0, 0].detach().numpy(), geom, SEG_STRIDE)
-            probs, type_map = read_type(radiograph.pixels, centre, cls_b, type_cam)
-        else:
-            cls_out, cls_feats, cls_geom = out, feats, geom
-            if not models.shared_backbone:
-                cls_net = cls_b.model
-                assert isinstance(cls_net, FractureNet)
-                cls_long = int(cls_b.input_spec.get("long_side", 512))
-                xc, cls_geom = prepare_fracture_input(radiograph.pixels, cls_long) if cls_long != long_side \
-                    else (x, geom)
-                with torch.no_grad():
-                    cls_feats = cls_net.backbone(xc)
-                cls_feats.requires_grad_(type_cam)
-                cls_out = cls_net.heads(cls_feats)
-            type_logits = cls_out.types[0] / cls_b.temperature
-            probs = torch.softmax(type_logits.detach(), dim=0).numpy().astype(np.float64)
-            type_map = None
-            if type_cam:
-                cam = grad_cam(cls_feats, cls_out.types[0, int(np.argmax(probs))])
-                type_map = heatmap_to_original(cam, cls_geom)
+    x, geom = fracture_input(radiograph.pixels, long_side)
+    fp = detector.forward(x, cams=cams)
+    logit = fp.detect_logit
+    p = calibrated_probability(logit, det_b.temperature)
+    det_cam = detector.cam(fp) if cams else None
+    centre: tuple[float, float] | None = None
+    if cls_b.architecture == "TypeReader":
+        # Second stage: read the type from a patch around the detector's strongest segmentation evidence.
+        centre = seg_peak(fp.seg, geom, SEG_STRIDE)
+        probs, type_map = read_type(radiograph.pixels, centre, cls_b, type_cam)
+    else:
+        cls_engine, cls_fp, cls_geom = detector, fp, geom
+        if not models.shared_backbone:
+            cls_engine = cls_b.engine
+            cls_long = int(cls_b.input_spec.get("long_side", 512))
+            xc, cls_geom = fracture_input(radiograph.pixels, cls_long) if cls_long != long_side else (x, geom)
+            cls_fp = cls_engine.forward(xc, cams=type_cam)
+        probs = tempered_softmax(cls_fp.type_logits, cls_b.temperature)
+        type_map = heatmap_to_original(cls_engine.cam(cls_fp, int(np.argmax(probs))), cls_geom) \
+            if type_cam else None
     return FractureOutputs(
         detect_logit=logit,
         probability=p,

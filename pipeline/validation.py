@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
 
 from pipeline.models.bundle import Bundle
-from pipeline.models.preprocess import prepare_validity_input, resize_long_side
+from pipeline.models.preprocess import resize_long_side, validity_input
 from pipeline.types import Radiograph, ValidityResult
 
 MIN_SIDE = 64
@@ -72,12 +71,10 @@ class RadiographCheck:
         self.threshold = bundle.operating_point if bundle else 0.5
         self.temperature = bundle.temperature if bundle else 1.0
 
-    @torch.inference_mode()
     def score(self, radiograph: Radiograph) -> float:
         if self.bundle is None:
             return 1.0
-        x = prepare_validity_input(radiograph.pixels, self.size)
-        logit = float(self.bundle.model(x)[0]) / self.temperature
+        logit = self.bundle.engine.logit(validity_input(radiograph.pixels, self.size)) / self.temperature
         return float(1.0 / (1.0 + np.exp(-logit)))
 
     def __call__(self, radiograph: Radiograph) -> ValidityResult:

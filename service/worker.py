@@ -346,7 +346,7 @@ def run_worker(settings: Settings, stop: threading.Event, *, db: Database | None
     owner = owner or worker_id()
     database = db if db is not None else Database.from_settings(settings)
     if models is None:
-        models = load_models(settings.model_dir)
+        models = load_models(settings.model_dir, runtime=settings.model_runtime)
         log.info("worker %s loaded models %s", owner, ", ".join(m.label for m in models.identities))
     processed = 0
     outage: float | None = None  # current back-off while the database is unreachable

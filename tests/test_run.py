@@ -41,7 +41,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureR
 
 @pytest.fixture(scope="module")
 def models(model_dir: Path) -> ModelSet:
-    return load_models(model_dir)
+    return load_models(model_dir, runtime="torch")  # the reference runtime: these tests read its tensors
 
 
 def _image(h: int = 300, w: int = 200) -> np.ndarray:
@@ -101,7 +101,7 @@ def test_without_the_type_map_the_numbers_and_the_detector_map_are_unchanged(mod
 
 
 def test_separate_classifier_maps_its_heatmap_with_its_own_geometry(tmp_path: Path) -> None:
-    models = load_models(write_untrained_bundles(tmp_path, classifier_long_side=200))
+    models = load_models(write_untrained_bundles(tmp_path, classifier_long_side=200), runtime="torch")
     assert not models.shared_backbone
     img = _image(300, 170)
     outs = run_fracture_models(Radiograph(pixels=img), models)
@@ -167,7 +167,8 @@ def test_analyze_command_writes_json_and_images(model_dir: Path, tmp_path: Path)
 def test_default_is_bundled_models() -> None:
     models = load_models()
     assert models.model_dir == BUNDLED_MODEL_DIR and not models.shared_backbone
-    assert isinstance(models.classifier.model, TypeReader)  # the second-stage type reader
+    assert models.classifier.architecture == "TypeReader"  # the second-stage type reader
+    assert models.detector.runtime == "numpy"  # what a worker runs by default
     synth = pytest.importorskip("pipeline.synth")
     pixels = synth.display_image(synth.render_sample(77, fracture=True, long_side=600))
     a = analyze(Radiograph(pixels=pixels), models)

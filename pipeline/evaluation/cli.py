@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
 from pipeline.evaluation.evaluate import evaluate_folder
-from pipeline.models.bundle import BundleError, read_card, update_card
-from pipeline.run import BUNDLE_NAMES, load_models
+from pipeline.models.bundle import RUNTIMES, BundleError, read_card, update_card
+from pipeline.run import BUNDLE_NAMES, DEFAULT_RUNTIME, load_models
 from pipeline.training.datasets import DatasetError
 
 TARGETS = {
@@ -47,15 +46,16 @@ def check_targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 @click.option("--figures", type=click.Path(path_type=Path), default=None,
               help="Folder for reliability.png and confusion.png (default: next to the JSON).")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N images (and N negatives).")
-@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True, help="PyTorch threads (the torch runtime).")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default=DEFAULT_RUNTIME, show_default=True,
+              help="Run the networks in NumPy (as job workers do by default) or PyTorch.")
 @click.option("--update-cards", is_flag=True, help="Write the results into the bundles' model cards (metrics.test).")
 @click.option("--quiet", is_flag=True)
 def evaluate(models_dir: Path | None, data: Path, json_out: Path, figures: Path | None, limit: int | None,
-             threads: int, update_cards: bool, quiet: bool) -> None:
+             threads: int, runtime: str, update_cards: bool, quiet: bool) -> None:
     """Evaluate model bundles on a labelled folder."""
-    torch.set_num_threads(threads)
     try:
-        models = load_models(models_dir)
+        models = load_models(models_dir, num_threads=threads, runtime=runtime)
         result = evaluate_folder(models, data, limit=limit, show=not quiet,
                                  figures=figures if figures is not None else json_out.parent)
     except (BundleError, DatasetError) as exc:

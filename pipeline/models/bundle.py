@@ -9,6 +9,11 @@ is unknown, with a :class:`BundleError` that says which file and why.
 Real weights trained elsewhere drop in through the same format: save a ``FractureNet``/``ValidityNet``
 state dict with :func:`save_bundle` (or write ``weights.safetensors`` yourself and put its SHA-256 in the
 card); see ``docs/MODELS.md``.
+
+A bundle loads into either runtime (:data:`RUNTIMES`): ``torch`` builds the :mod:`pipeline.models.nets`
+module (training, and the type reader's Grad-CAM), ``numpy`` the same network in
+:mod:`pipeline.models.numpy_nets` (what a job worker runs: no PyTorch in its process). Both read the same
+verified weights file; :attr:`Bundle.engine` gives the pipeline one interface to either.
 """
 
 from __future__ import annotations
@@ -19,15 +24,15 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
-
-from pipeline.models.nets import FractureNet, TypeReader, ValidityNet
 from pipeline.taxonomy import DETECTION_CLASSES, FRACTURE_TYPES
 from pipeline.types import ModelIdentity
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pipeline.models.runtime import Engine
 
 CARD_NAME = "model.json"
 WEIGHTS_NAME = "weights.safetensors"
@@ -35,8 +40,8 @@ DISCLAIMER = "Research use only. Not for diagnostic use."
 FORMAT_VERSION = 1
 TASKS = ("validity", "detect", "classify")
 VALIDITY_CLASSES: tuple[str, ...] = ("not_radiograph", "radiograph")
-ARCHITECTURES: dict[str, type[nn.Module]] = {"FractureNet": FractureNet, "TypeReader": TypeReader,
-                                             "ValidityNet": ValidityNet}
+ARCHITECTURES: tuple[str, ...] = ("FractureNet", "TypeReader", "ValidityNet")  # classes of pipeline.models.nets
+RUNTIMES: tuple[str, ...] = ("numpy", "torch")
 EXPECTED_CLASSES: dict[str, tuple[str, ...]] = {
     "validity": VALIDITY_CLASSES,
     "detect": DETECTION_CLASSES,
@@ -58,12 +63,15 @@ def sha256_file(path: Path) -> str:
 
 @dataclass
 class Bundle:
-    """A loaded, verified bundle: the network in eval mode plus its card."""
+    """A loaded, verified bundle: the network (a torch module in eval mode, or its NumPy counterpart) plus its
+    card."""
 
     path: Path
     card: dict[str, Any]
-    model: nn.Module
+    model: Any
+    runtime: str = "torch"
     identity: ModelIdentity = field(init=False)
+    _engine: Engine | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.identity = ModelIdentity(
@@ -76,6 +84,19 @@ class Bundle:
     @property
     def task(self) -> str:
         return str(self.card["task"])
+
+    @property
+    def architecture(self) -> str:
+        return str(self.card["architecture"]["class"])
+
+    @property
+    def engine(self) -> Engine:
+        """The network behind the runtime-neutral interface of :mod:`pipeline.models.runtime`."""
+        if self._engine is None:
+            from pipeline.models.runtime import engine_for
+
+            self._engine = engine_for(self.model)
+        return self._engine
 
     @property
     def temperature(self) -> float:
@@ -138,6 +159,9 @@ def make_card(
 
 def save_bundle(model: nn.Module, card: dict[str, Any], out_dir: str | Path, dtype: str = "float32") -> Path:
     """Write ``weights.safetensors`` and ``model.json`` (with the weights' SHA-256) into ``out_dir``."""
+    import torch
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dtype not in ("float32", "float16"):
@@ -199,8 +223,11 @@ def verify_card(card: dict[str, Any], where: str) -> None:
         raise BundleError(f"{where}: unknown architecture {arch!r}")
 
 
-def load_bundle(bundle_dir: str | Path, expected_task: str | None = None) -> Bundle:
-    """Load and verify a bundle; raise :class:`BundleError` with a precise message if anything is off."""
+def load_bundle(bundle_dir: str | Path, expected_task: str | None = None, runtime: str = "torch") -> Bundle:
+    """Load and verify a bundle into ``runtime`` (``torch`` or ``numpy``); raise :class:`BundleError` with a
+    precise message if anything is off."""
+    if runtime not in RUNTIMES:
+        raise BundleError(f"unknown model runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
     path = Path(bundle_dir)
     card = read_card(path)
     where = str(path / CARD_NAME)
@@ -216,15 +243,40 @@ def load_bundle(bundle_dir: str | Path, expected_task: str | None = None) -> Bun
             f"{weights}: SHA-256 {actual} does not match the model card ({card['weights'].get('sha256')}); "
             "the bundle is corrupted or was modified — refusing to load it"
         )
+    arch, config = card["architecture"]["class"], card["architecture"].get("config", {})
+    model = _load_numpy(weights, arch, config) if runtime == "numpy" else _load_torch(weights, arch, config)
+    return Bundle(path=path, card=card, model=model, runtime=runtime)
+
+
+def _load_torch(weights: Path, arch: str, config: dict[str, Any]) -> nn.Module:
+    from safetensors.torch import load_file
+
+    from pipeline.models import nets
+
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types
         raise BundleError(f"{weights}: cannot read weights ({exc})") from None
-    model = ARCHITECTURES[card["architecture"]["class"]](**card["architecture"].get("config", {}))
+    model: nn.Module = getattr(nets, arch)(**config)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise BundleError(f"{weights}: weights do not fit {card['architecture']['class']}: {exc}") from None
+        raise BundleError(f"{weights}: weights do not fit {arch}: {exc}") from None
     model.eval()
-    return Bundle(path=path, card=card, model=model)
+    return model
+
+
+def _load_numpy(weights: Path, arch: str, config: dict[str, Any]) -> Any:
+    from safetensors.numpy import load_file
+
+    from pipeline.models.numpy_nets import NUMPY_ARCHITECTURES, WeightsError
+
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types
+        raise BundleError(f"{weights}: cannot read weights ({exc})") from None
+    try:
+        return NUMPY_ARCHITECTURES[arch](state, **config)
+    except (WeightsError, TypeError) as exc:
+        raise BundleError(f"{weights}: weights do not fit {arch}: {exc}") from None

@@ -28,11 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TOPK = 8  # segmentation cells averaged into the detection evidence
-SEG_STRIDE = 8  # the segmentation map is at 1/8 of the input
-INPUT_MULTIPLE = 32  # the deepest stage is at 1/32: inputs are padded to a multiple of this
-HIGHPASS_SIGMA = 3.0
-HIGHPASS_GAIN = 4.0
+from pipeline.models.architecture import HIGHPASS_GAIN, HIGHPASS_SIGMA, INPUT_MULTIPLE, SEG_STRIDE, TOPK
+
+__all__ = ["INPUT_MULTIPLE", "SEG_STRIDE", "TOPK", "FractureNet", "ResBlock", "TypeReader", "ValidityNet"]
+
 
 
 def _norm(channels: int) -> nn.Module:

@@ -11,10 +11,13 @@ values mapped as ``(x - 0.5) / 0.25`` so absolute brightness and contrast still 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is loaded only by the tensor helpers: the NumPy runtime never needs it
+    import torch
 
 STRIDE = 32  # inputs are padded to a multiple of the network's deepest stride (nets.INPUT_MULTIPLE)
 
@@ -52,8 +55,8 @@ def standardise(img: np.ndarray) -> np.ndarray:
     return (img - mean) / max(std, 1e-3)
 
 
-def prepare_fracture_input(pixels: np.ndarray, long_side: int) -> tuple[torch.Tensor, Geometry]:
-    """Return a (1, 1, H, W) tensor and the geometry needed to map maps back to the original."""
+def fracture_input(pixels: np.ndarray, long_side: int) -> tuple[np.ndarray, Geometry]:
+    """Return the (H, W) float32 network input and the geometry needed to map maps back to the original."""
     if pixels.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale image, got shape {pixels.shape}")
     h, w = pixels.shape
@@ -64,7 +67,20 @@ def prepare_fracture_input(pixels: np.ndarray, long_side: int) -> tuple[torch.Te
     std = max(float(small.std()), 1e-3)
     out = np.full((ph, pw), -mean / std, dtype=np.float32)
     out[:sh, :sw] = (small - mean) / std
-    return torch.from_numpy(out)[None, None], Geometry(h, w, sh, sw, ph, pw)
+    return out, Geometry(h, w, sh, sw, ph, pw)
+
+
+def as_batch(x: np.ndarray) -> torch.Tensor:
+    """(H, W) array -> (1, 1, H, W) tensor sharing its memory (for the torch networks)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
+
+
+def prepare_fracture_input(pixels: np.ndarray, long_side: int) -> tuple[torch.Tensor, Geometry]:
+    """:func:`fracture_input` as a (1, 1, H, W) tensor."""
+    x, geom = fracture_input(pixels, long_side)
+    return as_batch(x), geom
 
 
 def map_to_original(fmap: np.ndarray, geom: Geometry) -> np.ndarray:
@@ -116,7 +132,7 @@ def cut_patch(pixels: np.ndarray, centre: tuple[float, float], long_side: int, s
 
 def standardise_patch(patch: np.ndarray) -> torch.Tensor:
     """(1, 1, P, P) tensor: the patch standardised over itself (training and inference share this)."""
-    return torch.from_numpy(np.ascontiguousarray(standardise(patch), dtype=np.float32))[None, None]
+    return as_batch(standardise(patch))
 
 
 def patch_to_original(pmap: np.ndarray, patch: Patch, shape: tuple[int, int]) -> np.ndarray:
@@ -141,7 +157,12 @@ def letterbox(img: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def prepare_validity_input(gray: np.ndarray, size: int) -> torch.Tensor:
-    """(1, 1, size, size) tensor from a [0, 1] grayscale image."""
+def validity_input(gray: np.ndarray, size: int) -> np.ndarray:
+    """(size, size) float32 input of the radiograph check from a [0, 1] grayscale image."""
     box = letterbox(gray.astype(np.float32, copy=False), size)
-    return torch.from_numpy((box - 0.5) / 0.25)[None, None]
+    return (box - 0.5) / 0.25
+
+
+def prepare_validity_input(gray: np.ndarray, size: int) -> torch.Tensor:
+    """:func:`validity_input` as a (1, 1, size, size) tensor."""
+    return as_batch(validity_input(gray, size))

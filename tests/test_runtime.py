@@ -1,0 +1,186 @@
+"""The NumPy runtime (what a job worker runs) against the PyTorch networks it re-implements."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from config import Settings
+from pipeline.cli_analyze import analyze as analyze_cmd
+from pipeline.models.bundle import BundleError, load_bundle, make_card, save_bundle
+from pipeline.models.nets import FractureNet, TypeReader, ValidityNet
+from pipeline.models.numpy_nets import NumpyFractureNet, NumpyTypeReader, NumpyValidityNet
+from pipeline.models.runtime import engine_for
+from pipeline.run import BUNDLED_MODEL_DIR, analyze, load_models, run_fracture_models
+from pipeline.training.toydata import toy_radiograph, write_untrained_bundles
+from pipeline.types import Radiograph
+from service.db import Database
+from service.ingest import ingest
+from tests.conftest import free_port
+
+
+def _randomised(net: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every weight and batch-norm statistic random (freshly initialised norms are the identity, which would let
+    a wrong fold of the norm into the convolution pass)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in net.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))
+            else:
+                tensor.copy_(0.3 * torch.randn(tensor.shape, generator=gen))
+    return net.eval()
+
+
+def _numpy_state(net: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.numpy().copy() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (37, 53), (8, 70)])  # (8, 70): smaller than the blur's radius
+def test_detector_forward_and_grad_cam_match_torch(shape: tuple[int, int]) -> None:
+    net = _randomised(FractureNet(width=4), 1)
+    mine = NumpyFractureNet(_numpy_state(net), width=4)
+    torch_engine = engine_for(net)
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    ours, theirs = mine.forward(x), torch_engine.forward(x, cams=True)
+    assert ours.detect_logit == pytest.approx(theirs.detect_logit, abs=1e-4)
+    np.testing.assert_allclose(ours.type_logits, theirs.type_logits, atol=1e-4)
+    np.testing.assert_allclose(ours.seg, theirs.seg, atol=1e-4)
+    for target in (None, 0, 5):  # the detection logit and two types' logits
+        cam = mine.cam(ours, target)
+        assert cam.max() == pytest.approx(1.0) or not cam.any()
+        np.testing.assert_allclose(cam, torch_engine.cam(theirs, target), atol=1e-4)
+
+
+def test_type_reader_and_radiograph_check_match_torch() -> None:
+    reader = _randomised(TypeReader(width=4), 3)
+    patch = np.random.default_rng(4).standard_normal((64, 64)).astype(np.float32)
+    np.testing.assert_allclose(NumpyTypeReader(_numpy_state(reader), width=4).classify(patch).type_logits,
+                               engine_for(reader).classify(patch).type_logits, atol=1e-4)
+    check = _randomised(ValidityNet(width=4), 5)
+    x = np.random.default_rng(6).standard_normal((64, 64)).astype(np.float32)
+    assert NumpyValidityNet(_numpy_state(check), width=4).logit(x) == pytest.approx(engine_for(check).logit(x),
+                                                                                     abs=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["shared", "reader", "separate"])
+def test_the_pipeline_gives_the_same_results_in_both_runtimes(layout: str, tmp_path: Path) -> None:
+    root = write_untrained_bundles(tmp_path, reader=layout == "reader",
+                                   classifier_long_side=200 if layout == "separate" else None)
+    reference, mine = load_models(root, runtime="torch"), load_models(root, runtime="numpy")
+    assert mine.detector.runtime == "numpy" and mine.shared_backbone == reference.shared_backbone
+    type_cam = layout != "reader"  # the NumPy type reader has no Grad-CAM
+    for seed, (h, w) in enumerate([(300, 200), (180, 260)]):
+        img, _m, _b = toy_radiograph(np.random.default_rng(seed), True, 1, h=h, w=w)
+        ref = run_fracture_models(Radiograph(pixels=img), reference, type_cam=type_cam)
+        out = run_fracture_models(Radiograph(pixels=img), mine, type_cam=type_cam)
+        assert out.probability == pytest.approx(ref.probability, abs=1e-5)
+        np.testing.assert_allclose(out.type_probs, ref.type_probs, atol=1e-5)
+        assert out.det_heatmap is not None and ref.det_heatmap is not None
+        np.testing.assert_allclose(out.det_heatmap, ref.det_heatmap, atol=1e-4)
+        if type_cam:
+            assert out.type_heatmap is not None and ref.type_heatmap is not None
+            np.testing.assert_allclose(out.type_heatmap, ref.type_heatmap, atol=1e-4)
+        assert out.type_centre == ref.type_centre
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL_DIR / "detector" / "model.json").exists(), reason="no bundled models")
+def test_bundled_models_give_the_same_analysis_in_both_runtimes() -> None:
+    synth = pytest.importorskip("pipeline.synth")
+    reference, mine = load_models(runtime="torch"), load_models(runtime="numpy")
+    for seed, fracture in ((11, True), (12, False), (13, True)):
+        pixels = synth.display_image(synth.render_sample(seed, fracture=fracture, long_side=900))
+        ref, out = analyze(Radiograph(pixels=pixels), reference), analyze(Radiograph(pixels=pixels), mine)
+        assert out.validity.verdict == ref.validity.verdict and out.validity.score == pytest.approx(
+            ref.validity.score, abs=1e-5)
+        assert out.detection is not None and ref.detection is not None
+        assert out.detection.probability == pytest.approx(ref.detection.probability, abs=1e-5)
+        assert out.detection.call == ref.detection.call
+        assert (out.classification is None) == (ref.classification is None)
+        if out.classification is not None and ref.classification is not None:
+            assert out.classification.top_type == ref.classification.top_type
+            for name, p in ref.classification.distribution.items():
+                assert out.classification.distribution[name] == pytest.approx(p, abs=1e-5)
+        assert out.explanation is not None and ref.explanation is not None
+        np.testing.assert_allclose(out.explanation.heatmap, ref.explanation.heatmap, atol=1e-4)
+        assert out.explanation.peak_box == ref.explanation.peak_box
+        assert [m.sha256 for m in out.models] == [m.sha256 for m in ref.models]
+
+
+def test_numpy_type_reader_says_its_map_needs_torch(tmp_path: Path) -> None:
+    models = load_models(write_untrained_bundles(tmp_path, reader=True), runtime="numpy")
+    img, _m, _b = toy_radiograph(np.random.default_rng(0), True, 1, h=300, w=200)
+    assert run_fracture_models(Radiograph(pixels=img), models).type_heatmap is None  # left out by default
+    with pytest.raises(NotImplementedError, match="torch runtime"):
+        run_fracture_models(Radiograph(pixels=img), models, type_cam=True)
+    png = tmp_path / "knee.png"
+    import cv2
+
+    cv2.imwrite(str(png), (img * 255).astype(np.uint8))
+    result = CliRunner().invoke(analyze_cmd, [str(png), "--models", str(tmp_path), "--runtime", "numpy",
+                                              "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "o" / "knee.hybrid.png").is_file() and not (tmp_path / "o" / "knee.type_heatmap.png").exists()
+
+
+def test_numpy_loader_refuses_weights_that_do_not_fit(tmp_path: Path) -> None:
+    net = FractureNet(width=4).eval()
+    card = make_card(name="misfit", task="detect", architecture="FractureNet", config={"width": 8, "num_types": 11},
+                     input_spec={"long_side": 128})
+    save_bundle(net, card, tmp_path / "misfit")  # weights of width 4 under a card that says 8
+    with pytest.raises(BundleError, match="do not fit FractureNet: tensor 'stem.0.weight' has shape"):
+        load_bundle(tmp_path / "misfit", runtime="numpy")
+    extra = FractureNet(width=4).eval()
+    extra.register_buffer("stray", torch.zeros(3))
+    save_bundle(extra, make_card(name="extra", task="detect", architecture="FractureNet",
+                                 config={"width": 4, "num_types": 11}, input_spec={"long_side": 128}),
+                tmp_path / "extra")
+    with pytest.raises(BundleError, match="unexpected tensors \\['stray'\\]"):
+        load_bundle(tmp_path / "extra", runtime="numpy")
+    with pytest.raises(BundleError, match="unknown model runtime 'onnx'"):
+        load_models(tmp_path, runtime="onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["numpy", "torch"])
+def test_a_worker_on_the_numpy_runtime_never_loads_torch(runtime: str, worker_settings: Settings, db: Database,
+                                                         make_dicom, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``fracture-node work`` processes a study; with the default runtime PyTorch is not in its memory map (the
+    torch run shows the check can see it)."""
+    settings = worker_settings
+    result = ingest(db, settings, make_dicom("DX").read_bytes())
+    env = {**os.environ, "FRACTURE_DATA_DIR": str(settings.data_dir), "FRACTURE_DATABASE_URL": settings.database_url,
+           "FRACTURE_MODEL_DIR": str(settings.model_dir), "FRACTURE_MODEL_RUNTIME": runtime,
+           "FRACTURE_DICOM_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "work", "--poll-interval", "0.2"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        from service.models import Job
+
+        deadline = time.monotonic() + 120
+        while True:
+            with db.session() as session:
+                job = session.query(Job).filter(Job.instance_pk == result.instance_pk).one()
+                state = job.state
+            if state in ("done", "failed") or proc.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert state == "done", log.read_text()
+        mapped = Path(f"/proc/{proc.pid}/maps").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert ("libtorch" in mapped) == (runtime == "torch"), log.read_text()
