@@ -7,6 +7,11 @@ receivers alternate, each run on a fresh output folder / data dir; the median ru
     .venv/bin/python bench/bench_ingest.py --quick             # 512 px ×40 and 2048 px ×8, 1 run
     .venv/bin/python bench/bench_ingest.py --database-url postgresql+psycopg2://postgres@127.0.0.1/fn_bench
 
+Unless ``--no-reference``, two reference receivers (``reference_scp.py``) run in the same rotation: FractureNode's
+own pynetdicom AE answering Success without doing anything (the stack's ceiling), and the same AE storing each
+instance durably as the listener does but recording nothing (the floor durability adds). They show how much of
+the gap to storescp is ours to close.
+
 Goal: FractureNode >= 0.5x storescp's images/s.
 """
 
@@ -52,6 +57,30 @@ def run_storescp(files: list[Path], workdir: Path) -> float:
         received = len(list(out.iterdir()))
         if received != len(files):
             raise RuntimeError(f"storescp wrote {received} of {len(files)} files")
+        return elapsed
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def run_reference(files: list[Path], workdir: Path, mode: str) -> float:
+    """storescu -> ``reference_scp.py`` in ``mode`` (``receive`` or ``durable``)."""
+    out = Path(tempfile.mkdtemp(dir=workdir, prefix=f"reference-{mode}-"))
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("reference_scp.py")), str(port), mode,
+                               str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_port(port)
+        started = time.perf_counter()
+        sent = storescu(port, files)
+        elapsed = time.perf_counter() - started
+        if sent.returncode != 0:
+            raise RuntimeError(f"storescu -> reference ({mode}) failed: {sent.stderr[-2000:]}")
+        if mode == "durable":
+            stored = sum(1 for f in out.rglob("*.dcm") if ".tmp" not in f.parts)
+            if stored != len(files):
+                raise RuntimeError(f"the durable reference stored {stored} of {len(files)} files")
         return elapsed
     finally:
         server.terminate()
@@ -110,21 +139,34 @@ def _wait_port(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def bench_set(label: str, files: list[Path], runs: int, workdir: Path, database_url: str | None) -> float:
+RECEIVERS = {
+    "storescp": "DCMTK storescp",
+    "receive": "pynetdicom AE, empty handler",
+    "durable": "  + durable store, no database",
+    "fracturenode": "FractureNode listener",
+}
+
+
+def bench_set(label: str, files: list[Path], runs: int, workdir: Path, database_url: str | None,
+              reference: bool = True) -> float:
     megabytes = sum(f.stat().st_size for f in files) / 1e6
-    scp, node = [], []
+    names = [name for name in RECEIVERS if reference or name in ("storescp", "fracturenode")]
+    times: dict[str, list[float]] = {name: [] for name in names}
     for run in range(runs):
-        order = (("storescp", scp), ("fracturenode", node)) if run % 2 == 0 else (("fracturenode", node),
-                                                                                   ("storescp", scp))
-        for name, times in order:
-            times.append(run_storescp(files, workdir) if name == "storescp" else run_fracturenode(files, database_url))
-    t_scp, t_node = median(scp), median(node)
-    ratio = t_scp / t_node
+        for name in names if run % 2 == 0 else names[::-1]:  # alternate the order between runs
+            if name == "storescp":
+                times[name].append(run_storescp(files, workdir))
+            elif name == "fracturenode":
+                times[name].append(run_fracturenode(files, database_url))
+            else:
+                times[name].append(run_reference(files, workdir, name))
     print(f"{label}: {len(files)} images, {megabytes:.1f} MB, median of {runs} run(s)")
-    print(f"  DCMTK storescp : {len(files) / t_scp:8.1f} images/s {megabytes / t_scp:8.1f} MB/s   "
-          f"(runs: {', '.join(f'{t:.2f}s' for t in scp)})")
-    print(f"  FractureNode   : {len(files) / t_node:8.1f} images/s {megabytes / t_node:8.1f} MB/s   "
-          f"(runs: {', '.join(f'{t:.2f}s' for t in node)})")
+    t_scp = median(times["storescp"])
+    for name in names:
+        t = median(times[name])
+        print(f"  {RECEIVERS[name]:<31}: {len(files) / t:8.1f} images/s {megabytes / t:8.1f} MB/s  "
+              f"{t_scp / t:5.2f}x storescp   (runs: {', '.join(f'{x:.2f}s' for x in times[name])})")
+    ratio = t_scp / median(times["fracturenode"])
     print(f"  ratio FractureNode/storescp: {ratio:.2f}x (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'})")
     return ratio
 
@@ -188,6 +230,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="40 small, 8 large, 1 run")
     parser.add_argument("--database-url", default=None, help="default: SQLite in the node's temporary data dir")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fn-bench-inputs")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the two reference receivers (pynetdicom with an empty / a store-only handler)")
     args = parser.parse_args()
     if args.quick:
         args.small, args.large, args.runs = 40, 8, 1
@@ -203,7 +247,8 @@ def main() -> None:
             if count <= 0:
                 continue
             files = synth_dicoms(args.cache, count, side)
-            ratios[label] = bench_set(label, files, args.runs, workdir, args.database_url)
+            ratios[label] = bench_set(label, files, args.runs, workdir, args.database_url,
+                                      reference=not args.no_reference)
             print("  " + breakdown(files, workdir, label))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
