@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,51 +42,47 @@ from node_harness import (  # noqa: E402
 GOAL = 0.5
 
 
-def run_storescp(files: list[Path], workdir: Path) -> float:
-    out = Path(tempfile.mkdtemp(dir=workdir, prefix="storescp-"))
-    port = free_port()
-    server = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), "-pm", str(port)],
-                              env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+def _run_receiver(name: str, argv: list[str], port: int, files: list[Path], out: Path, *, called: str,
+                  received: Callable[[], int] | None, env: dict[str, str] | None = None) -> float:
+    """Start the receiver ``argv`` (listening on ``port``, writing under ``out``), time storescu sending ``files``
+    to it, check with ``received`` (if given) that it holds every file; stop it and remove ``out``."""
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_port(port)
         started = time.perf_counter()
-        sent = storescu(port, files, called="STORESCP")
+        sent = storescu(port, files, called=called)
         elapsed = time.perf_counter() - started
         if sent.returncode != 0:
-            raise RuntimeError(f"storescu -> storescp failed: {sent.stderr[-2000:]}")
-        received = len(list(out.iterdir()))
-        if received != len(files):
-            raise RuntimeError(f"storescp wrote {received} of {len(files)} files")
+            raise RuntimeError(f"storescu -> {name} failed: {sent.stderr[-2000:]}")
+        count = received() if received else len(files)
+        if count != len(files):
+            raise RuntimeError(f"{name} holds {count} of {len(files)} files")
         return elapsed
     finally:
         server.terminate()
         server.wait(10)
         shutil.rmtree(out, ignore_errors=True)
+
+
+def run_storescp(files: list[Path], workdir: Path) -> float:
+    out = Path(tempfile.mkdtemp(dir=workdir, prefix="storescp-"))
+    port = free_port()
+    return _run_receiver("storescp", ["storescp", "-aet", "STORESCP", "-od", str(out), "-pm", str(port)], port, files,
+                         out, called="STORESCP", received=lambda: len(list(out.iterdir())),
+                         env={**os.environ, "TCP_NODELAY": "1"})
 
 
 def run_reference(files: list[Path], workdir: Path, mode: str) -> float:
     """storescu -> ``reference_scp.py`` in ``mode`` (``receive`` or ``durable``)."""
     out = Path(tempfile.mkdtemp(dir=workdir, prefix=f"reference-{mode}-"))
     port = free_port()
-    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("reference_scp.py")), str(port), mode,
-                               str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_port(port)
-        started = time.perf_counter()
-        sent = storescu(port, files)
-        elapsed = time.perf_counter() - started
-        if sent.returncode != 0:
-            raise RuntimeError(f"storescu -> reference ({mode}) failed: {sent.stderr[-2000:]}")
-        if mode == "durable":
-            stored = sum(1 for f in out.rglob("*.dcm") if ".tmp" not in f.parts)
-            if stored != len(files):
-                raise RuntimeError(f"the durable reference stored {stored} of {len(files)} files")
-        return elapsed
-    finally:
-        server.terminate()
-        server.wait(10)
-        shutil.rmtree(out, ignore_errors=True)
+    argv = [sys.executable, str(Path(__file__).with_name("reference_scp.py")), str(port), mode, str(out)]
+
+    def stored() -> int:
+        return sum(1 for f in out.rglob("*.dcm") if ".tmp" not in f.parts)
+
+    return _run_receiver(f"the {mode} reference", argv, port, files, out, called="FRACTURENODE",
+                         received=stored if mode == "durable" else None)
 
 
 def run_fracturenode(files: list[Path], database_url: str | None) -> float:
