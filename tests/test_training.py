@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.models.bundle import load_bundle
-from pipeline.models.nets import TypeReader
+from pipeline.models.nets import FractureNet, TypeReader
 from pipeline.run import calibrated_probability, load_models, run_fracture_models
 from pipeline.training.calibration import fit_platt, fit_temperature, operating_point
 from pipeline.training.cli import recalibrate, train
@@ -26,7 +26,7 @@ from pipeline.training.datasets import (
     read_mura_csv,
     split_records,
 )
-from pipeline.training.loop import CropBank, FractureCrops, TrainConfig
+from pipeline.training.loop import CropBank, FractureCrops, TrainConfig, fracture_loss
 from pipeline.training.toydata import toy_radiograph, write_toy_dataset, write_untrained_bundles
 from pipeline.training.type_reader import TypePatches, typed_fractures
 from pipeline.types import Radiograph
@@ -150,6 +150,7 @@ def test_tiny_training_loss_falls_and_bundle_round_trips(toy: Path, tmp_path: Pa
         assert torch.allclose(net(x).seg, det.model(x).seg, atol=1e-5)
     assert "whole_image_heads" in det.card["training"]
     assert det.card["training"]["calibration"].startswith("Platt scaling")
+    assert det.card["training"]["losses"].endswith("weighted 1")
 
     # Resume: two more epochs continue from the checkpoint (history grows, nothing replayed).
     result = CliRunner().invoke(train, [*_train_args(toy, out, ckpt, 5), "--resume"])
@@ -215,6 +216,29 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     refused = CliRunner().invoke(recalibrate, ["--classifier", str(shared), "--detector", str(other.path),
                                                "--data", str(toy), "--quiet"])
     assert refused.exit_code == 1 and "not a TypeReader bundle" in refused.output
+
+
+def test_type_weight_scales_only_the_type_loss(toy: Path) -> None:
+    """--type-weight: the total is det + seg + w x type, and at 0 the type head gets no gradient."""
+    torch.manual_seed(0)
+    records = [r for r in read_generator_layout(toy) if r.is_radiograph][:8]
+    crops = FractureCrops(records, TrainConfig(long_side=96, crop=64, seed=2))
+    items = [crops.sample(i, np.random.default_rng(i)) for i in range(len(records))]
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    assert bool((batch["type"] >= 0).any())
+    net = FractureNet(width=8)
+    totals = {}
+    for w in (0.0, 0.25, 1.0):
+        net.zero_grad()
+        total, parts = fracture_loss(net(batch["x"]), batch, type_weight=w)
+        total.backward()
+        assert parts["type"] > 0
+        assert total.item() == pytest.approx(parts["det"] + parts["seg"] + w * parts["type"], rel=1e-5)
+        type_grad = sum(float(p.grad.abs().sum()) for n, p in net.named_parameters()
+                        if n.startswith("type") and p.grad is not None)
+        assert (type_grad == 0) == (w == 0), (w, type_grad)
+        totals[w] = total.item()
+    assert totals[0.0] < totals[0.25] < totals[1.0]
 
 
 def test_forked_workers_draw_the_same_crops_and_patches(toy: Path) -> None:

@@ -77,6 +77,7 @@ class TrainConfig:
     bank_epochs: int = 2  # epochs served by one round of drawn crops
     head_images: int = 0  # after crop training, refit the detection/type heads on this many whole images
     augment: float = 1.0
+    type_loss_weight: float = 1.0  # fracture task: weight of the shared network's type loss
     weights_dtype: str = "float16"
     data_description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -353,7 +354,9 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------- losses
 
 
-def fracture_loss(out: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+def fracture_loss(out: Any, batch: dict[str, torch.Tensor],
+                  type_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Detection + segmentation + ``type_weight`` x type loss; the parts are reported unweighted."""
     det_w = batch["det_w"]
     det = F.binary_cross_entropy_with_logits(out.detect, batch["det"], reduction="none")
     det_loss = (det * det_w).sum() / det_w.sum().clamp(min=1.0)
@@ -370,7 +373,7 @@ def fracture_loss(out: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     type_loss = torch.zeros(())
     if bool(tsel.any()):
         type_loss = F.cross_entropy(out.types[tsel], batch["type"][tsel], label_smoothing=0.05)
-    total = det_loss + seg_loss + type_loss
+    total = det_loss + seg_loss + type_weight * type_loss
     parts = {"loss": total, "det": det_loss, "seg": seg_loss, "type": type_loss}
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
@@ -662,7 +665,8 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
     if cfg.max_steps == 0:
         summary: dict[str, Any] = {"steps": 0, "stopped": "max_steps 0: crop training skipped", "history": []}
     else:
-        summary = run_training_loop(model, dataset, len(dataset), cfg, ckpt_dir, fracture_loss, validate, resume,
+        loss_fn = functools.partial(fracture_loss, type_weight=cfg.type_loss_weight)
+        summary = run_training_loop(model, dataset, len(dataset), cfg, ckpt_dir, loss_fn, validate, resume,
                                     show, loader_workers=loader_workers)
     if cfg.head_images > 0:
         summary["whole_image_heads"] = fit_whole_image_heads(model, train, val_quick, cfg, show)
@@ -706,7 +710,7 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
         "learning_rate": cfg.lr, "augmentation_strength": cfg.augment,
         "losses": "BCE detection (crop-level label from the mask) + BCE segmentation of the fracture mask at 1/8 "
                   "(pos_weight 4; training-only supervision) + cross-entropy over the 11 types (label smoothing "
-                  "0.05)",
+                  f"0.05) weighted {cfg.type_loss_weight:g}",
         "crops_per_image_and_round": cfg.bank_per_image, "epochs_per_round": cfg.bank_epochs,
         **{k: v for k, v in summary.items() if k != "history"},
         "history": summary["history"],
