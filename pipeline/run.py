@@ -26,12 +26,14 @@ from pipeline.explain import edge_view, heatmap_to_original, hybrid_overlay, pea
 from pipeline.models.architecture import SEG_STRIDE
 from pipeline.models.bundle import RUNTIMES, Bundle, BundleError, load_bundle
 from pipeline.models.preprocess import (
+    Geometry,
     cut_patch,
     fracture_input,
     patch_to_original,
-    seg_peak,
+    seg_peaks,
     standardise,
 )
+from pipeline.models.runtime import Engine
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.types import (
     Analysis,
@@ -131,6 +133,52 @@ class FractureOutputs:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+TYPE_SITES = 3  # candidate sites a type reader bundle trained or recalibrated here is read at (its card's "sites")
+
+
+@dataclass
+class TypeSite:
+    """One place a type reader read: a peak of the detector's segmentation map."""
+
+    centre: tuple[float, float]  # (x, y) original pixels
+    detector_evidence: float  # the detector's segmentation logit at the peak
+    reader_evidence: float  # the strongest cell of the reader's own segmentation map over its patch (a logit)
+    type_logits: np.ndarray
+
+    @property
+    def evidence(self) -> float:
+        return self.detector_evidence + self.reader_evidence
+
+
+def read_type_sites(pixels: np.ndarray, seg: np.ndarray, geom: Geometry, reader: Engine, long_side: int,
+                    patch: int, sites: int) -> list[TypeSite]:
+    """The type reader at each of the ``sites`` strongest peaks of the detector's segmentation map ``seg``
+    (peaks at least half a patch apart), strongest peak first.
+
+    Where the two networks' evidence of a fracture is largest is where the type is read (:func:`choose_site`):
+    the detector sees the whole image at its input size, the reader sees its patch at a finer scale, and on the
+    selection sets the peak the detector alone ranks first was inside the true box less often than the one
+    both rank highest (docs/MODELS.md, "Where the type is read")."""
+    side = patch * max(pixels.shape) / long_side
+    found = []
+    for x, y, value in seg_peaks(seg, geom, SEG_STRIDE, sites, side / 2):
+        region, _where = cut_patch(pixels, (x, y), long_side, patch)
+        rp = reader.classify(standardise(region))
+        found.append(TypeSite((x, y), value, float(rp.evidence), rp.type_logits))
+    return found
+
+
+def choose_site(found: Sequence[TypeSite]) -> TypeSite:
+    """The site with the largest summed evidence (the detector's strongest peak on a tie)."""
+    return max(found, key=lambda site: site.evidence)
+
+
+def type_sites(bundle: Bundle) -> int:
+    """How many candidate sites a type reader bundle is read at: its card's ``input_spec.sites`` (1, the
+    detector's strongest peak only, for cards that do not say)."""
+    return max(1, int(bundle.input_spec.get("sites", 1)))
+
+
 def read_type(pixels: np.ndarray, centre: tuple[float, float], bundle: Bundle,
               cams: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """A type reader bundle on the patch around ``centre``: the type distribution and, with ``cams``, the
@@ -163,9 +211,13 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
     det_cam = detector.cam(fp) if cams else None
     centre: tuple[float, float] | None = None
     if cls_b.architecture == "TypeReader":
-        # Second stage: read the type from a patch around the detector's strongest segmentation evidence.
-        centre = seg_peak(fp.seg, geom, SEG_STRIDE)
-        probs, type_map = read_type(radiograph.pixels, centre, cls_b, type_cam)
+        # Second stage: read the type from a patch around the fracture's likeliest site.
+        spec = cls_b.input_spec
+        site = choose_site(read_type_sites(radiograph.pixels, fp.seg, geom, cls_b.engine, int(spec["long_side"]),
+                                           int(spec["patch"]), type_sites(cls_b)))
+        centre = site.centre
+        probs = tempered_softmax(site.type_logits, cls_b.temperature)
+        type_map = read_type(radiograph.pixels, centre, cls_b, True)[1] if type_cam else None
     else:
         cls_engine, cls_fp, cls_geom = detector, fp, geom
         if not models.shared_backbone:

@@ -14,14 +14,23 @@ from click.testing import CliRunner
 
 from pipeline.cli_analyze import analyze as analyze_cmd
 from pipeline.explain import grad_cam, heatmap_to_original
-from pipeline.models.bundle import BundleError
+from pipeline.models.bundle import BundleError, read_card, update_card
 from pipeline.models.nets import SEG_STRIDE, TypeReader
-from pipeline.models.preprocess import cut_patch, prepare_fracture_input, seg_peak
+from pipeline.models.preprocess import (
+    Geometry,
+    cut_patch,
+    prepare_fracture_input,
+    seg_peak,
+    seg_peaks,
+    standardise_patch,
+)
 from pipeline.run import (
     BUNDLED_MODEL_DIR,
     ModelSet,
+    TypeSite,
     analyze,
     analyze_batch,
+    choose_site,
     detection_call,
     load_models,
     run_fracture_models,
@@ -86,6 +95,63 @@ def test_type_is_read_where_the_detector_points(models: ModelSet) -> None:
     assert outs.type_heatmap[inside].any() and not outs.type_heatmap[~inside].any()
     assert run_fracture_models(Radiograph(pixels=img), models, cams=False).type_probs == pytest.approx(
         outs.type_probs)
+
+
+def test_seg_peaks_are_strongest_first_apart_and_off_the_padding() -> None:
+    geom = Geometry(160, 144, 80, 72, 80, 80)  # scale 0.5; at 1/8 the last column of cells is padding
+    seg = np.zeros((10, 10), np.float32)
+    seg[2, 2], seg[2, 3], seg[7, 7], seg[5, 9] = 5.0, 4.0, 3.0, 10.0
+    # 16 original px is one cell at this scale: the neighbour of the first peak is cleared.
+    assert seg_peaks(seg, geom, SEG_STRIDE, 2, 16.0) == [(40.0, 40.0, 5.0), (120.0, 120.0, 3.0)]
+    assert seg_peaks(seg, geom, SEG_STRIDE, 2, 0.0) == [(40.0, 40.0, 5.0), (56.0, 40.0, 4.0)]
+    assert seg_peak(seg, geom, SEG_STRIDE) == (40.0, 40.0)
+    many = seg_peaks(seg, geom, SEG_STRIDE, 500, 16.0)  # stops when every cell is taken or cleared
+    assert 9 <= len(many) < 10 * 9 and all(x < 144 for x, _y, _v in many)
+    cells = [(round(y / 16 - 0.5), round(x / 16 - 0.5)) for x, y, _v in many]
+    assert all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) > 1 for i, a in enumerate(cells) for b in cells[:i])
+
+
+def test_choose_site_sums_both_networks_evidence() -> None:
+    logits = np.zeros(len(FRACTURE_TYPES))
+    first, second = TypeSite((1.0, 1.0), 3.0, -2.0, logits), TypeSite((9.0, 9.0), 2.0, 0.5, logits)
+    assert choose_site([first, second]) is second
+    assert choose_site([first, TypeSite((5.0, 5.0), 0.0, 1.0, logits)]) is first  # a tie keeps the stronger peak
+
+
+def test_with_sites_the_type_is_read_where_both_networks_see_most(tmp_path: Path) -> None:
+    """A reader card with ``sites: 3``: the reader reads the detector's three strongest peaks and the type comes
+    from the one where detector and reader logits sum highest (recomputed here with the torch modules)."""
+    root = write_untrained_bundles(tmp_path, reader=True)
+    card = read_card(root / "classifier")
+    update_card(root / "classifier", input={**card["input"], "sites": 3})
+    models = load_models(root, runtime="torch")
+    spec = models.classifier.input_spec
+    long_side, size = int(spec["long_side"]), int(spec["patch"])
+    moved = 0
+    for seed in range(6):
+        img, _m, _b = toy_radiograph(np.random.default_rng(seed), True, 1, h=300, w=200)
+        outs = run_fracture_models(Radiograph(pixels=img), models, cams=True)
+        x, geom = prepare_fracture_input(img, int(models.detector.input_spec["long_side"]))
+        with torch.no_grad():
+            seg = models.detector.model(x).seg[0, 0].numpy()
+        reads = []
+        for px, py, value in seg_peaks(seg, geom, SEG_STRIDE, 3, size * max(img.shape) / long_side / 2):
+            patch, _where = cut_patch(img, (px, py), long_side, size)
+            with torch.no_grad():
+                out = models.classifier.model(standardise_patch(patch))
+            reads.append((value + float(out.seg.max()), (px, py), out.types[0].numpy()))
+        assert len(reads) == 3
+        best = max(reads, key=lambda r: r[0])
+        moved += best is not reads[0]
+        assert outs.type_centre == pytest.approx(best[1])
+        z = best[2] / models.classifier.temperature
+        assert outs.type_probs == pytest.approx(np.exp(z - z.max()) / np.exp(z - z.max()).sum(), abs=1e-5)
+        _patch, where = cut_patch(img, outs.type_centre, long_side, size)
+        assert outs.type_heatmap is not None
+        inside = np.zeros(img.shape, bool)
+        inside[max(0, where.top):where.top + where.side, max(0, where.left):where.left + where.side] = True
+        assert not outs.type_heatmap[~inside].any()
+    assert moved > 0  # at least one image is read away from the detector's strongest peak
 
 
 def test_without_the_type_map_the_numbers_and_the_detector_map_are_unchanged(models: ModelSet) -> None:

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from config import Settings
 from pipeline.cli_analyze import analyze as analyze_cmd
-from pipeline.models.bundle import BundleError, load_bundle, make_card, save_bundle
+from pipeline.models.bundle import BundleError, load_bundle, make_card, read_card, save_bundle, update_card
 from pipeline.models.nets import FractureNet, TypeReader, ValidityNet
 from pipeline.models.numpy_nets import NumpyFractureNet, NumpyTypeReader, NumpyValidityNet
 from pipeline.models.runtime import engine_for
@@ -66,21 +66,24 @@ def test_detector_forward_and_grad_cam_match_torch(shape: tuple[int, int]) -> No
 def test_type_reader_and_radiograph_check_match_torch() -> None:
     reader = _randomised(TypeReader(width=4), 3)
     patch = np.random.default_rng(4).standard_normal((64, 64)).astype(np.float32)
-    np.testing.assert_allclose(NumpyTypeReader(_numpy_state(reader), width=4).classify(patch).type_logits,
-                               engine_for(reader).classify(patch).type_logits, atol=1e-4)
+    mine, theirs = NumpyTypeReader(_numpy_state(reader), width=4).classify(patch), engine_for(reader).classify(patch)
+    np.testing.assert_allclose(mine.type_logits, theirs.type_logits, atol=1e-4)
+    assert np.isfinite(mine.evidence) and mine.evidence == pytest.approx(theirs.evidence, abs=1e-4)
     check = _randomised(ValidityNet(width=4), 5)
     x = np.random.default_rng(6).standard_normal((64, 64)).astype(np.float32)
     assert NumpyValidityNet(_numpy_state(check), width=4).logit(x) == pytest.approx(engine_for(check).logit(x),
                                                                                      abs=1e-4)
 
 
-@pytest.mark.parametrize("layout", ["shared", "reader", "separate"])
+@pytest.mark.parametrize("layout", ["shared", "reader", "reader-3-sites", "separate"])
 def test_the_pipeline_gives_the_same_results_in_both_runtimes(layout: str, tmp_path: Path) -> None:
-    root = write_untrained_bundles(tmp_path, reader=layout == "reader",
+    root = write_untrained_bundles(tmp_path, reader=layout.startswith("reader"),
                                    classifier_long_side=200 if layout == "separate" else None)
+    if layout == "reader-3-sites":
+        update_card(root / "classifier", input={**read_card(root / "classifier")["input"], "sites": 3})
     reference, mine = load_models(root, runtime="torch"), load_models(root, runtime="numpy")
     assert mine.detector.runtime == "numpy" and mine.shared_backbone == reference.shared_backbone
-    type_cam = layout != "reader"  # the NumPy type reader has no Grad-CAM
+    type_cam = not layout.startswith("reader")  # the NumPy type reader has no Grad-CAM
     for seed, (h, w) in enumerate([(300, 200), (180, 260)]):
         img, _m, _b = toy_radiograph(np.random.default_rng(seed), True, 1, h=h, w=w)
         ref = run_fracture_models(Radiograph(pixels=img), reference, type_cam=type_cam)

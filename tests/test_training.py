@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from pipeline.models.bundle import load_bundle
 from pipeline.models.nets import FractureNet, TypeReader
-from pipeline.run import calibrated_probability, load_models, run_fracture_models
+from pipeline.run import TYPE_SITES, calibrated_probability, load_models, run_fracture_models
 from pipeline.training.calibration import fit_platt, fit_temperature, operating_point
 from pipeline.training.cli import recalibrate, train
 from pipeline.training.datasets import (
@@ -182,6 +182,7 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     assert card["training"]["train_images"] == sum(bool(r.fracture and r.type) for r in train_recs) > 0
     placed = card["metrics"]["validation"]
     assert {"at_true_centre", "at_detector_peak", "detector_peak_inside_box"} <= set(placed)
+    assert card["input"]["sites"] == placed["sites"] == TYPE_SITES > 1  # read as inference reads it
     assert card["temperature"] > 0 and "placed by the detector" in card["training"]["calibration"]
 
     # Behind the detector it was calibrated with, in a model set, through the whole pipeline.
@@ -212,6 +213,16 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     typed = len(typed_fractures(load_records(toy)))
     assert again.card["metrics"]["validation"]["images"] == typed > card["metrics"]["validation"]["images"]
     assert json.loads(result.output)["temperature"] == again.card["temperature"]
+    assert again.card["input"] == card["input"]  # without --sites, as many sites as before
+    # --sites 1: the detector's strongest peak only, in the card's input spec and in what the metrics measured.
+    single = tmp_path / "single"
+    result = CliRunner().invoke(recalibrate, ["--classifier", str(moved), "--detector", str(other.path), "--data",
+                                              str(toy), "--out", str(single), "--sites", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    one = load_bundle(single, expected_task="classify")
+    assert one.input_spec["sites"] == one.card["metrics"]["validation"]["sites"] == 1
+    assert "strongest cell" in one.input_spec["centre"] and "1 strongest" in one.card["training"]["calibration"]
+    assert one.card["training"]["recalibrations"][-1]["previous_sites"] == TYPE_SITES
     shared = write_untrained_bundles(tmp_path / "shared") / "classifier"  # a FractureNet classifier: refused
     refused = CliRunner().invoke(recalibrate, ["--classifier", str(shared), "--detector", str(other.path),
                                                "--data", str(toy), "--quiet"])

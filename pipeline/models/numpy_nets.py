@@ -275,6 +275,7 @@ class ReaderPass:
     type_logits: np.ndarray  # (11,)
     features: Any = None
     logits: Any = None
+    evidence: float = float("nan")  # the strongest cell of the reader's segmentation map (a logit)
 
 
 class NumpyTypeReader(_Backbone):
@@ -293,7 +294,8 @@ class NumpyTypeReader(_Backbone):
         """(P, P) standardised patch -> eleven type logits."""
         if cams:
             raise NotImplementedError(self.NO_CAM)
-        return ReaderPass(self.logits(x))
+        logits, evidence = self.read(x)
+        return ReaderPass(logits, evidence=evidence)
 
     supports_cam = False
     NO_CAM = ("the type reader's Grad-CAM needs a backward pass through a convolutional stage: load the models "
@@ -302,15 +304,17 @@ class NumpyTypeReader(_Backbone):
     def cam(self, rp: ReaderPass, index: int) -> np.ndarray:
         raise NotImplementedError(self.NO_CAM)
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
+    def read(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """The eleven type logits and the strongest cell of the segmentation map (a logit)."""
         f = _run(self.stage3, self.to_stage2(x))
         t = _run(self.stage4, f)
         c, h, w = f.shape
         flat_f = f.reshape(c, h * w).astype(np.float64)
-        attn = softmax(self.seg_w @ flat_f + self.seg_b)
+        seg = self.seg_w @ flat_f + self.seg_b
+        attn = softmax(seg)
         flat_t = t.reshape(t.shape[0], -1).astype(np.float64)
         pooled = np.concatenate([flat_f @ attn, flat_t.mean(axis=1), flat_t.max(axis=1)])
-        return self.fc_w @ pooled + self.fc_b
+        return self.fc_w @ pooled + self.fc_b, float(seg.max())
 
 
 class NumpyValidityNet:

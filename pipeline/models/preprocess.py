@@ -97,13 +97,31 @@ def map_to_original(fmap: np.ndarray, geom: Geometry) -> np.ndarray:
 def seg_peak(seg: np.ndarray, geom: Geometry, stride: int) -> tuple[float, float]:
     """(x, y) in original pixels of the centre of the strongest cell of a 1/``stride`` map of the padded input
     (cells over the padding are ignored)."""
+    x, y, _value = seg_peaks(seg, geom, stride, 1, 0.0)[0]
+    return x, y
+
+
+def seg_peaks(seg: np.ndarray, geom: Geometry, stride: int, count: int,
+              min_distance: float) -> list[tuple[float, float, float]]:
+    """Up to ``count`` local peaks of a 1/``stride`` map of the padded input, strongest first, as (x, y, value):
+    (x, y) in original pixels (as :func:`seg_peak`, which is the first), ``value`` the map's value there. Each
+    later peak is the strongest cell left after clearing the cells within ``min_distance`` original pixels (per
+    axis) of those before it; cells over the padding are ignored."""
     ch = max(1, min(seg.shape[0], -(-geom.scaled_h // stride)))
     cw = max(1, min(seg.shape[1], -(-geom.scaled_w // stride)))
-    iy, ix = np.unravel_index(int(np.argmax(seg[:ch, :cw])), (ch, cw))
+    left = seg[:ch, :cw].astype(np.float64)
+    r = max(0, int(round(min_distance * geom.scale / stride)))
     s = geom.scale
-    x = min(geom.orig_w - 1.0, (ix + 0.5) * stride / s)
-    y = min(geom.orig_h - 1.0, (iy + 0.5) * stride / s)
-    return float(x), float(y)
+    peaks: list[tuple[float, float, float]] = []
+    for _ in range(max(1, count)):
+        iy, ix = np.unravel_index(int(np.argmax(left)), (ch, cw))
+        if peaks and left[iy, ix] == -np.inf:
+            break
+        x = min(geom.orig_w - 1.0, (ix + 0.5) * stride / s)
+        y = min(geom.orig_h - 1.0, (iy + 0.5) * stride / s)
+        peaks.append((float(x), float(y), float(seg[iy, ix])))
+        left[max(0, iy - r):iy + r + 1, max(0, ix - r):ix + r + 1] = -np.inf
+    return peaks
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@
 The detector (:class:`~pipeline.models.nets.FractureNet`) offers ``forward(x, cams)`` on an (H, W) prepared
 input, giving a pass with ``detect_logit``, ``type_logits`` and the segmentation map ``seg``, and
 ``cam(pass, type_index)``, the Grad-CAM map of the detection logit (``type_index`` None) or of one type's logit.
-The type reader offers ``classify(x, cams)`` giving a pass with ``type_logits``, and ``cam(pass, index)``. The
+The type reader offers ``classify(x, cams)`` giving a pass with ``type_logits`` and ``evidence`` (the
+strongest cell of its segmentation map), and ``cam(pass, index)``. The
 radiograph check offers ``logit(x)``. The NumPy networks (:mod:`pipeline.models.numpy_nets`) have these methods
 themselves; the torch modules are wrapped here, and torch is imported only for them.
 """
@@ -72,9 +73,10 @@ class TorchTypeReader:
             feats = self.net.features(as_batch(x))
         feats.requires_grad_(cams)
         with torch.set_grad_enabled(cams):
-            logits = self.net.classify(feats)[0]
+            out = self.net.heads(feats)
+        logits = out.types[0]
         return ReaderPass(logits.detach().numpy().astype(np.float64), feats if cams else None,
-                          logits if cams else None)
+                          logits if cams else None, evidence=float(out.seg.detach().max()))
 
     def cam(self, rp: ReaderPass, index: int) -> np.ndarray:
         from pipeline.explain import grad_cam

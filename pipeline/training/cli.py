@@ -167,14 +167,17 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
               help="Calibration data: fractured radiographs with type and box (generator layout); repeatable.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Where to write the recalibrated bundle (default: the --classifier folder, in place).")
+@click.option("--sites", type=click.IntRange(1, 16), default=None,
+              help="How many of the detector's strongest segmentation peaks inference weighs before reading the "
+                   "type (1: the strongest only; default: as the reader's card says).")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def recalibrate(reader: Path, detector: Path, data: tuple[str, ...], out: Path | None, threads: int,
-                quiet: bool) -> None:
+def recalibrate(reader: Path, detector: Path, data: tuple[str, ...], out: Path | None, sites: int | None,
+                threads: int, quiet: bool) -> None:
     """Refit a type reader's temperature and card metrics behind another detector (no training).
 
     Needed whenever the detector in front of a reader changes (a new run, or real weights trained elsewhere):
-    the reader's patch is centred on the detector's peak, so its calibration belongs to that pairing.
+    the reader's patch is centred on one of the detector's peaks, so its calibration belongs to that pairing.
     """
     from pipeline.training.type_reader import recalibrate_type_reader
 
@@ -182,7 +185,7 @@ def recalibrate(reader: Path, detector: Path, data: tuple[str, ...], out: Path |
     try:
         records = [r for src in data for r in load_records(src)]
         written = recalibrate_type_reader(reader, detector, records, out or reader, ", ".join(data),
-                                          show=not quiet)
+                                          show=not quiet, sites=sites)
     except (DatasetError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     card = read_card(written)

@@ -1,7 +1,8 @@
 """Training the second-stage type classifier (:class:`~pipeline.models.nets.TypeReader`).
 
-At inference the type is read from a patch centred on the detector's strongest segmentation evidence, cut at
-``long_side`` scale (twice the detector's by default). Training draws such patches around the fracture itself:
+At inference the type is read from a patch centred on one of the detector's strongest segmentation peaks (the
+one where the detector's and the reader's evidence together is largest: :func:`pipeline.run.read_type_sites`),
+cut at ``long_side`` scale (twice the detector's by default). Training draws such patches around the fracture itself:
 the centre is a random pixel of the fracture mask plus a few pixels of jitter (so the reader does not rely on
 the fracture sitting exactly in the middle), with random scale, any rotation (the types are defined relative to
 the bone, not to the image), flips and the same acquisition augmentation as the detector.
@@ -28,14 +29,10 @@ from tqdm import tqdm
 from pipeline.evaluation.metrics import accuracy, confusion_matrix, macro_f1
 from pipeline.models.bundle import Bundle, load_bundle, make_card, read_card, save_bundle, update_card
 from pipeline.models.imageio import read_gray
-from pipeline.models.nets import SEG_STRIDE, FractureNet, TypeOutput, TypeReader, count_parameters
-from pipeline.models.preprocess import (
-    cut_patch,
-    prepare_fracture_input,
-    resize_long_side,
-    seg_peak,
-    standardise_patch,
-)
+from pipeline.models.nets import FractureNet, TypeOutput, TypeReader, count_parameters
+from pipeline.models.preprocess import cut_patch, fracture_input, resize_long_side, standardise_patch
+from pipeline.models.runtime import TorchFractureNet, TorchTypeReader
+from pipeline.run import TYPE_SITES, choose_site, read_type_sites, type_sites
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.augment import acquisition_params, apply_local, apply_pointwise, crop_padded
 from pipeline.training.calibration import fit_temperature
@@ -43,6 +40,10 @@ from pipeline.training.datasets import Record
 from pipeline.training.loop import TrainConfig, fork_map, init_from_bundle, keyed_rng, run_training_loop
 
 READER_STRIDE = 16  # the reader's segmentation map is at 1/16 of the patch
+SINGLE_SITE_RULE = "the strongest cell of the detector's segmentation map (pipeline.models.preprocess.seg_peak)"
+SITES_RULE = ("of the detector's `sites` strongest segmentation peaks (at least half a patch apart), the one where "
+              "the detector's segmentation logit plus the strongest cell of this reader's own segmentation map over "
+              "the patch is largest (pipeline.run.read_type_sites and choose_site)")
 CENTRE_JITTER = 1 / 12  # standard deviation of the patch centre around the chosen mask pixel, in patch sides
 
 
@@ -168,22 +169,25 @@ def _patch_at(pixels: np.ndarray, centre: tuple[float, float], long_side: int, p
 
 @torch.inference_mode()
 def read_types(reader: TypeReader, records: list[Record], long_side: int, patch: int,
-               detector: Bundle | None, show: bool = False) -> dict[str, Any]:
-    """Type logits of each record read at its true fracture centre and, with a ``detector``, at the detector's
-    segmentation peak (as at inference); plus whether that peak fell inside the true box."""
+               detector: Bundle | None, sites: int = TYPE_SITES, show: bool = False) -> dict[str, Any]:
+    """Type logits of each record read at its true fracture centre and, with a ``detector``, where inference
+    reads it (the best of the detector's ``sites`` strongest segmentation peaks); plus whether that site fell
+    inside the true box."""
     reader.eval()
     truth, at_truth, at_peak, hits = [], [], [], []
     det_net = detector.model if detector is not None else None
     det_long = int(detector.input_spec.get("long_side", 512)) if detector is not None else 0
+    reader_engine = TorchTypeReader(reader)
     for rec in tqdm(records, desc="read types", leave=False, disable=not show):
         pixels = read_gray(rec.path)
         truth.append(FRACTURE_TYPES.index(rec.type or ""))
         at_truth.append(reader(_patch_at(pixels, _box_centre(rec, pixels), long_side, patch)).types[0].numpy())
         if isinstance(det_net, FractureNet):
-            xd, geom = prepare_fracture_input(pixels, det_long)
-            centre = seg_peak(det_net(xd).seg[0, 0].numpy(), geom, SEG_STRIDE)
-            hits.append(_inside(rec, centre))
-            at_peak.append(reader(_patch_at(pixels, centre, long_side, patch)).types[0].numpy())
+            xd, geom = fracture_input(pixels, det_long)
+            seg = TorchFractureNet(det_net).forward(xd).seg
+            site = choose_site(read_type_sites(pixels, seg, geom, reader_engine, long_side, patch, sites))
+            hits.append(_inside(rec, site.centre))
+            at_peak.append(site.type_logits.astype(np.float32))
     empty = np.zeros((0, len(FRACTURE_TYPES)), np.float32)
     return {"truth": np.array(truth, dtype=int), "at_truth": np.stack(at_truth) if at_truth else empty,
             "at_peak": np.stack(at_peak) if at_peak else None, "peak_inside_box": hits}
@@ -229,12 +233,12 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
     summary = run_training_loop(model, dataset, len(dataset), cfg, ckpt_dir, type_loss, validate, resume, show)
     detector = load_bundle(detector_dir, expected_task="detect") if detector_dir is not None else None
     held = typed_fractures(calibration if calibration else val)
-    temperature, metrics, how = calibrate_reader(model, held, cfg.long_side, patch, detector, show)
+    temperature, metrics, how = calibrate_reader(model, held, cfg.long_side, patch, detector, TYPE_SITES, show)
     input_spec = {
         "pixels": "float32 in [0, 1], bone bright (as for the detector)",
         "long_side": cfg.long_side,
         "patch": patch,
-        "centre": "the strongest cell of the detector's segmentation map (pipeline.models.preprocess.seg_peak)",
+        "centre": SITES_RULE, "sites": TYPE_SITES,
         "resize": "the square of patch * max(h, w) / long_side original pixels around the centre, air (0) "
                   "beyond the image, cv2.INTER_AREA to patch x patch",
         "normalisation": "per patch: (x - mean) / std",
@@ -266,28 +270,32 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
 
 
 def calibrate_reader(model: TypeReader, held: list[Record], long_side: int, patch: int, detector: Bundle | None,
-                     show: bool) -> tuple[float, dict[str, Any], str]:
-    """The temperature and the card's metrics of a reader on ``held``, with its patches placed by ``detector``'s
-    segmentation peak as at inference (else at the true fracture centre); and how it was calibrated, in words."""
-    read = read_types(model, held, long_side, patch, detector, show=show)
+                     sites: int, show: bool) -> tuple[float, dict[str, Any], str]:
+    """The temperature and the card's metrics of a reader on ``held``, with its patches placed as at inference
+    by ``detector`` (the best of its ``sites`` strongest segmentation peaks; else at the true fracture centre);
+    and how it was calibrated, in words."""
+    read = read_types(model, held, long_side, patch, detector, sites, show=show)
     placed = read["at_peak"] if read["at_peak"] is not None else read["at_truth"]
     temperature = fit_temperature(placed, read["truth"]) if len(held) else 1.0
     metrics: dict[str, Any] = {"at_true_centre": _scores(read["truth"], read["at_truth"]), "images": len(held)}
     if read["at_peak"] is not None:
         metrics["at_detector_peak"] = _scores(read["truth"], read["at_peak"])
         metrics["detector_peak_inside_box"] = float(np.mean(read["peak_inside_box"])) if held else None
+        metrics["sites"] = sites
     how = ("temperature scaling of the type logits on patches placed by the detector "
-           f"{detector.identity.name} {detector.identity.sha256[:12]}" if detector is not None
+           f"{detector.identity.name} {detector.identity.sha256[:12]} as at inference (the best of its {sites} "
+           "strongest segmentation peaks)" if detector is not None
            else "temperature scaling on patches at the true fracture centre")
     return temperature, metrics, how
 
 
 def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: list[Record], out: Path,
-                            calibration_data: str, show: bool = True) -> Path:
-    """A trained reader behind another detector: its patches move with that detector's peak, so refit the
+                            calibration_data: str, show: bool = True, sites: int | None = None) -> Path:
+    """A trained reader behind another detector: its patches move with that detector's peaks, so refit the
     temperature and the card's metrics there. The weights are the same file (same SHA-256); the card keeps
-    its training record and lists the recalibration with the values it replaced. Written to ``out`` (may be
-    ``reader_dir`` itself)."""
+    its training record and lists the recalibration with the values it replaced. ``sites`` sets how many of the
+    detector's peaks inference weighs (default: as the card says). Written to ``out`` (may be ``reader_dir``
+    itself)."""
     reader = load_bundle(reader_dir, expected_task="classify")
     if not isinstance(reader.model, TypeReader):
         raise ValueError(f"{reader_dir} is not a TypeReader bundle (a FractureNet classifier shares the "
@@ -296,18 +304,20 @@ def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: l
     held = typed_fractures(calibration)
     if not held:
         raise ValueError("the calibration data has no fractured radiograph with a type and a box")
-    spec = reader.input_spec
+    spec = dict(reader.input_spec)
+    n_sites = sites if sites is not None else type_sites(reader)
     temperature, metrics, how = calibrate_reader(reader.model, held, int(spec["long_side"]), int(spec["patch"]),
-                                                 detector, show)
+                                                 detector, n_sites, show)
     card = read_card(reader_dir)
     training = dict(card.get("training", {}))
     training["recalibrations"] = [*training.get("recalibrations", []), {
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "previous_calibration": training.get("calibration"), "previous_temperature": card.get("temperature"),
-        "previous_metrics": card.get("metrics")}]
+        "previous_metrics": card.get("metrics"), "previous_sites": type_sites(reader)}]
     training.update(calibration=how, calibration_images=len(held), calibration_data=calibration_data)
+    spec.update(centre=SITES_RULE if n_sites > 1 else SINGLE_SITE_RULE, sites=n_sites)
     if Path(out).resolve() != Path(reader_dir).resolve():
         shutil.copytree(reader_dir, out, dirs_exist_ok=True)
     # Metrics measured behind the previous detector (a held-out test's too) no longer describe this pairing.
-    update_card(out, temperature=temperature, training=training, metrics={"validation": metrics})
+    update_card(out, temperature=temperature, training=training, metrics={"validation": metrics}, input=spec)
     return Path(out)
