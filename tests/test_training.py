@@ -26,7 +26,7 @@ from pipeline.training.datasets import (
     read_mura_csv,
     split_records,
 )
-from pipeline.training.loop import CropBank, FractureCrops, TrainConfig, fracture_loss
+from pipeline.training.loop import CropBank, FractureCrops, TrainConfig, fracture_loss, keyed_rng
 from pipeline.training.toydata import toy_radiograph, write_toy_dataset, write_untrained_bundles
 from pipeline.training.type_reader import TypePatches, typed_fractures
 from pipeline.types import Radiograph
@@ -264,6 +264,12 @@ def test_forked_workers_draw_the_same_crops_and_patches(toy: Path) -> None:
     (items1, ctx1), (items2, ctx2) = drawn
     assert items1.keys() == items2.keys() and len(items1["x"]) == 16
     assert all(np.array_equal(items1[k], items2[k]) for k in items1)
+    # Stored as float16, crop j of image i at row i * per_image + j, exactly as drawn on its own.
+    assert items1["x"].dtype == np.float16
+    cfg = TrainConfig(long_side=96, crop=64, patch=32, seed=4)
+    own = FractureCrops(records, cfg).sample(3, keyed_rng(4, 0, 3, 1, 17))
+    assert np.array_equal(items1["x"][3 * 2 + 1], own["x"].numpy().astype(np.float16))
+    assert all(np.array_equal(items1[k][3 * 2 + 1], own[k].numpy()) for k in items1 if k != "x")
     assert len(ctx1) == len(ctx2) == sum(bool(r.fracture) for r in records) > 0
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(ctx1, ctx2, strict=True))
 
