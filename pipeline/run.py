@@ -27,13 +27,14 @@ from pipeline.models.architecture import SEG_STRIDE
 from pipeline.models.bundle import RUNTIMES, Bundle, BundleError, load_bundle
 from pipeline.models.preprocess import (
     Geometry,
+    Patch,
     cut_patch,
     fracture_input,
     patch_to_original,
     seg_peaks,
     standardise,
 )
-from pipeline.models.runtime import Engine
+from pipeline.models.runtime import Engine, ReaderPass
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.types import (
     Analysis,
@@ -144,6 +145,8 @@ class TypeSite:
     detector_evidence: float  # the detector's segmentation logit at the peak
     reader_evidence: float  # the strongest cell of the reader's own segmentation map over its patch (a logit)
     type_logits: np.ndarray
+    patch: Patch | None = None  # where the patch lies in the original image
+    read: ReaderPass | None = None  # the reader's pass (with its graph when read with ``cams``)
 
     @property
     def evidence(self) -> float:
@@ -151,20 +154,21 @@ class TypeSite:
 
 
 def read_type_sites(pixels: np.ndarray, seg: np.ndarray, geom: Geometry, reader: Engine, long_side: int,
-                    patch: int, sites: int) -> list[TypeSite]:
+                    patch: int, sites: int, cams: bool = False) -> list[TypeSite]:
     """The type reader at each of the ``sites`` strongest peaks of the detector's segmentation map ``seg``
     (peaks at least half a patch apart), strongest peak first.
 
     Where the two networks' evidence of a fracture is largest is where the type is read (:func:`choose_site`):
     the detector sees the whole image at its input size, the reader sees its patch at a finer scale, and on the
     selection sets the peak the detector alone ranks first was inside the true box less often than the one
-    both rank highest (docs/MODELS.md, "Where the type is read")."""
+    both rank highest (docs/MODELS.md, "Where the type is read"). With ``cams`` each pass keeps what the
+    reader's Grad-CAM needs (torch runtime only)."""
     side = patch * max(pixels.shape) / long_side
     found = []
     for x, y, value in seg_peaks(seg, geom, SEG_STRIDE, sites, side / 2):
-        region, _where = cut_patch(pixels, (x, y), long_side, patch)
-        rp = reader.classify(standardise(region))
-        found.append(TypeSite((x, y), value, float(rp.evidence), rp.type_logits))
+        region, where = cut_patch(pixels, (x, y), long_side, patch)
+        rp = reader.classify(standardise(region), cams=cams)
+        found.append(TypeSite((x, y), value, float(rp.evidence), rp.type_logits, where, rp))
     return found
 
 
@@ -177,21 +181,6 @@ def type_sites(bundle: Bundle) -> int:
     """How many candidate sites a type reader bundle is read at: its card's ``input_spec.sites`` (1, the
     detector's strongest peak only, for cards that do not say)."""
     return max(1, int(bundle.input_spec.get("sites", 1)))
-
-
-def read_type(pixels: np.ndarray, centre: tuple[float, float], bundle: Bundle,
-              cams: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """A type reader bundle on the patch around ``centre``: the type distribution and, with ``cams``, the
-    Grad-CAM map of the top type pasted into the original geometry (zero outside the patch)."""
-    spec = bundle.input_spec
-    patch, where = cut_patch(pixels, centre, int(spec["long_side"]), int(spec["patch"]))
-    reader = bundle.engine
-    rp = reader.classify(standardise(patch), cams=cams)
-    probs = tempered_softmax(rp.type_logits, bundle.temperature)
-    if not cams:
-        return probs, None
-    cam = reader.cam(rp, int(np.argmax(probs)))
-    return probs, patch_to_original(cam, where, pixels.shape)
 
 
 def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = True,
@@ -214,10 +203,14 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
         # Second stage: read the type from a patch around the fracture's likeliest site.
         spec = cls_b.input_spec
         site = choose_site(read_type_sites(radiograph.pixels, fp.seg, geom, cls_b.engine, int(spec["long_side"]),
-                                           int(spec["patch"]), type_sites(cls_b)))
+                                           int(spec["patch"]), type_sites(cls_b), cams=type_cam))
         centre = site.centre
         probs = tempered_softmax(site.type_logits, cls_b.temperature)
-        type_map = read_type(radiograph.pixels, centre, cls_b, True)[1] if type_cam else None
+        type_map = None
+        if type_cam and site.read is not None and site.patch is not None:
+            # Grad-CAM of the top type over the chosen patch, pasted into the original geometry.
+            cam = cls_b.engine.cam(site.read, int(np.argmax(probs)))
+            type_map = patch_to_original(cam, site.patch, radiograph.pixels.shape)
     else:
         cls_engine, cls_fp, cls_geom = detector, fp, geom
         if not models.shared_backbone:
