@@ -116,7 +116,10 @@ def test_bundled_models_give_the_same_analysis_in_both_runtimes() -> None:
             for name, p in ref.classification.distribution.items():
                 assert out.classification.distribution[name] == pytest.approx(p, abs=1e-5)
         assert out.explanation is not None and ref.explanation is not None
-        np.testing.assert_allclose(out.explanation.heatmap, ref.explanation.heatmap, atol=1e-4)
+        # The maps are scaled to [0, 1]. Through the 768 px bundled detector, float32 sums in a different order
+        # (oneDNN against NumPy) differ by up to about 1.2e-4 on a few hundred of 670 000 pixels, and by how
+        # much varies with oneDNN's choice of kernels from run to run; the peak box must still be identical.
+        np.testing.assert_allclose(out.explanation.heatmap, ref.explanation.heatmap, atol=5e-4)
         assert out.explanation.peak_box == ref.explanation.peak_box
         assert [m.sha256 for m in out.models] == [m.sha256 for m in ref.models]
 
