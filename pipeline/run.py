@@ -143,14 +143,17 @@ class TypeSite:
 
     centre: tuple[float, float]  # (x, y) original pixels
     detector_evidence: float  # the detector's segmentation logit at the peak
-    reader_evidence: float  # the strongest cell of the reader's own segmentation map over its patch (a logit)
-    type_logits: np.ndarray
-    patch: Patch | None = None  # where the patch lies in the original image
-    read: ReaderPass | None = None  # the reader's pass (with its graph when read with ``cams``)
+    patch: Patch  # where the reader's patch lies in the original image
+    read: ReaderPass  # the reader's pass over it (with its graph when read with ``cams``)
+
+    @property
+    def type_logits(self) -> np.ndarray:
+        return self.read.type_logits
 
     @property
     def evidence(self) -> float:
-        return self.detector_evidence + self.reader_evidence
+        """The detector's logit plus the strongest cell of the reader's own segmentation map over the patch."""
+        return self.detector_evidence + self.read.evidence
 
 
 def read_type_sites(pixels: np.ndarray, seg: np.ndarray, geom: Geometry, reader: Engine, long_side: int,
@@ -168,7 +171,7 @@ def read_type_sites(pixels: np.ndarray, seg: np.ndarray, geom: Geometry, reader:
     for x, y, value in seg_peaks(seg, geom, SEG_STRIDE, sites, side / 2):
         region, where = cut_patch(pixels, (x, y), long_side, patch)
         rp = reader.classify(standardise(region), cams=cams)
-        found.append(TypeSite((x, y), value, float(rp.evidence), rp.type_logits, where, rp))
+        found.append(TypeSite((x, y), value, where, rp))
     return found
 
 
@@ -206,11 +209,9 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
                                            int(spec["patch"]), type_sites(cls_b), cams=type_cam))
         centre = site.centre
         probs = tempered_softmax(site.type_logits, cls_b.temperature)
-        type_map = None
-        if type_cam and site.read is not None and site.patch is not None:
-            # Grad-CAM of the top type over the chosen patch, pasted into the original geometry.
-            cam = cls_b.engine.cam(site.read, int(np.argmax(probs)))
-            type_map = patch_to_original(cam, site.patch, radiograph.pixels.shape)
+        # With type_cam, the Grad-CAM of the top type over the chosen patch, pasted into the original geometry.
+        type_map = patch_to_original(cls_b.engine.cam(site.read, int(np.argmax(probs))), site.patch,
+                                     radiograph.pixels.shape) if type_cam else None
     else:
         cls_engine, cls_fp, cls_geom = detector, fp, geom
         if not models.shared_backbone:

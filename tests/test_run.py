@@ -16,8 +16,10 @@ from pipeline.cli_analyze import analyze as analyze_cmd
 from pipeline.explain import grad_cam, heatmap_to_original
 from pipeline.models.bundle import BundleError, read_card, update_card
 from pipeline.models.nets import SEG_STRIDE, TypeReader
+from pipeline.models.numpy_nets import ReaderPass
 from pipeline.models.preprocess import (
     Geometry,
+    Patch,
     cut_patch,
     prepare_fracture_input,
     seg_peak,
@@ -112,10 +114,12 @@ def test_seg_peaks_are_strongest_first_apart_and_off_the_padding() -> None:
 
 
 def test_choose_site_sums_both_networks_evidence() -> None:
-    logits = np.zeros(len(FRACTURE_TYPES))
-    first, second = TypeSite((1.0, 1.0), 3.0, -2.0, logits), TypeSite((9.0, 9.0), 2.0, 0.5, logits)
+    def site(detector: float, reader: float) -> TypeSite:
+        return TypeSite((1.0, 1.0), detector, Patch(0, 0, 8), ReaderPass(np.zeros(len(FRACTURE_TYPES)), reader))
+
+    first, second = site(3.0, -2.0), site(2.0, 0.5)
     assert choose_site([first, second]) is second
-    assert choose_site([first, TypeSite((5.0, 5.0), 0.0, 1.0, logits)]) is first  # a tie keeps the stronger peak
+    assert choose_site([first, site(0.0, 1.0)]) is first  # a tie keeps the stronger peak
 
 
 def test_with_sites_the_type_is_read_where_both_networks_see_most(tmp_path: Path) -> None:

@@ -273,9 +273,9 @@ class ReaderPass:
     """One pass of a type reader (the torch runtime keeps the features and logits with their graph)."""
 
     type_logits: np.ndarray  # (11,)
+    evidence: float  # the strongest cell of the reader's segmentation map (a logit)
     features: Any = None
     logits: Any = None
-    evidence: float = float("nan")  # the strongest cell of the reader's segmentation map (a logit)
 
 
 class NumpyTypeReader(_Backbone):
@@ -295,7 +295,7 @@ class NumpyTypeReader(_Backbone):
         if cams:
             raise NotImplementedError(self.NO_CAM)
         logits, evidence = self.read(x)
-        return ReaderPass(logits, evidence=evidence)
+        return ReaderPass(logits, evidence)
 
     supports_cam = False
     NO_CAM = ("the type reader's Grad-CAM needs a backward pass through a convolutional stage: load the models "

@@ -75,8 +75,8 @@ class TorchTypeReader:
         with torch.set_grad_enabled(cams):
             out = self.net.heads(feats)
         logits = out.types[0]
-        return ReaderPass(logits.detach().numpy().astype(np.float64), feats if cams else None,
-                          logits if cams else None, evidence=float(out.seg.detach().max()))
+        return ReaderPass(logits.detach().numpy().astype(np.float64), float(out.seg.detach().max()),
+                          feats if cams else None, logits if cams else None)
 
     def cam(self, rp: ReaderPass, index: int) -> np.ndarray:
         from pipeline.explain import grad_cam

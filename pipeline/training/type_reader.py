@@ -178,13 +178,14 @@ def read_types(reader: TypeReader, records: list[Record], long_side: int, patch:
     det_net = detector.model if detector is not None else None
     det_long = int(detector.input_spec.get("long_side", 512)) if detector is not None else 0
     reader_engine = TorchTypeReader(reader)
+    det_engine = TorchFractureNet(det_net) if isinstance(det_net, FractureNet) else None
     for rec in tqdm(records, desc="read types", leave=False, disable=not show):
         pixels = read_gray(rec.path)
         truth.append(FRACTURE_TYPES.index(rec.type or ""))
         at_truth.append(reader(_patch_at(pixels, _box_centre(rec, pixels), long_side, patch)).types[0].numpy())
-        if isinstance(det_net, FractureNet):
+        if det_engine is not None:
             xd, geom = fracture_input(pixels, det_long)
-            seg = TorchFractureNet(det_net).forward(xd).seg
+            seg = det_engine.forward(xd).seg
             site = choose_site(read_type_sites(pixels, seg, geom, reader_engine, long_side, patch, sites))
             hits.append(_inside(rec, site.centre))
             at_peak.append(site.type_logits.astype(np.float32))
