@@ -18,7 +18,7 @@ from config import Settings
 from pipeline.cli_analyze import analyze as analyze_cmd
 from pipeline.models.bundle import BundleError, load_bundle, make_card, read_card, save_bundle, update_card
 from pipeline.models.nets import FractureNet, TypeReader, ValidityNet
-from pipeline.models.numpy_nets import NumpyFractureNet, NumpyTypeReader, NumpyValidityNet
+from pipeline.models.numpy_nets import Conv, NumpyFractureNet, NumpyTypeReader, NumpyValidityNet
 from pipeline.models.runtime import engine_for
 from pipeline.run import BUNDLED_MODEL_DIR, analyze, load_models, run_fracture_models
 from pipeline.training.toydata import toy_radiograph, write_untrained_bundles
@@ -45,6 +45,22 @@ def _randomised(net: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def _numpy_state(net: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.numpy().copy() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize(("c", "h", "w", "k", "stride", "pad"), [
+    (3, 17, 23, 3, 1, 1), (4, 16, 16, 3, 2, 1), (4, 15, 9, 3, 2, 1), (2, 9, 10, 5, 2, 2), (5, 31, 8, 7, 2, 3),
+    (3, 12, 13, 3, 1, 0), (2, 11, 11, 5, 3, 2), (2, 2, 3, 5, 1, 2)])  # (2, 3) with k 5: every tap partly outside
+def test_convolution_matches_torch_at_every_border(c: int, h: int, w: int, k: int, stride: int, pad: int) -> None:
+    """The NumPy convolution gathers its taps from the unpadded input and zeroes those that fall outside."""
+    rng = np.random.default_rng(k * 100 + h)
+    x = rng.standard_normal((c, h, w)).astype(np.float32)
+    weight = rng.standard_normal((6, c, k, k)).astype(np.float32)
+    bias = rng.standard_normal(6).astype(np.float32)
+    ours = Conv(weight.reshape(6, -1).copy(), bias, k, stride, pad)(x)
+    theirs = torch.nn.functional.conv2d(torch.from_numpy(x)[None], torch.from_numpy(weight), torch.from_numpy(bias),
+                                        stride=stride, padding=pad)[0].numpy()
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(64, 96), (37, 53), (8, 70)])  # (8, 70): smaller than the blur's radius

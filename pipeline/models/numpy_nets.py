@@ -71,15 +71,29 @@ class Conv:
             ho, wo = xs.shape[1:]
             out = self.weight @ np.ascontiguousarray(xs).reshape(c, ho * wo)
         else:
-            xp = np.pad(x, ((0, 0), (p, p), (p, p))) if p else x
+            # im2col straight from the unpadded input: tap (i, j) of output (y, x) reads input
+            # (s*y + i - p, s*x + j - p); outside the input it is the zero padding (no padded copy).
             ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
             cols = np.empty((c, k, k, ho, wo), dtype=np.float32)
             for i in range(k):
+                y0, y1 = _valid(i - p, s, h, ho)
                 for j in range(k):
-                    cols[:, i, j] = xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
+                    x0, x1 = _valid(j - p, s, w, wo)
+                    tap = cols[:, i, j]
+                    if y0 or x0 or y1 < ho or x1 < wo:
+                        tap[:, :y0], tap[:, y1:], tap[:, :, :x0], tap[:, :, x1:] = 0, 0, 0, 0
+                    tap[:, y0:y1, x0:x1] = x[:, s * y0 + i - p:s * (y1 - 1) + i - p + 1:s,
+                                             s * x0 + j - p:s * (x1 - 1) + j - p + 1:s]
             out = self.weight @ cols.reshape(c * k * k, ho * wo)
         out += self.bias[:, None]
         return out.reshape(-1, ho, wo)
+
+
+def _valid(offset: int, stride: int, size: int, out: int) -> tuple[int, int]:
+    """Output indices ``[a, b)`` whose input index ``stride * o + offset`` lies inside ``[0, size)``."""
+    a = max(0, -(offset // stride) if offset < 0 else 0)
+    b = min(out, (size - 1 - offset) // stride + 1)
+    return a, max(a, b)
 
 
 def _conv(wts: _Weights, key: str, cin: int, cout: int, k: int, stride: int = 1, pad: int = 0) -> Conv:
