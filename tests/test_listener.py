@@ -120,7 +120,8 @@ def test_aborted_association_mid_transfer_stores_nothing(settings: Settings, db:
     assoc = _store_client(settings)
     assert assoc.is_established
     transport = assoc.dul.socket
-    assert transport is not None
+    assert transport is not None and transport.socket is not None
+    client_socket = transport.socket  # the test's own client end, closed below (pynetdicom may not, after Evt17)
     original_send = transport.send
 
     def send_half_then_drop(data: bytes) -> None:
@@ -139,6 +140,7 @@ def test_aborted_association_mid_transfer_stores_nothing(settings: Settings, db:
     deadline = time.monotonic() + 5
     while listener.active_associations and time.monotonic() < deadline:
         time.sleep(0.05)
+    client_socket.close()  # otherwise its ResourceWarning surfaces, as an error, in whichever test runs next
     assert _counts(db) == (0, 0)
     assert _stored_files(settings) == []
     ok = _store_client(settings)  # the listener is unharmed
