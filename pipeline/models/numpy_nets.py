@@ -75,10 +75,10 @@ class Conv:
             # (s*y + i - p, s*x + j - p); outside the input it is the zero padding (no padded copy).
             ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
             cols = np.empty((c, k, k, ho, wo), dtype=np.float32)
+            across = [_valid(j - p, s, w, wo) for j in range(k)]
             for i in range(k):
                 y0, y1 = _valid(i - p, s, h, ho)
-                for j in range(k):
-                    x0, x1 = _valid(j - p, s, w, wo)
+                for j, (x0, x1) in enumerate(across):
                     tap = cols[:, i, j]
                     if y0 or x0 or y1 < ho or x1 < wo:
                         tap[:, :y0], tap[:, y1:], tap[:, :, :x0], tap[:, :, x1:] = 0, 0, 0, 0
@@ -91,7 +91,7 @@ class Conv:
 
 def _valid(offset: int, stride: int, size: int, out: int) -> tuple[int, int]:
     """Output indices ``[a, b)`` whose input index ``stride * o + offset`` lies inside ``[0, size)``."""
-    a = max(0, -(offset // stride) if offset < 0 else 0)
+    a = -(offset // stride) if offset < 0 else 0  # ceil(-offset / stride)
     b = min(out, (size - 1 - offset) // stride + 1)
     return a, max(a, b)
 
