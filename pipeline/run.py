@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see pipeline/models/__ini
 from collections.abc import Sequence  # noqa: E402
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,6 +66,28 @@ class ModelSet:
     def shared_backbone(self) -> bool:
         """Detector and classifier are the same multi-head network (one forward pass serves both)."""
         return self.detector.identity.sha256 == self.classifier.identity.sha256
+
+    @property
+    def fusion(self) -> dict[str, Any] | None:
+        """The type reader's detection fusion for this detector (its card's ``detection_fusion``, fitted behind
+        a detector with this SHA-256), or None: the detector's own calibrated probability then stands alone."""
+        fusion = self.classifier.card.get("detection_fusion")
+        if self.classifier.architecture != "TypeReader" or not isinstance(fusion, dict):
+            return None
+        return fusion if fusion.get("detector_sha256") == self.detector.identity.sha256 else None
+
+    @property
+    def operating_point(self) -> float:
+        fusion = self.fusion
+        return float(fusion["operating_point"]["threshold"]) if fusion else self.detector.operating_point
+
+    @property
+    def indeterminate_band(self) -> tuple[float, float]:
+        fusion = self.fusion
+        if not fusion:
+            return self.detector.indeterminate_band
+        lo, hi = fusion["operating_point"].get("indeterminate_band") or [self.operating_point] * 2
+        return float(lo), float(hi)
 
     @property
     def identities(self) -> list[ModelIdentity]:
@@ -131,6 +154,8 @@ class FractureOutputs:
     det_heatmap: np.ndarray | None = None
     type_heatmap: np.ndarray | None = None
     type_centre: tuple[float, float] | None = None  # where a TypeReader read the type (original pixels)
+    reader_evidence: float | None = None  # a TypeReader's strongest evidence over its sites (fusion's input)
+    fused: bool = False  # the probability is the detector's logit fused with the reader's evidence
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -180,6 +205,24 @@ def choose_site(found: Sequence[TypeSite]) -> TypeSite:
     return max(found, key=lambda site: site.evidence)
 
 
+FUSION_FEATURES = ("detector_logit", "reader_evidence")
+
+
+def reader_evidence(found: Sequence[TypeSite]) -> float:
+    """The reader's strongest evidence of a fracture over its candidate sites: the largest cell of its own
+    segmentation map in any of the patches it read (the detection fusion's second input)."""
+    return max(site.read.evidence for site in found)
+
+
+def fused_detection_logit(detect_logit: float, evidence: float, fusion: dict[str, Any]) -> float:
+    """The fused detection logit: ``w_detector * detector logit + w_reader * reader evidence + bias``, with the
+    weights fitted by logistic regression on labelled calibration images (``fracture-node recalibrate
+    --fuse-detection``). The detector sees the whole image at its input size; the reader sees its patches at
+    twice that resolution, where a 1-2 px line keeps its contrast (docs/MODELS.md, "Detection fusion")."""
+    w = fusion["weights"]
+    return float(w["detector_logit"] * detect_logit + w["reader_evidence"] * evidence + fusion["bias"])
+
+
 def type_sites(bundle: Bundle) -> int:
     """How many candidate sites a type reader bundle is read at: its card's ``input_spec.sites`` (1, the
     detector's strongest peak only, for cards that do not say)."""
@@ -202,12 +245,18 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
     p = calibrated_probability(logit, det_b.temperature)
     det_cam = detector.cam(fp) if cams else None
     centre: tuple[float, float] | None = None
+    evidence: float | None = None
+    fusion = models.fusion
     if cls_b.architecture == "TypeReader":
         # Second stage: read the type from a patch around the fracture's likeliest site.
         spec = cls_b.input_spec
-        site = choose_site(read_type_sites(radiograph.pixels, fp.seg, geom, cls_b.engine, int(spec["long_side"]),
-                                           int(spec["patch"]), type_sites(cls_b), cams=type_cam))
+        found = read_type_sites(radiograph.pixels, fp.seg, geom, cls_b.engine, int(spec["long_side"]),
+                                int(spec["patch"]), type_sites(cls_b), cams=type_cam)
+        site = choose_site(found)
         centre = site.centre
+        evidence = reader_evidence(found)
+        if fusion:
+            p = calibrated_probability(fused_detection_logit(logit, evidence, fusion), 1.0)
         probs = tempered_softmax(site.type_logits, cls_b.temperature)
         # With type_cam, the Grad-CAM of the top type over the chosen patch, pasted into the original geometry.
         type_map = patch_to_original(cls_b.engine.cam(site.read, int(np.argmax(probs))), site.patch,
@@ -229,6 +278,8 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
         det_heatmap=heatmap_to_original(det_cam, geom) if det_cam is not None else None,
         type_heatmap=type_map,
         type_centre=centre,
+        reader_evidence=evidence,
+        fused=bool(fusion) and evidence is not None,
     )
 
 
@@ -248,9 +299,11 @@ def analyze_detailed(radiograph: Radiograph, models: ModelSet, explain: bool = T
         return DetailedAnalysis(analysis)
     outs = run_fracture_models(radiograph, models, cams=explain, type_cam=type_map)
     det_b, cls_b = models.detector, models.classifier
-    call = detection_call(outs.probability, det_b.operating_point, det_b.indeterminate_band)
+    threshold = models.operating_point
+    call = detection_call(outs.probability, threshold, models.indeterminate_band)
     analysis.detection = DetectionResult(
-        probability=outs.probability, operating_point=det_b.operating_point, call=call, model=det_b.identity
+        probability=outs.probability, operating_point=threshold, call=call, model=det_b.identity,
+        verified_by=cls_b.identity if outs.fused else None,
     )
     if call != "no_fracture":
         dist = {name: float(p) for name, p in zip(FRACTURE_TYPES, outs.type_probs, strict=True)}
@@ -303,7 +356,8 @@ def analysis_to_dict(analysis: Analysis) -> dict[str, object]:
     if analysis.detection is not None:
         d = analysis.detection
         out["detection"] = {"probability": round(d.probability, 4), "operating_point": round(d.operating_point, 4),
-                            "call": d.call, "model": identity_dict(d.model)}
+                            "call": d.call, "model": identity_dict(d.model),
+                            "verified_by": identity_dict(d.verified_by)}
     if analysis.classification is not None:
         c = analysis.classification
         out["classification"] = {"top_type": c.top_type, "top_probability": round(c.top_probability, 4),

@@ -81,6 +81,7 @@ class DetectionResult:
     operating_point: float
     call: DetectionCall
     model: ModelIdentity
+    verified_by: ModelIdentity | None = None  # the type reader whose evidence was fused into the probability
 
 
 @dataclass(frozen=True)

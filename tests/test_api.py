@@ -429,6 +429,9 @@ def test_models_lists_the_bundle_cards(api, app, tmp_path):  # type: ignore[no-u
                 "architecture": {"class": "FractureNet"}, "weights": {"file": weights.name, "sha256": digest},
                 "operating_point": {"threshold": 0.42, "indeterminate_band": [0.35, 0.5]}, "temperature": 1.3,
                 "metrics": {"auroc": 0.9}, "disclaimer": "Research use only. Not for diagnostic use."}
+        if task == "classify":
+            card["detection_fusion"] = {"weights": {"detector_logit": 2.0, "reader_evidence": 0.8}, "bias": -1.0,
+                                        "operating_point": {"threshold": 0.3, "indeterminate_band": [0.2, 0.6]}}
         (models / name / "model.json").write_text(json.dumps(card))
     (models / "notes").mkdir()
     app.extensions["fracture.settings"] = replace(app.extensions["fracture.settings"], model_dir=models)
@@ -438,6 +441,8 @@ def test_models_lists_the_bundle_cards(api, app, tmp_path):  # type: ignore[no-u
     assert cards["detector"]["status"] == "ok" and cards["detector"]["operating_point"] == 0.42
     assert cards["detector"]["version"] == "1.2.0" and cards["detector"]["metrics"] == {"auroc": 0.9}
     assert cards["classifier"]["status"] == "invalid" and "SHA-256" in cards["classifier"]["problem"]
+    assert cards["detector"]["detection_fusion"] is None  # the fusion the pipeline applies is the reader's
+    assert cards["classifier"]["detection_fusion"]["operating_point"]["threshold"] == 0.3
     assert_error(api.get("/api/v1/models", None), 401)
 
 

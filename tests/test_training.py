@@ -15,8 +15,15 @@ from click.testing import CliRunner
 
 from pipeline.models.bundle import load_bundle
 from pipeline.models.nets import FractureNet, TypeReader
-from pipeline.run import TYPE_SITES, calibrated_probability, load_models, run_fracture_models
-from pipeline.training.calibration import fit_platt, fit_temperature, operating_point
+from pipeline.run import (
+    TYPE_SITES,
+    analyze,
+    calibrated_probability,
+    fused_detection_logit,
+    load_models,
+    run_fracture_models,
+)
+from pipeline.training.calibration import fit_logistic, fit_platt, fit_temperature, operating_point
 from pipeline.training.cli import recalibrate, train
 from pipeline.training.datasets import (
     DatasetError,
@@ -28,7 +35,7 @@ from pipeline.training.datasets import (
 )
 from pipeline.training.loop import CropBank, FractureCrops, TrainConfig, fracture_loss, keyed_rng
 from pipeline.training.toydata import toy_radiograph, write_toy_dataset, write_untrained_bundles
-from pipeline.training.type_reader import TypePatches, typed_fractures
+from pipeline.training.type_reader import NO_TYPE, SITE_PEAKS, TypePatches, type_loss, typed_fractures
 from pipeline.types import Radiograph
 
 
@@ -120,6 +127,19 @@ def test_temperature_and_operating_point() -> None:
     assert lo <= op["threshold"] <= hi  # type: ignore[operator]
 
 
+def test_logistic_fit_recovers_known_weights() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (6000, 2))
+    labels = rng.random(6000) < 1 / (1 + np.exp(-(1.5 * x[:, 0] + 0.5 * x[:, 1] - 0.3)))
+    w, b = fit_logistic(x, labels)
+    assert w == pytest.approx([1.5, 0.5], abs=0.12) and b == pytest.approx(-0.3, abs=0.1)
+    # Perfectly separable (a small calibration set can be): finite, and the order is right.
+    w, b = fit_logistic(np.array([[-3.0, 0.0], [-1.0, 1.0], [2.0, 0.5], [4.0, 2.0]]), np.array([0, 0, 1, 1]))
+    assert np.all(np.isfinite(w)) and np.isfinite(b) and w[0] > 0
+    with pytest.raises(ValueError, match="positives and negatives"):
+        fit_logistic(np.zeros((3, 2)), np.array([1, 1, 1]))
+
+
 def _train_args(toy: Path, out: Path, ckpt: Path, epochs: int) -> list[str]:
     return ["--task", "fracture", "--data", str(toy), "--epochs", str(epochs), "--out", str(out),
             "--long-side", "96", "--crop", "64", "--width", "8", "--batch-size", "8", "--lr", "3e-3",
@@ -167,7 +187,7 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     args = ["--task", "classify", "--data", str(toy), "--epochs", "4", "--out", str(out), "--long-side", "192",
             "--patch", "64", "--width", "4", "--batch-size", "4", "--lr", "3e-3", "--checkpoint-dir", str(ckpt),
             "--workers", "0", "--val-fraction", "0.25", "--seed", "1", "--weights-dtype", "float32", "--quiet",
-            "--detector", str(detector)]
+            "--detector", str(detector), "--site-share", "0.3"]
     result = CliRunner().invoke(train, args)
     assert result.exit_code == 0, result.output
     history = [json.loads(line) for line in (ckpt / "train_log.jsonl").read_text().splitlines()]
@@ -184,6 +204,10 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     assert {"at_true_centre", "at_detector_peak", "detector_peak_inside_box"} <= set(placed)
     assert card["input"]["sites"] == placed["sites"] == TYPE_SITES > 1  # read as inference reads it
     assert card["temperature"] > 0 and "placed by the detector" in card["training"]["calibration"]
+    typed_train = card["training"]["train_images"]
+    sites = card["training"]["site_patches"]  # the detector's peaks off the fracture, in every training image
+    assert sites["images"] == sum(r.is_radiograph for r in train_recs) and 0 < sites["windows"] <= 2 * sites["images"]
+    assert sites["per_epoch"] == round(typed_train * 0.3 / 0.7) and "detection_fusion" not in card
 
     # Behind the detector it was calibrated with, in a model set, through the whole pipeline.
     models_dir = tmp_path / "models"
@@ -223,6 +247,47 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     assert one.input_spec["sites"] == one.card["metrics"]["validation"]["sites"] == 1
     assert "strongest cell" in one.input_spec["centre"] and "1 strongest" in one.card["training"]["calibration"]
     assert one.card["training"]["recalibrations"][-1]["previous_sites"] == TYPE_SITES
+
+    # --fuse-detection: the call's probability from the detector's logit and the reader's evidence, fitted on
+    # every labelled radiograph (fractured and intact), used behind that detector only.
+    fused_dir = tmp_path / "fused"
+    result = CliRunner().invoke(recalibrate, ["--classifier", str(out), "--detector", str(detector), "--data",
+                                              str(toy), "--out", str(fused_dir), "--fuse-detection", "--quiet"])
+    assert result.exit_code == 0, result.output
+    fusion = load_bundle(fused_dir, expected_task="classify").card["detection_fusion"]
+    assert json.loads(result.output)["detection_fusion"]["weights"] == fusion["weights"]
+    assert fusion["detector_sha256"] == load_bundle(detector).identity.sha256
+    assert fusion["fitted_on"]["images"] == sum(r.is_radiograph for r in load_records(toy))
+    assert set(fusion["metrics_on_fit_images"]) == {"detector_alone", "fused"}
+    lo, hi = fusion["operating_point"]["indeterminate_band"]
+    assert 0 <= lo <= fusion["operating_point"]["threshold"] <= hi <= 1
+    shutil.rmtree(models_dir / "classifier")
+    shutil.copytree(fused_dir, models_dir / "classifier")
+    fused_set = load_models(models_dir)
+    assert fused_set.fusion == fusion and fused_set.operating_point == fusion["operating_point"]["threshold"]
+    outs = run_fracture_models(Radiograph(pixels=img), fused_set, cams=False)
+    assert outs.fused and outs.reader_evidence is not None
+    assert outs.probability == pytest.approx(calibrated_probability(
+        fused_detection_logit(outs.detect_logit, outs.reader_evidence, fusion), 1.0))
+    analysis = analyze(Radiograph(pixels=img), fused_set, explain=False)
+    assert analysis.detection is not None and analysis.detection.verified_by == fused_set.classifier.identity
+    assert analysis.detection.operating_point == fused_set.operating_point
+    # Behind another detector the fusion does not apply (the detector's own probability stands) ...
+    shutil.rmtree(models_dir / "detector")
+    shutil.copytree(other.path, models_dir / "detector")
+    behind_other = load_models(models_dir)
+    assert behind_other.fusion is None and behind_other.operating_point == behind_other.detector.operating_point
+    plain = run_fracture_models(Radiograph(pixels=img), behind_other, cams=False)
+    assert not plain.fused and plain.probability == pytest.approx(
+        calibrated_probability(plain.detect_logit, behind_other.detector.temperature))
+    # ... and recalibrating there without --fuse-detection drops it from the card, noting what it replaced.
+    result = CliRunner().invoke(recalibrate, ["--classifier", str(fused_dir), "--detector", str(other.path),
+                                              "--data", str(toy), "--out", str(tmp_path / "refit"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    refit = load_bundle(tmp_path / "refit", expected_task="classify").card
+    assert refit["detection_fusion"] is None
+    assert refit["training"]["recalibrations"][-1]["previous_detection_fusion"] == fusion
+
     shared = write_untrained_bundles(tmp_path / "shared") / "classifier"  # a FractureNet classifier: refused
     refused = CliRunner().invoke(recalibrate, ["--classifier", str(shared), "--detector", str(other.path),
                                                "--data", str(toy), "--quiet"])
@@ -272,6 +337,38 @@ def test_forked_workers_draw_the_same_crops_and_patches(toy: Path) -> None:
     assert all(np.array_equal(items1[k][3 * 2 + 1], own[k].numpy()) for k in items1 if k != "x")
     assert len(ctx1) == len(ctx2) == sum(bool(r.fracture) for r in records) > 0
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(ctx1, ctx2, strict=True))
+
+
+def test_site_patches_sit_on_detector_peaks_off_the_fracture(toy: Path, model_dir: Path) -> None:
+    """--site-share: patches at the detector's peaks outside the fracture's box, in fractured and intact images;
+    where the fracture does not reach the patch's centre the type is not taught (only the empty map is)."""
+    records = [r for r in read_generator_layout(toy) if r.is_radiograph][:12]
+    cfg = TrainConfig(long_side=192, patch=64, seed=2, num_workers=0, site_share=0.5, augment=0.5)
+    patches = TypePatches(records, cfg, detector=model_dir / "detector")
+    n_typed = len(typed_fractures(records))
+    assert len(patches.records) == n_typed and patches.n_sites == n_typed and len(patches) == 2 * n_typed
+    assert patches.site_images == len(records) and 0 < len(patches.sites) <= SITE_PEAKS * len(records)
+    intact = [s for s in patches.sites if s[2] < 0]
+    assert intact and all(mask is None for _img, mask, _kind in intact)  # intact images: nothing to segment
+    items = [patches[(0, i)] for i in range(len(patches))]
+    for it in items[:n_typed]:
+        assert int(it["type"]) >= 0
+    site_items = items[n_typed:]
+    assert all(int(it["type"]) == NO_TYPE or float(it["seg"].sum()) > 0 for it in site_items)
+    assert any(int(it["type"]) == NO_TYPE and float(it["seg"].sum()) == 0 for it in site_items)
+    assert patches[(0, n_typed)]["x"].shape == items[0]["x"].shape == (1, 64, 64)
+    # The type loss skips the unlabelled patches: it equals the cross-entropy over the labelled ones.
+    torch.manual_seed(0)
+    net = TypeReader(width=4)
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    with torch.no_grad():
+        out = net(batch["x"])
+        _total, parts = type_loss(out, batch)
+        keep = batch["type"] != NO_TYPE
+        expected = torch.nn.functional.cross_entropy(out.types[keep], batch["type"][keep], label_smoothing=0.05)
+    assert parts["type"] == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="detector bundle"):
+        TypePatches(records, cfg)
 
 
 def test_validity_training(toy: Path, tmp_path: Path) -> None:

@@ -41,9 +41,8 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
     negatives = [r for r in records if not r.is_radiograph]
     if limit:
         radiographs, negatives = radiographs[:limit], negatives[:limit]
-    det_b = models.detector
-    thr = det_b.operating_point
-    band = det_b.indeterminate_band
+    thr = models.operating_point
+    band = models.indeterminate_band
     probs, labels, calls = [], [], []
     type_true, type_pred = [], []
     pointing_hits, pointing_total, pointing_tol = 0, 0, 0
@@ -96,6 +95,8 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
             "specificity": _rnd(spec),
             "operating_point": thr,
             "indeterminate_band": list(band),
+            "probability": ("the detector's logit fused with the type reader's evidence (the reader card's "
+                            "detection_fusion)" if models.fusion else "the detector's calibrated probability"),
             "indeterminate_share": _rnd(float((call_arr == "indeterminate").mean())) if len(calls) else None,
             "sensitivity_at_specificity_0.90": _rnd(sensitivity_at_specificity(p, y, 0.90)),
         },

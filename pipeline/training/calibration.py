@@ -68,6 +68,31 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return float(1.0 / a), float(c / a)
 
 
+def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-4) -> tuple[np.ndarray, float]:
+    """Logistic regression ``sigmoid(features @ w + b)`` by Newton's method on the NLL, with Platt's smoothed
+    targets (finite on a separable set) and a small ridge ``l2`` on ``w``. Returns ``(w, b)``."""
+    x = np.asarray(features, dtype=np.float64)
+    truth = np.asarray(labels).astype(bool)
+    if x.ndim != 2 or len(x) != len(truth):
+        raise ValueError("features must be (n, k) with one label per row")
+    if len(x) == 0 or truth.all() or not truth.any():
+        raise ValueError("a logistic fit needs positives and negatives")
+    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
+    y = np.where(truth, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
+    a = np.hstack([x, np.ones((len(x), 1))])
+    ridge = np.diag([l2] * x.shape[1] + [0.0])
+    theta = np.zeros(a.shape[1])
+    for _ in range(100):
+        p = sigmoid(a @ theta)
+        g = a.T @ (p - y) / len(y) + ridge @ theta
+        h = (a * (p * (1 - p))[:, None]).T @ a / len(y) + ridge + 1e-9 * np.eye(a.shape[1])
+        step = np.linalg.solve(h, g)
+        theta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return theta[:-1], float(theta[-1])
+
+
 def threshold_for_sensitivity(probs: np.ndarray, labels: np.ndarray, target: float) -> float:
     """Largest threshold whose sensitivity (p >= t) is at least ``target``."""
     pos = np.sort(np.asarray(probs, dtype=np.float64)[np.asarray(labels).astype(bool)])

@@ -83,6 +83,10 @@ def _command_line() -> str:
 @click.option("--type-weight", type=float, default=1.0, show_default=True,
               help="Fracture task: weight of the shared network's type loss in training. The types users see "
                    "come from the type reader, so a lower weight lets the backbone spend itself on detection.")
+@click.option("--site-share", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
+              help="Classify task: share of the training patches centred on the detector's strongest peaks away "
+                   "from the fracture (fractured and intact images), where the reader learns to say 'no "
+                   "fracture here'; the detector bundle is run once over every training image to find them.")
 @click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes.")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
 @click.option("--val-limit", type=int, default=400, show_default=True, help="Images used for per-epoch validation.")
@@ -106,7 +110,7 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
           checkpoint_every: int, resume: bool, init: Path | None, workers: int, threads: int, val_limit: int,
           cache_mb: int, crops_per_image: int, epochs_per_round: int, head_images: int,
           max_images: int | None, weights_dtype: str, quiet: bool, augment: float,
-          type_weight: float) -> None:
+          type_weight: float, site_share: float) -> None:
     """Train a model bundle (reproducible, checkpointed, resumable)."""
     torch.set_num_threads(threads)
     try:
@@ -136,7 +140,7 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
         checkpoint_every=checkpoint_every, val_limit=val_limit, num_workers=workers, cache_mb=cache_mb,
         bank_per_image=crops_per_image, bank_epochs=epochs_per_round, head_images=head_images,
         weights_dtype=weights_dtype, data_description=_describe(train_recs, data), augment=augment,
-        type_loss_weight=type_weight,
+        type_loss_weight=type_weight, site_share=site_share,
         extra={"command": _command_line(),
                **({"calibration_data": ", ".join(calibration_data)} if calibration_data else {})},
     )
@@ -170,10 +174,14 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
 @click.option("--sites", type=click.IntRange(1, 16), default=None,
               help="How many of the detector's strongest segmentation peaks inference weighs before reading the "
                    "type (1: the strongest only; default: as the reader's card says).")
+@click.option("--fuse-detection", is_flag=True,
+              help="Also fit the detection fusion: the call's probability from the detector's logit and the "
+                   "reader's own evidence together, on every labelled radiograph of --data (fractured and intact), "
+                   "with its operating point and indeterminate band; stored in the reader's card for this detector.")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def recalibrate(reader: Path, detector: Path, data: tuple[str, ...], out: Path | None, sites: int | None,
-                threads: int, quiet: bool) -> None:
+                fuse_detection: bool, threads: int, quiet: bool) -> None:
     """Refit a type reader's temperature and card metrics behind another detector (no training).
 
     Needed whenever the detector in front of a reader changes (a new run, or real weights trained elsewhere):
@@ -185,9 +193,13 @@ def recalibrate(reader: Path, detector: Path, data: tuple[str, ...], out: Path |
     try:
         records = [r for src in data for r in load_records(src)]
         written = recalibrate_type_reader(reader, detector, records, out or reader, ", ".join(data),
-                                          show=not quiet, sites=sites)
+                                          show=not quiet, sites=sites, fuse_detection=fuse_detection)
     except (DatasetError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     card = read_card(written)
+    fusion = card.get("detection_fusion")
     click.echo(json.dumps({"classify": str(written), "temperature": card["temperature"],
-                           "metrics": card["metrics"]["validation"]}))
+                           "metrics": card["metrics"]["validation"],
+                           **({"detection_fusion": {k: fusion[k] for k in ("weights", "bias", "operating_point",
+                                                                           "metrics_on_fit_images")}}
+                              if fusion else {})}))

@@ -78,6 +78,7 @@ class TrainConfig:
     head_images: int = 0  # after crop training, refit the detection/type heads on this many whole images
     augment: float = 1.0
     type_loss_weight: float = 1.0  # fracture task: weight of the shared network's type loss
+    site_share: float = 0.0  # classify task: share of patches centred on the detector's peaks off the fracture
     weights_dtype: str = "float16"
     data_description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)

@@ -10,6 +10,16 @@ the bone, not to the image), flips and the same acquisition augmentation as the 
 Each fractured image is decoded once, into a context window around its fracture kept in memory; every patch is
 then one affine warp of that window, cheap enough for the data-loader worker on two cores. The temperature is
 fitted, and the card's metrics measured, on patches placed by a real detector bundle, as at inference.
+
+With a ``site_share`` above 0 (``train --site-share``), that share of the patches is centred instead on the
+detector's own strongest segmentation peaks away from the fracture, in fractured and intact training images
+alike (:data:`SITE_PEAKS` per image, found once by running the detector bundle over every training image).
+Those are the places inference weighs as candidate sites and where a false call starts; there the reader's
+segmentation target is the fracture mask as it falls in the patch (usually empty), and the type is learnt only
+where the fracture reaches the patch's central half. So the reader's own evidence (the strongest cell of its
+segmentation map) learns to say "no fracture here" at the detector's false peaks, which is what
+:func:`pipeline.run.choose_site` weighs and what :func:`pipeline.run.fused_detection_logit` adds to the
+detector's call.
 """
 
 from __future__ import annotations
@@ -26,16 +36,32 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from pipeline.evaluation.metrics import accuracy, confusion_matrix, macro_f1
+from pipeline.evaluation.metrics import (
+    accuracy,
+    confusion_matrix,
+    expected_calibration_error,
+    macro_f1,
+    roc_auc,
+    sensitivity_at_specificity,
+)
+from pipeline.models.architecture import SEG_STRIDE
 from pipeline.models.bundle import Bundle, load_bundle, make_card, read_card, save_bundle, update_card
 from pipeline.models.imageio import read_gray
 from pipeline.models.nets import FractureNet, TypeOutput, TypeReader, count_parameters
-from pipeline.models.preprocess import cut_patch, fracture_input, resize_long_side, standardise_patch
+from pipeline.models.preprocess import cut_patch, fracture_input, resize_long_side, seg_peaks, standardise_patch
 from pipeline.models.runtime import TorchFractureNet, TorchTypeReader
-from pipeline.run import TYPE_SITES, choose_site, read_type_sites, type_sites
+from pipeline.run import (
+    FUSION_FEATURES,
+    TYPE_SITES,
+    calibrated_probability,
+    choose_site,
+    read_type_sites,
+    reader_evidence,
+    type_sites,
+)
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.augment import acquisition_params, apply_local, apply_pointwise, crop_padded
-from pipeline.training.calibration import fit_temperature
+from pipeline.training.calibration import fit_logistic, fit_temperature, operating_point, sigmoid
 from pipeline.training.datasets import Record
 from pipeline.training.loop import TrainConfig, fork_map, init_from_bundle, keyed_rng, run_training_loop
 
@@ -45,6 +71,8 @@ SITES_RULE = ("of the detector's `sites` strongest segmentation peaks (at least 
               "the detector's segmentation logit plus the strongest cell of this reader's own segmentation map over "
               "the patch is largest (pipeline.run.read_type_sites and choose_site)")
 CENTRE_JITTER = 1 / 12  # standard deviation of the patch centre around the chosen mask pixel, in patch sides
+SITE_PEAKS = 2  # detector peaks away from the fracture kept per training image as site patches (site_share > 0)
+NO_TYPE = -100  # type label of a site patch the fracture does not reach: ignored by the type loss
 
 
 def typed_fractures(records: list[Record]) -> list[Record]:
@@ -66,10 +94,17 @@ def _fracture_pixels(rec: Record, img_shape: tuple[int, int], scale: float) -> n
     return mask
 
 
-class TypePatches(Dataset[dict[str, Any]]):
-    """Augmented patches around each fracture, with its type label."""
+def _window16(img: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
+    """A ``size`` square of ``img`` (float in [0, 1]) at (``top``, ``left``), air beyond its edges, as uint16."""
+    return (np.clip(crop_padded(img.astype(np.float32), top, left, size, 0.0), 0, 1) * 65535 + 0.5).astype(np.uint16)
 
-    def __init__(self, records: list[Record], cfg: TrainConfig, show: bool = False) -> None:
+
+class TypePatches(Dataset[dict[str, Any]]):
+    """Augmented patches around each fracture, with its type label; with ``cfg.site_share`` > 0 and a
+    ``detector``, also patches at the detector's peaks away from the fracture (see the module's docstring)."""
+
+    def __init__(self, records: list[Record], cfg: TrainConfig, show: bool = False,
+                 detector: Path | None = None) -> None:
         self.records = typed_fractures(records)
         if not self.records:
             raise ValueError("no fractured images with a type and a mask or box to train the type reader on")
@@ -80,9 +115,28 @@ class TypePatches(Dataset[dict[str, Any]]):
         self.contexts: list[tuple[np.ndarray, np.ndarray]] = list(
             fork_map(self.context, list(range(len(self.records))), cfg.num_workers, "type patches: decode", show,
                      chunksize=8))
+        # Site patches: room for any rotation at the smallest zoom around the peak, plus 3 sigma of jitter.
+        self.site_window = 2 * int(self.patch * (0.625 * 1.42 + 3 * CENTRE_JITTER) + 0.5)
+        self.sites: list[tuple[np.ndarray, np.ndarray | None, int]] = []
+        self.site_images = 0
+        if cfg.site_share > 0:
+            if detector is None:
+                raise ValueError("site patches need a detector bundle to find its peaks")
+            if not 0 < cfg.site_share < 1:
+                raise ValueError(f"site share {cfg.site_share} must lie in (0, 1)")
+            self._detector = load_bundle(detector, expected_task="detect", runtime="numpy")
+            rads = [r for r in records if r.is_radiograph and r.fracture is not None]
+            self._site_records = rads
+            found = fork_map(self.peak_windows, list(range(len(rads))), max(2, cfg.num_workers), "type patches: peaks",
+                             show, chunksize=8)
+            self.sites = [w for ws in found for w in ws]
+            self.site_images = len(rads)
+            del self._detector, self._site_records
+        share = cfg.site_share if self.sites else 0.0
+        self.n_sites = int(round(len(self.records) * share / (1 - share))) if share else 0
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.records) + self.n_sites
 
     def context(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """The image at ``long_side`` scale (uint16) and its fracture mask, in a window around the fracture."""
@@ -94,24 +148,66 @@ class TypePatches(Dataset[dict[str, Any]]):
         cy, cx = ((int(ys.min()) + int(ys.max())) // 2, (int(xs.min()) + int(xs.max())) // 2) if len(ys) else (
             small.shape[0] // 2, small.shape[1] // 2)
         top, left = cy - self.window // 2, cx - self.window // 2
-        img16 = (np.clip(crop_padded(small.astype(np.float32), top, left, self.window, 0.0), 0, 1) * 65535
-                 + 0.5).astype(np.uint16)
-        return img16, crop_padded(mask, top, left, self.window, 0)
+        return _window16(small, top, left, self.window), crop_padded(mask, top, left, self.window, 0)
+
+    def peak_windows(self, i: int) -> list[tuple[np.ndarray, np.ndarray | None, int]]:
+        """Windows (uint16 image, fracture mask or None, type index or -1) around the detector's
+        :data:`SITE_PEAKS` strongest segmentation peaks outside the fracture's box in training image ``i``;
+        peaks at least half a patch apart, as at inference."""
+        rec = self._site_records[i]
+        img = read_gray(rec.path)
+        x, geom = fracture_input(img, int(self._detector.input_spec.get("long_side", 512)))
+        seg = self._detector.engine.forward(x).seg
+        side = self.patch * max(img.shape) / self.cfg.long_side
+        small = resize_long_side(img, self.cfg.long_side)
+        scale = small.shape[0] / img.shape[0]
+        mask = _fracture_pixels(rec, small.shape, scale) if rec.fracture else None
+        kind = FRACTURE_TYPES.index(rec.type) if rec.fracture and rec.type else -1
+        out: list[tuple[np.ndarray, np.ndarray | None, int]] = []
+        for px, py, _value in seg_peaks(seg, geom, SEG_STRIDE, SITE_PEAKS + 1, side / 2):
+            if rec.fracture and (rec.box is None or _inside(rec, (px, py))):
+                continue  # the fracture's own patches come from the main stream
+            w = self.site_window
+            top, left = int(round(py * scale)) - w // 2, int(round(px * scale)) - w // 2
+            mwin = crop_padded(mask, top, left, w, 0) if mask is not None else None
+            out.append((_window16(small, top, left, w), mwin if mwin is not None and mwin.any() else None, kind))
+            if len(out) == SITE_PEAKS:
+                break
+        return out
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, i = key
-        return self.sample(i, keyed_rng(self.cfg.seed, epoch, i, 23))
+        if i < len(self.records):
+            return self.sample(i, keyed_rng(self.cfg.seed, epoch, i, 23))
+        rng = keyed_rng(self.cfg.seed, epoch, i, 29)
+        return self.sample_site(int(rng.integers(0, len(self.sites))), rng)
 
     def sample(self, i: int, rng: np.random.Generator) -> dict[str, Any]:
         img16, mask = self.contexts[i]
-        p, aug = self.patch, self.cfg.augment
         ys, xs = np.nonzero(mask)
-        half = self.window / 2
         if len(ys):
             k = int(rng.integers(0, len(ys)))
             cy, cx = float(ys[k]), float(xs[k])
         else:
-            cy = cx = half
+            cy = cx = self.window / 2
+        rec = self.records[i]
+        return self._warp(img16, mask, cx, cy, FRACTURE_TYPES.index(rec.type or ""), rng)[0]
+
+    def sample_site(self, j: int, rng: np.random.Generator) -> dict[str, Any]:
+        """A patch at a detector peak away from the fracture (site ``j``); its type is learnt only if the fracture
+        reaches the patch's central half."""
+        img16, mask, kind = self.sites[j]
+        if mask is None:
+            mask = np.zeros(img16.shape, np.uint8)
+        item, mpatch = self._warp(img16, mask, self.site_window / 2, self.site_window / 2, kind, rng)
+        q = self.patch // 4
+        if kind < 0 or not mpatch[q:-q, q:-q].any():
+            item["type"] = torch.tensor(NO_TYPE)
+        return item
+
+    def _warp(self, img16: np.ndarray, mask: np.ndarray, cx: float, cy: float, kind: int,
+              rng: np.random.Generator) -> tuple[dict[str, Any], np.ndarray]:
+        p, aug = self.patch, self.cfg.augment
         jitter = CENTRE_JITTER * p * (1.0 if aug else 0.0)
         cx += float(rng.normal(0, jitter)) if jitter else 0.0
         cy += float(rng.normal(0, jitter)) if jitter else 0.0
@@ -131,13 +227,14 @@ class TypePatches(Dataset[dict[str, Any]]):
         if aug:
             params = acquisition_params(rng, aug, patch[::4, ::4])
             patch = apply_local(apply_pointwise(patch, params), rng, aug)
-        rec = self.records[i]
-        return {"x": standardise_patch(patch)[0], "type": torch.tensor(FRACTURE_TYPES.index(rec.type or "")),
-                "seg": torch.from_numpy(np.ascontiguousarray(seg))[None]}
+        return {"x": standardise_patch(patch)[0], "type": torch.tensor(kind),
+                "seg": torch.from_numpy(np.ascontiguousarray(seg))[None]}, mpatch
 
 
 def type_loss(out: TypeOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    cls_loss = F.cross_entropy(out.types, batch["type"], label_smoothing=0.05)
+    labelled = batch["type"] != NO_TYPE  # site patches the fracture does not reach teach the map only
+    cls_loss = (F.cross_entropy(out.types[labelled], batch["type"][labelled], label_smoothing=0.05)
+                if bool(labelled.any()) else out.types.sum() * 0.0)
     target = batch["seg"]
     logits = out.seg
     if logits.shape[-2:] != target.shape[-2:]:
@@ -214,7 +311,7 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
     if start is not None:
         init_from_bundle(model, start, show)
     patch = cfg.patch
-    dataset = TypePatches(train, cfg, show=show)
+    dataset = TypePatches(train, cfg, show=show, detector=detector_dir)
     val_typed = typed_fractures(val)[: cfg.val_limit]
     val_patches = []  # decoded once: the monitoring images are read at their true fracture centre every epoch
     for rec in val_typed:
@@ -246,13 +343,21 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
         "channels": 1,
     }
     training = {
-        "data": cfg.data_description, "train_images": len(dataset), "monitor_validation_images": len(val_typed),
+        "data": cfg.data_description, "train_images": len(dataset.records),
+        "monitor_validation_images": len(val_typed),
         "calibration_images": len(held),
         "calibration_data": cfg.extra.get("calibration_data", "validation split"),
         "calibration": how,
         "initialised_from": str(start) if start is not None else None,
         "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "learning_rate": cfg.lr,
         "augmentation_strength": cfg.augment,
+        **({"site_patches": {
+            "share": cfg.site_share, "peaks_per_image": SITE_PEAKS, "windows": len(dataset.sites),
+            "images": dataset.site_images, "per_epoch": dataset.n_sites,
+            "rule": "centred on the detector's strongest segmentation peaks outside the fracture's box (at least "
+                    "half a patch apart), in fractured and intact training images; segmentation target: the "
+                    "fracture mask in the patch; type learnt only where the fracture reaches the central half",
+            "detector": str(detector_dir)}} if dataset.n_sites else {}),
         "augmentation": f"centre: a random fracture-mask pixel + N(0, {CENTRE_JITTER:.3f} patch); zoom 0.8-1.25; "
                         "any rotation; horizontal flip; window, gamma, contrast, blur/sharpen, noise, JPEG",
         "losses": "cross-entropy over the 11 types (label smoothing 0.05) + BCE segmentation of the fracture mask "
@@ -290,8 +395,58 @@ def calibrate_reader(model: TypeReader, held: list[Record], long_side: int, patc
     return temperature, metrics, how
 
 
+@torch.inference_mode()
+def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: int, detector: Bundle,
+                         records: list[Record], data: str, show: bool = False) -> dict[str, Any]:
+    """Fit the detection fusion (:func:`pipeline.run.fused_detection_logit`) of this reader behind
+    ``detector`` on labelled radiographs ``records`` (fractured and intact): a logistic regression of the label
+    on the detector's logit and the reader's strongest evidence over its ``sites``, then the operating point and
+    indeterminate band on the fused probability by the detector's own rule. The card entry it returns records
+    the fit and, on the same images, the detector alone against the fusion."""
+    labelled = [r for r in records if r.is_radiograph and r.fracture is not None]
+    truth = np.array([bool(r.fracture) for r in labelled])
+    if len(labelled) < 20 or truth.all() or not truth.any():
+        raise ValueError("the detection fusion needs labelled radiographs, fractured and intact (20 at least)")
+    reader.eval()
+    det_net = detector.model
+    if not isinstance(det_net, FractureNet):
+        raise ValueError(f"{detector.path} is not a FractureNet detector bundle")
+    det_engine, reader_engine = TorchFractureNet(det_net), TorchTypeReader(reader)
+    det_long = int(detector.input_spec.get("long_side", 512))
+    feats = []
+    for rec in tqdm(labelled, desc="detection fusion", leave=False, disable=not show):
+        pixels = read_gray(rec.path)
+        xd, geom = fracture_input(pixels, det_long)
+        fp = det_engine.forward(xd)
+        found = read_type_sites(pixels, fp.seg, geom, reader_engine, long_side, patch, sites)
+        feats.append((fp.detect_logit, reader_evidence(found)))
+    x = np.array(feats, dtype=np.float64)
+    w, b = fit_logistic(x, truth)
+    fused = sigmoid(x @ w + b)
+    alone = np.array([calibrated_probability(v, detector.temperature) for v in x[:, 0]])
+
+    def figures(p: np.ndarray) -> dict[str, float]:
+        return {"auc": roc_auc(p, truth), "sensitivity_at_specificity_0.90": sensitivity_at_specificity(p, truth, 0.9),
+                "ece": expected_calibration_error(p, truth)}
+
+    return {
+        "detector_sha256": detector.identity.sha256, "detector": detector.identity.label,
+        "features": list(FUSION_FEATURES),
+        "weights": {name: float(v) for name, v in zip(FUSION_FEATURES, w, strict=True)}, "bias": b,
+        "rule": "probability = sigmoid(w_detector_logit * the detector's raw detection logit + w_reader_evidence * "
+                "the strongest cell of this reader's segmentation map over its candidate sites + bias); used only "
+                "behind the detector with this SHA-256, else the detector's own calibrated probability stands",
+        "fitted_on": {"data": data, "images": len(labelled), "fractured": int(truth.sum()), "sites": sites,
+                      "method": "logistic regression (Newton, Platt's smoothed targets, ridge 1e-4)"},
+        "operating_point": operating_point(fused, truth),
+        "metrics_on_fit_images": {"detector_alone": figures(alone), "fused": figures(fused)},
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
 def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: list[Record], out: Path,
-                            calibration_data: str, show: bool = True, sites: int | None = None) -> Path:
+                            calibration_data: str, show: bool = True, sites: int | None = None,
+                            fuse_detection: bool = False) -> Path:
     """A trained reader behind another detector: its patches move with that detector's peaks, so refit the
     temperature and the card's metrics there. The weights are the same file (same SHA-256); the card keeps
     its training record and lists the recalibration with the values it replaced. ``sites`` sets how many of the
@@ -319,6 +474,19 @@ def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: l
     spec.update(centre=SITES_RULE if n_sites > 1 else SINGLE_SITE_RULE, sites=n_sites)
     if Path(out).resolve() != Path(reader_dir).resolve():
         shutil.copytree(reader_dir, out, dirs_exist_ok=True)
+    fields: dict[str, Any] = {}
+    previous = card.get("detection_fusion")
+    if fuse_detection:
+        fields["detection_fusion"] = fit_detection_fusion(reader.model, int(spec["long_side"]), int(spec["patch"]),
+                                                          n_sites, detector, calibration, calibration_data, show)
+    elif isinstance(previous, dict) and (previous.get("detector_sha256") != detector.identity.sha256
+                                         or previous.get("fitted_on", {}).get("sites") != n_sites):
+        fields["detection_fusion"] = None  # fitted for another pairing: the detector's own probability stands
+    if previous and "detection_fusion" in fields:
+        training["recalibrations"][-1]["previous_detection_fusion"] = previous
+    if Path(out).resolve() != Path(reader_dir).resolve():
+        shutil.copytree(reader_dir, out, dirs_exist_ok=True)
     # Metrics measured behind the previous detector (a held-out test's too) no longer describe this pairing.
-    update_card(out, temperature=temperature, training=training, metrics={"validation": metrics}, input=spec)
+    update_card(out, temperature=temperature, training=training, metrics={"validation": metrics}, input=spec,
+                **fields)
     return Path(out)

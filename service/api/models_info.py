@@ -69,6 +69,9 @@ def _card(bundle: Path) -> dict[str, Any]:
         "operating_point": operating.get("threshold"),
         "indeterminate_band": operating.get("indeterminate_band"),
         "temperature": card.get("temperature"),
+        # A type reader may carry the detection fusion for one detector: the operating point and band the
+        # pipeline then uses are the fusion's, not the detector card's (pipeline.run.ModelSet.operating_point).
+        "detection_fusion": card.get("detection_fusion") if isinstance(card.get("detection_fusion"), dict) else None,
         "metrics": _section(card, "metrics"),
         "training": _section(card, "training"),
         "intended_use": card.get("intended_use"),
