@@ -70,3 +70,31 @@ def test_evaluate_command(tmp_path: Path) -> None:
     assert "detection.auc" in report["targets"]
     card = json.loads((models / "detector" / "model.json").read_text())
     assert card["metrics"]["test"]["images"] == 12
+
+
+def test_evaluate_scores_the_fused_call_and_keeps_the_detector_alone_apart(tmp_path: Path) -> None:
+    """With a reader whose card carries a detection fusion for this detector, the report scores the fused
+    probability and, apart, the detector alone; each card gets its own figures."""
+    from pipeline.models.bundle import load_bundle, update_card
+
+    data = write_toy_dataset(tmp_path / "data", count=12, seed=5, negatives=2)
+    models = write_untrained_bundles(tmp_path / "models", reader=True)
+    detector = load_bundle(models / "detector", expected_task="detect")
+    fusion = {"detector_sha256": detector.identity.sha256, "weights": {"detector_logit": 0.0, "reader_evidence": 0.0},
+              "bias": 0.0, "operating_point": {"threshold": 0.5, "indeterminate_band": [0.45, 0.55]}}
+    update_card(models / "classifier", detection_fusion=fusion)  # every fused probability is exactly 0.5
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(evaluate, ["--models", str(models), "--data", str(data), "--json", str(out),
+                                           "--quiet", "--update-cards"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    det = report["detection"]
+    assert det["auc"] == 0.5 and det["indeterminate_share"] == 1.0 and det["operating_point"] == 0.5
+    assert "fused" in det["probability"]
+    alone = det["detector_alone"]
+    assert alone["operating_point"] == detector.operating_point and set(alone) >= {"auc", "ece", "indeterminate_share"}
+    assert alone["indeterminate_band"] == list(detector.indeterminate_band)
+    det_card = json.loads((models / "detector" / "model.json").read_text())["metrics"]["test"]
+    assert det_card["auc"] == alone["auc"] and "detector_alone" not in det_card and "probability" not in det_card
+    reader_card = json.loads((models / "classifier" / "model.json").read_text())["metrics"]["test"]
+    assert reader_card["detection_fusion"]["auc"] == 0.5 and reader_card["macro_f1"] is not None

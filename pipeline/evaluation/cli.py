@@ -80,8 +80,12 @@ def _card_metrics(bundle: str, result: dict[str, Any]) -> dict[str, Any]:
     common = {"data": result["data"], "images": result["images"], "negatives": result["negatives"]}
     if bundle == "validity":
         return {**common, **result["validity"]}
+    detection = {k: v for k, v in result["detection"].items() if k != "detector_alone"}
+    alone = result["detection"].get("detector_alone")  # present when the reader's fusion made the call
     if bundle == "detector":
-        return {**common, **result["detection"], "ece": result["calibration"]["ece"],
-                "pointing_game": result["localization"]["pointing_game"]}
+        own = alone if alone is not None else {**detection, "ece": result["calibration"]["ece"]}
+        return {**common, **own, "pointing_game": result["localization"]["pointing_game"]}
     cls = dict(result["classification"])
+    if alone is not None:
+        cls["detection_fusion"] = {**detection, "ece": result["calibration"]["ece"]}
     return {**common, **cls}

@@ -23,7 +23,7 @@ from pipeline.evaluation.metrics import (
 from pipeline.evaluation.plots import confusion_image, reliability_diagram
 from pipeline.explain import peak_point
 from pipeline.models.imageio import load_file
-from pipeline.run import ModelSet, detection_call, run_fracture_models
+from pipeline.run import ModelSet, calibrated_probability, detection_call, run_fracture_models
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.datasets import Record, read_generator_layout
 
@@ -43,7 +43,7 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         radiographs, negatives = radiographs[:limit], negatives[:limit]
     thr = models.operating_point
     band = models.indeterminate_band
-    probs, labels, calls = [], [], []
+    probs, alone, labels, calls = [], [], [], []
     type_true, type_pred = [], []
     pointing_hits, pointing_total, pointing_tol = 0, 0, 0
     validity_ok: dict[str, list[bool]] = {}
@@ -56,6 +56,7 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         t_inference += time.perf_counter() - t0
         validity_ok.setdefault("radiograph", []).append(verdict.is_radiograph)
         probs.append(outs.probability)
+        alone.append(calibrated_probability(outs.detect_logit, models.detector.temperature))
         labels.append(bool(rec.fracture))
         calls.append(detection_call(outs.probability, thr, band))
         if rec.fracture and rec.type:
@@ -129,6 +130,19 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         "timing_note": "decode + radiograph check + detection + classification + the detector's Grad-CAM map (the "
                        "pointing game's; bench/bench_inference.py times both maps), one process",
     }
+    if models.fusion:
+        # The detector on its own, on the same images (what its card's test metrics describe).
+        pa = np.array(alone)
+        det_b = models.detector
+        sa, pa_spec = sens_spec(pa, y, det_b.operating_point)
+        alone_calls = np.array([detection_call(v, det_b.operating_point, det_b.indeterminate_band) for v in pa])
+        result["detection"]["detector_alone"] = {
+            "auc": _rnd(roc_auc(pa, y)), "sensitivity": _rnd(sa), "specificity": _rnd(pa_spec),
+            "operating_point": det_b.operating_point, "indeterminate_band": list(det_b.indeterminate_band),
+            "indeterminate_share": _rnd(float((alone_calls == "indeterminate").mean())) if len(pa) else None,
+            "sensitivity_at_specificity_0.90": _rnd(sensitivity_at_specificity(pa, y, 0.90)),
+            "ece": _rnd(expected_calibration_error(pa, y)),
+        }
     if figures is not None:
         result["figures"] = {
             "reliability": str(reliability_diagram(bins, ece, figures / "reliability.png")),
