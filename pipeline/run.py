@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline.explain import edge_view, heatmap_to_original, hybrid_overlay, peak_box
 from pipeline.models.architecture import SEG_STRIDE
-from pipeline.models.bundle import RUNTIMES, Bundle, BundleError, load_bundle
+from pipeline.models.bundle import BUNDLE_NAMES, RUNTIMES, Bundle, BundleError, load_bundle
 from pipeline.models.preprocess import (
     Geometry,
     Patch,
@@ -49,7 +49,6 @@ from pipeline.types import (
 from pipeline.validation import RadiographCheck
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "bundled"
-BUNDLE_NAMES = {"validity": "validity", "detect": "detector", "classify": "classifier"}
 DEFAULT_RUNTIME = "numpy"
 
 

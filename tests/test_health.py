@@ -7,10 +7,35 @@ def test_healthz(client) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_readyz_reports_each_check(client) -> None:  # type: ignore[no-untyped-def]
-    body = client.get("/readyz").get_json()
+    response = client.get("/readyz")  # the default settings: the bundled models
+    body = response.get_json()
+    assert body == {"status": "ready", "checks": {"database": "ok", "storage": "ok", "models": "ok"}}
+    assert response.status_code == 200
+
+
+def test_readyz_is_503_naming_a_tampered_or_missing_bundle(app, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+    import shutil
+
+    from pipeline.run import BUNDLED_MODEL_DIR
+
+    models = tmp_path / "models"
+    shutil.copytree(BUNDLED_MODEL_DIR, models)
+    settings = app.extensions["fracture.settings"]
+    app.extensions["fracture.settings"] = dataclasses.replace(settings, model_dir=models)
+    client = app.test_client()
+    assert client.get("/readyz").get_json()["checks"]["models"] == "ok"
+    weights = models / "detector" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    response = client.get("/readyz")
+    body = response.get_json()
+    assert response.status_code == 503 and body["status"] == "not_ready"
+    assert "detector" in body["checks"]["models"] and "SHA-256" in body["checks"]["models"]
     assert body["checks"]["database"] == "ok"
-    assert body["checks"]["storage"] == "ok"
-    assert "models" in body["checks"]
+    shutil.copy(BUNDLED_MODEL_DIR / "detector" / "weights.safetensors", weights)
+    shutil.rmtree(models / "classifier")
+    missing = client.get("/readyz").get_json()["checks"]["models"]
+    assert "classifier" in missing and "model card missing" in missing
 
 
 def test_unknown_api_path_is_a_json_404(client) -> None:  # type: ignore[no-untyped-def]

@@ -39,6 +39,7 @@ WEIGHTS_NAME = "weights.safetensors"
 DISCLAIMER = "Research use only. Not for diagnostic use."
 FORMAT_VERSION = 1
 TASKS = ("validity", "detect", "classify")
+BUNDLE_NAMES = {"validity": "validity", "detect": "detector", "classify": "classifier"}  # task -> folder
 VALIDITY_CLASSES: tuple[str, ...] = ("not_radiograph", "radiograph")
 ARCHITECTURES: tuple[str, ...] = ("FractureNet", "TypeReader", "ValidityNet")  # classes of pipeline.models.nets
 RUNTIMES: tuple[str, ...] = ("numpy", "torch")
@@ -223,11 +224,9 @@ def verify_card(card: dict[str, Any], where: str) -> None:
         raise BundleError(f"{where}: unknown architecture {arch!r}")
 
 
-def load_bundle(bundle_dir: str | Path, expected_task: str | None = None, runtime: str = "torch") -> Bundle:
-    """Load and verify a bundle into ``runtime`` (``torch`` or ``numpy``); raise :class:`BundleError` with a
-    precise message if anything is off."""
-    if runtime not in RUNTIMES:
-        raise BundleError(f"unknown model runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+def verify_bundle(bundle_dir: str | Path, expected_task: str | None = None) -> tuple[dict[str, Any], Path]:
+    """The card and weights file of a bundle whose card keeps the contract and whose weights match its SHA-256
+    (no network is built: cheap enough for a readiness probe); :class:`BundleError` naming the file otherwise."""
     path = Path(bundle_dir)
     card = read_card(path)
     where = str(path / CARD_NAME)
@@ -243,6 +242,26 @@ def load_bundle(bundle_dir: str | Path, expected_task: str | None = None, runtim
             f"{weights}: SHA-256 {actual} does not match the model card ({card['weights'].get('sha256')}); "
             "the bundle is corrupted or was modified — refusing to load it"
         )
+    return card, weights
+
+
+def verify_model_dir(model_dir: str | Path) -> None:
+    """Check a model directory as the workers will load it (``validity/``, ``detector/``, ``classifier/``, each
+    verified by :func:`verify_bundle`), without importing a network runtime; raise :class:`BundleError`."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise BundleError(f"model directory {root} does not exist")
+    for task, name in BUNDLE_NAMES.items():
+        verify_bundle(root / name, expected_task=task)
+
+
+def load_bundle(bundle_dir: str | Path, expected_task: str | None = None, runtime: str = "torch") -> Bundle:
+    """Load and verify a bundle into ``runtime`` (``torch`` or ``numpy``); raise :class:`BundleError` with a
+    precise message if anything is off."""
+    if runtime not in RUNTIMES:
+        raise BundleError(f"unknown model runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    path = Path(bundle_dir)
+    card, weights = verify_bundle(path, expected_task)
     arch, config = card["architecture"]["class"], card["architecture"].get("config", {})
     model = _load_numpy(weights, arch, config) if runtime == "numpy" else _load_torch(weights, arch, config)
     return Bundle(path=path, card=card, model=model, runtime=runtime)
