@@ -35,7 +35,14 @@ from pipeline.training.datasets import (
 )
 from pipeline.training.loop import CropBank, FractureCrops, TrainConfig, fracture_loss, keyed_rng
 from pipeline.training.toydata import toy_radiograph, write_toy_dataset, write_untrained_bundles
-from pipeline.training.type_reader import NO_TYPE, SITE_PEAKS, TypePatches, type_loss, typed_fractures
+from pipeline.training.type_reader import (
+    NO_TYPE,
+    SITE_PEAKS,
+    TypePatches,
+    fit_detection_fusion,
+    type_loss,
+    typed_fractures,
+)
 from pipeline.types import Radiograph
 
 
@@ -257,6 +264,12 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     fusion = load_bundle(fused_dir, expected_task="classify").card["detection_fusion"]
     assert json.loads(result.output)["detection_fusion"]["weights"] == fusion["weights"]
     assert fusion["detector_sha256"] == load_bundle(detector).identity.sha256
+    # The fit reuses what the temperature's pass measured on the fractured images: the same fit as measuring
+    # every image afresh.
+    fresh = fit_detection_fusion(load_bundle(out, expected_task="classify").model, 192, 64, TYPE_SITES,
+                                 load_bundle(detector), load_records(toy), str(toy))
+    assert fresh["weights"] == pytest.approx(fusion["weights"], rel=1e-6) and fresh["bias"] == pytest.approx(
+        fusion["bias"], rel=1e-6)
     assert fusion["fitted_on"]["images"] == sum(r.is_radiograph for r in load_records(toy))
     assert set(fusion["metrics_on_fit_images"]) == {"detector_alone", "fused"}
     lo, hi = fusion["operating_point"]["indeterminate_band"]

@@ -264,14 +264,25 @@ def _patch_at(pixels: np.ndarray, centre: tuple[float, float], long_side: int, p
     return standardise_patch(cut_patch(pixels, centre, long_side, patch)[0])
 
 
+def _placed(pixels: np.ndarray, det_engine: TorchFractureNet, det_long: int, reader_engine: TorchTypeReader,
+            long_side: int, patch: int, sites: int) -> tuple[float, list[Any]]:
+    """The detector's logit on one image and the reader's passes at its ``sites`` candidate sites, as inference
+    makes them."""
+    xd, geom = fracture_input(pixels, det_long)
+    fp = det_engine.forward(xd)
+    return fp.detect_logit, read_type_sites(pixels, fp.seg, geom, reader_engine, long_side, patch, sites)
+
+
 @torch.inference_mode()
 def read_types(reader: TypeReader, records: list[Record], long_side: int, patch: int,
                detector: Bundle | None, sites: int = TYPE_SITES, show: bool = False) -> dict[str, Any]:
     """Type logits of each record read at its true fracture centre and, with a ``detector``, where inference
     reads it (the best of the detector's ``sites`` strongest segmentation peaks); plus whether that site fell
-    inside the true box."""
+    inside the true box; and, per image path, the detection fusion's inputs there (detector logit, reader
+    evidence)."""
     reader.eval()
     truth, at_truth, at_peak, hits = [], [], [], []
+    features: dict[Path, tuple[float, float]] = {}
     det_net = detector.model if detector is not None else None
     det_long = int(detector.input_spec.get("long_side", 512)) if detector is not None else 0
     reader_engine = TorchTypeReader(reader)
@@ -281,14 +292,14 @@ def read_types(reader: TypeReader, records: list[Record], long_side: int, patch:
         truth.append(FRACTURE_TYPES.index(rec.type or ""))
         at_truth.append(reader(_patch_at(pixels, _box_centre(rec, pixels), long_side, patch)).types[0].numpy())
         if det_engine is not None:
-            xd, geom = fracture_input(pixels, det_long)
-            seg = det_engine.forward(xd).seg
-            site = choose_site(read_type_sites(pixels, seg, geom, reader_engine, long_side, patch, sites))
+            logit, found = _placed(pixels, det_engine, det_long, reader_engine, long_side, patch, sites)
+            features[rec.path] = (logit, reader_evidence(found))
+            site = choose_site(found)
             hits.append(_inside(rec, site.centre))
             at_peak.append(site.type_logits.astype(np.float32))
     empty = np.zeros((0, len(FRACTURE_TYPES)), np.float32)
     return {"truth": np.array(truth, dtype=int), "at_truth": np.stack(at_truth) if at_truth else empty,
-            "at_peak": np.stack(at_peak) if at_peak else None, "peak_inside_box": hits}
+            "at_peak": np.stack(at_peak) if at_peak else None, "peak_inside_box": hits, "features": features}
 
 
 def _scores(truth: np.ndarray, logits: np.ndarray) -> dict[str, float]:
@@ -331,7 +342,8 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
     summary = run_training_loop(model, dataset, len(dataset), cfg, ckpt_dir, type_loss, validate, resume, show)
     detector = load_bundle(detector_dir, expected_task="detect") if detector_dir is not None else None
     held = typed_fractures(calibration if calibration else val)
-    temperature, metrics, how = calibrate_reader(model, held, cfg.long_side, patch, detector, TYPE_SITES, show)
+    temperature, metrics, how, _seen = calibrate_reader(model, held, cfg.long_side, patch, detector, TYPE_SITES,
+                                                        show)
     input_spec = {
         "pixels": "float32 in [0, 1], bone bright (as for the detector)",
         "long_side": cfg.long_side,
@@ -376,10 +388,11 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
 
 
 def calibrate_reader(model: TypeReader, held: list[Record], long_side: int, patch: int, detector: Bundle | None,
-                     sites: int, show: bool) -> tuple[float, dict[str, Any], str]:
+                     sites: int, show: bool) -> tuple[float, dict[str, Any], str, dict[Path, tuple[float, float]]]:
     """The temperature and the card's metrics of a reader on ``held``, with its patches placed as at inference
     by ``detector`` (the best of its ``sites`` strongest segmentation peaks; else at the true fracture centre);
-    and how it was calibrated, in words."""
+    how it was calibrated, in words; and the detection fusion's inputs it met on the way (see
+    :func:`read_types`)."""
     read = read_types(model, held, long_side, patch, detector, sites, show=show)
     placed = read["at_peak"] if read["at_peak"] is not None else read["at_truth"]
     temperature = fit_temperature(placed, read["truth"]) if len(held) else 1.0
@@ -392,17 +405,19 @@ def calibrate_reader(model: TypeReader, held: list[Record], long_side: int, patc
            f"{detector.identity.name} {detector.identity.sha256[:12]} as at inference (the best of its {sites} "
            "strongest segmentation peaks)" if detector is not None
            else "temperature scaling on patches at the true fracture centre")
-    return temperature, metrics, how
+    return temperature, metrics, how, read["features"]
 
 
 @torch.inference_mode()
 def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: int, detector: Bundle,
-                         records: list[Record], data: str, show: bool = False) -> dict[str, Any]:
+                         records: list[Record], data: str, show: bool = False,
+                         known: dict[Path, tuple[float, float]] | None = None) -> dict[str, Any]:
     """Fit the detection fusion (:func:`pipeline.run.fused_detection_logit`) of this reader behind
     ``detector`` on labelled radiographs ``records`` (fractured and intact): a logistic regression of the label
     on the detector's logit and the reader's strongest evidence over its ``sites``, then the operating point and
     indeterminate band on the fused probability by the detector's own rule. The card entry it returns records
-    the fit and, on the same images, the detector alone against the fusion."""
+    the fit and, on the same images, the detector alone against the fusion. ``known``: inputs already measured
+    for some images (by :func:`read_types` with the same detector, reader and sites), not measured again."""
     labelled = [r for r in records if r.is_radiograph and r.fracture is not None]
     truth = np.array([bool(r.fracture) for r in labelled])
     if len(labelled) < 20 or truth.all() or not truth.any():
@@ -413,13 +428,13 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
         raise ValueError(f"{detector.path} is not a FractureNet detector bundle")
     det_engine, reader_engine = TorchFractureNet(det_net), TorchTypeReader(reader)
     det_long = int(detector.input_spec.get("long_side", 512))
+    known = known or {}
     feats = []
     for rec in tqdm(labelled, desc="detection fusion", leave=False, disable=not show):
-        pixels = read_gray(rec.path)
-        xd, geom = fracture_input(pixels, det_long)
-        fp = det_engine.forward(xd)
-        found = read_type_sites(pixels, fp.seg, geom, reader_engine, long_side, patch, sites)
-        feats.append((fp.detect_logit, reader_evidence(found)))
+        if rec.path not in known:
+            logit, found = _placed(read_gray(rec.path), det_engine, det_long, reader_engine, long_side, patch, sites)
+            known[rec.path] = (logit, reader_evidence(found))
+        feats.append(known[rec.path])
     x = np.array(feats, dtype=np.float64)
     w, b = fit_logistic(x, truth)
     fused = sigmoid(x @ w + b)
@@ -462,8 +477,8 @@ def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: l
         raise ValueError("the calibration data has no fractured radiograph with a type and a box")
     spec = dict(reader.input_spec)
     n_sites = sites if sites is not None else type_sites(reader)
-    temperature, metrics, how = calibrate_reader(reader.model, held, int(spec["long_side"]), int(spec["patch"]),
-                                                 detector, n_sites, show)
+    temperature, metrics, how, seen = calibrate_reader(reader.model, held, int(spec["long_side"]),
+                                                       int(spec["patch"]), detector, n_sites, show)
     card = read_card(reader_dir)
     training = dict(card.get("training", {}))
     training["recalibrations"] = [*training.get("recalibrations", []), {
@@ -472,13 +487,12 @@ def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: l
         "previous_metrics": card.get("metrics"), "previous_sites": type_sites(reader)}]
     training.update(calibration=how, calibration_images=len(held), calibration_data=calibration_data)
     spec.update(centre=SITES_RULE if n_sites > 1 else SINGLE_SITE_RULE, sites=n_sites)
-    if Path(out).resolve() != Path(reader_dir).resolve():
-        shutil.copytree(reader_dir, out, dirs_exist_ok=True)
     fields: dict[str, Any] = {}
     previous = card.get("detection_fusion")
     if fuse_detection:
         fields["detection_fusion"] = fit_detection_fusion(reader.model, int(spec["long_side"]), int(spec["patch"]),
-                                                          n_sites, detector, calibration, calibration_data, show)
+                                                          n_sites, detector, calibration, calibration_data, show,
+                                                          known=seen)
     elif isinstance(previous, dict) and (previous.get("detector_sha256") != detector.identity.sha256
                                          or previous.get("fitted_on", {}).get("sites") != n_sites):
         fields["detection_fusion"] = None  # fitted for another pairing: the detector's own probability stands
