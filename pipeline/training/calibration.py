@@ -50,27 +50,18 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     truth = np.asarray(labels).astype(bool)
     if len(z) == 0 or truth.all() or not truth.any():
         return 1.0, 0.0
-    # Platt's smoothed targets keep the fit finite when the calibration set is perfectly separable.
-    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
-    y = np.where(truth, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
-    a, c = 1.0 / max(float(np.std(z)), 1e-3), 0.0
-    for _ in range(100):  # Newton on (a, c) for mean(log(1 + e^(a z + c)) - y (a z + c))
-        p = sigmoid(a * z + c)
-        g = np.array([np.mean((p - y) * z), np.mean(p - y)])
-        w = p * (1 - p)
-        h = np.array([[np.mean(w * z * z), np.mean(w * z)], [np.mean(w * z), np.mean(w)]]) + 1e-9 * np.eye(2)
-        step = np.linalg.solve(h, g)
-        a, c = a - step[0], c - step[1]
-        if np.abs(step).max() < 1e-10:
-            break
+    w, c = fit_logistic(z[:, None], truth, l2=0.0, start=(1.0 / max(float(np.std(z)), 1e-3), 0.0))
+    a = float(w[0])
     if not np.isfinite(a) or a <= 1e-6:
         return fit_temperature(z, truth), 0.0
     return float(1.0 / a), float(c / a)
 
 
-def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-4) -> tuple[np.ndarray, float]:
+def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-4,
+                 start: tuple[float, ...] | None = None) -> tuple[np.ndarray, float]:
     """Logistic regression ``sigmoid(features @ w + b)`` by Newton's method on the NLL, with Platt's smoothed
-    targets (finite on a separable set) and a small ridge ``l2`` on ``w``. Returns ``(w, b)``."""
+    targets (finite on a separable set) and a small ridge ``l2`` on ``w``, from ``start`` (``w`` then ``b``;
+    default zeros). Returns ``(w, b)``. Platt scaling (:func:`fit_platt`) is the one-feature case."""
     x = np.asarray(features, dtype=np.float64)
     truth = np.asarray(labels).astype(bool)
     if x.ndim != 2 or len(x) != len(truth):
@@ -81,7 +72,7 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-4) -> 
     y = np.where(truth, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
     a = np.hstack([x, np.ones((len(x), 1))])
     ridge = np.diag([l2] * x.shape[1] + [0.0])
-    theta = np.zeros(a.shape[1])
+    theta = np.zeros(a.shape[1]) if start is None else np.array(start, dtype=np.float64)
     for _ in range(100):
         p = sigmoid(a @ theta)
         g = a.T @ (p - y) / len(y) + ridge @ theta
