@@ -34,6 +34,21 @@ def _rnd(x: float) -> float | None:
     return None if not np.isfinite(x) else round(float(x), 4)
 
 
+def _detection_figures(p: np.ndarray, y: np.ndarray, threshold: float, band: tuple[float, float]) -> dict[str, Any]:
+    """Detection figures of probabilities ``p`` for labels ``y`` called at ``threshold`` with ``band``."""
+    sens, spec = sens_spec(p, y, threshold)
+    calls = np.array([detection_call(float(v), threshold, band) for v in p])
+    return {
+        "auc": _rnd(roc_auc(p, y)),
+        "sensitivity": _rnd(sens),
+        "specificity": _rnd(spec),
+        "operating_point": threshold,
+        "indeterminate_band": list(band),
+        "indeterminate_share": _rnd(float((calls == "indeterminate").mean())) if len(p) else None,
+        "sensitivity_at_specificity_0.90": _rnd(sensitivity_at_specificity(p, y, 0.90)),
+    }
+
+
 def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None, show: bool = True,
                     figures: Path | None = None) -> dict[str, Any]:
     records = read_generator_layout(data)
@@ -43,7 +58,7 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         radiographs, negatives = radiographs[:limit], negatives[:limit]
     thr = models.operating_point
     band = models.indeterminate_band
-    probs, alone, labels, calls = [], [], [], []
+    probs, alone, labels = [], [], []
     type_true, type_pred = [], []
     pointing_hits, pointing_total, pointing_tol = 0, 0, 0
     validity_ok: dict[str, list[bool]] = {}
@@ -58,7 +73,6 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         probs.append(outs.probability)
         alone.append(calibrated_probability(outs.detect_logit, models.detector.temperature))
         labels.append(bool(rec.fracture))
-        calls.append(detection_call(outs.probability, thr, band))
         if rec.fracture and rec.type:
             type_true.append(FRACTURE_TYPES.index(rec.type))
             type_pred.append(int(np.argmax(outs.type_probs)))
@@ -75,8 +89,6 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         validity_ok.setdefault(rec.kind or "negative", []).append(not verdict.is_radiograph)
     p = np.array(probs)
     y = np.array(labels)
-    sens, spec = sens_spec(p, y, thr)
-    call_arr = np.array(calls)
     cm = confusion_matrix(np.array(type_true, dtype=int), np.array(type_pred, dtype=int), len(FRACTURE_TYPES))
     f1 = f1_scores(cm)
     bins = reliability_bins(p, y)
@@ -91,15 +103,9 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         "models": [{"name": i.name, "version": i.version, "sha256": i.sha256, "task": i.task}
                    for i in models.identities],
         "detection": {
-            "auc": _rnd(roc_auc(p, y)),
-            "sensitivity": _rnd(sens),
-            "specificity": _rnd(spec),
-            "operating_point": thr,
-            "indeterminate_band": list(band),
+            **_detection_figures(p, y, thr, band),
             "probability": ("the detector's logit fused with the type reader's evidence (the reader card's "
                             "detection_fusion)" if models.fusion else "the detector's calibrated probability"),
-            "indeterminate_share": _rnd(float((call_arr == "indeterminate").mean())) if len(calls) else None,
-            "sensitivity_at_specificity_0.90": _rnd(sensitivity_at_specificity(p, y, 0.90)),
         },
         "classification": {
             "images": int(cm.sum()),
@@ -134,13 +140,8 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         # The detector on its own, on the same images (what its card's test metrics describe).
         pa = np.array(alone)
         det_b = models.detector
-        sa, pa_spec = sens_spec(pa, y, det_b.operating_point)
-        alone_calls = np.array([detection_call(v, det_b.operating_point, det_b.indeterminate_band) for v in pa])
         result["detection"]["detector_alone"] = {
-            "auc": _rnd(roc_auc(pa, y)), "sensitivity": _rnd(sa), "specificity": _rnd(pa_spec),
-            "operating_point": det_b.operating_point, "indeterminate_band": list(det_b.indeterminate_band),
-            "indeterminate_share": _rnd(float((alone_calls == "indeterminate").mean())) if len(pa) else None,
-            "sensitivity_at_specificity_0.90": _rnd(sensitivity_at_specificity(pa, y, 0.90)),
+            **_detection_figures(pa, y, det_b.operating_point, det_b.indeterminate_band),
             "ece": _rnd(expected_calibration_error(pa, y)),
         }
     if figures is not None:
