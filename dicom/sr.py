@@ -159,12 +159,14 @@ def algorithm_identification(model: ModelIdentity,
 
 
 def _model_for(findings: ImageFindings, task: str) -> ModelIdentity:
+    """The model of ``task`` (a bundle card's task: ``detect``, ``classify``) among the findings' models, or the
+    findings' algorithm (the detector) where none is listed."""
     return next((m for m in findings.models if m.task == task), findings.algorithm)
 
 
 def _measurements(findings: ImageFindings) -> list[hd.sr.Measurement]:
-    detector = algorithm_identification(_model_for(findings, "detector"))
-    classifier = algorithm_identification(_model_for(findings, "classifier"))
+    detector = algorithm_identification(_model_for(findings, "detect"))
+    classifier = algorithm_identification(_model_for(findings, "classify"))
     items = [hd.sr.Measurement(name=fn_codes.PROBABILITY, value=float(findings.fracture_probability),
                                unit=fn_codes.NO_UNITS, algorithm_id=detector)]
     if findings.operating_point is not None:

@@ -163,8 +163,8 @@ def fracture_findings():  # type: ignore[no-untyped-def]
     from dicom.sr import DetectionCallValues, ImageFindings
     from pipeline.types import ModelIdentity
 
-    models = (ModelIdentity("fn-detector", "1.2.0", "a" * 64, "detector"),
-              ModelIdentity("fn-classifier", "1.1.0", "b" * 64, "classifier"))
+    models = (ModelIdentity("fn-detector", "1.2.0", "a" * 64, "detect"),  # tasks as the bundles' cards name them
+              ModelIdentity("fn-classifier", "1.1.0", "b" * 64, "classify"))
     distribution = {"transverse": 0.05, "oblique": 0.1, "spiral": 0.05, "comminuted": 0.05, "greenstick": 0.4,
                     "hairline": 0.15, "impacted": 0.05, "longitudinal": 0.05, "avulsion": 0.04,
                     "pathological": 0.03, "fracture_dislocation": 0.03}

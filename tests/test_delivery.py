@@ -32,7 +32,7 @@ def seed(settings: Settings, destinations: list[Destination], count: int = 1) ->
     path = settings.data_dir / "source.dcm"
     source.save_as(path, enforce_file_format=True)
     ingest(db, settings, path.read_bytes(), calling_ae="MODALITY")
-    model = ModelIdentity("fn-detector", "1.0", "a" * 64, "detector")
+    model = ModelIdentity("fn-detector", "1.0", "a" * 64, "detect")
     findings = ImageFindings(fracture_probability=0.8, detection_call=DetectionCallValues.FRACTURE, algorithm=model,
                              models=(model,))
     uids = []

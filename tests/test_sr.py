@@ -69,7 +69,7 @@ def test_sr_passes_dciodvfy(tmp_path: Path, dx_source, fracture_findings, device
 def test_device_uid_changes_with_the_model_version(fracture_findings) -> None:  # type: ignore[no-untyped-def]
     base = DeviceIdentity(models=fracture_findings.models, software_version="0.1.0")
     same = DeviceIdentity(models=fracture_findings.models, software_version="0.1.0")
-    newer = DeviceIdentity(models=(ModelIdentity("fn-detector", "1.3.0", "c" * 64, "detector"),),
+    newer = DeviceIdentity(models=(ModelIdentity("fn-detector", "1.3.0", "c" * 64, "detect"),),
                            software_version="0.1.0")
     assert base.uid == same.uid
     assert base.uid != newer.uid
@@ -111,3 +111,25 @@ def test_from_values_maps_database_values(fracture_findings) -> None:  # type: i
         peak_box=[1, 2, 30, 40], top_type="spiral", type_distribution={"spiral": 0.9})
     assert findings.detection_call is DetectionCallValues.INDETERMINATE
     assert findings.algorithm.sha256 == "a" * 64 and findings.peak_box == (1, 2, 30, 40)
+
+
+def _algorithm_names(item, found: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    """Each NUM item's concept code value -> the name of the algorithm (DCM 111001) that measured it."""
+    for child in item.get("ContentSequence", []):
+        if child.ValueType == "NUM":
+            names = [c.TextValue for c in child.get("ContentSequence", [])
+                     if c.ValueType == "TEXT" and c.ConceptNameCodeSequence[0].CodeValue == "111001"]
+            found[child.ConceptNameCodeSequence[0].CodeValue] = names[0] if names else ""
+        _algorithm_names(child, found)
+
+
+def test_each_measurement_names_the_model_that_made_it(dx_source, fracture_findings, device) -> None:  # type: ignore[no-untyped-def]
+    """With the models as a worker stores them (tasks ``detect`` and ``classify``, as the bundles' cards name
+    them), the fracture probability names the detector and every type probability the classifier."""
+    assert {m.task for m in fracture_findings.models} == {"detect", "classify"}
+    found: dict[str, str] = {}
+    _algorithm_names(_roundtrip(_build([(dx_source, fracture_findings)], device)), found)
+    assert found[codes.PROBABILITY.value] == "fn-detector"
+    type_codes = {codes.TYPE_PROBABILITY_CODES[label].value for label in fracture_findings.type_distribution}
+    assert type_codes <= set(found)
+    assert {found[c] for c in type_codes} == {"fn-classifier"}
