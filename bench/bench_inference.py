@@ -63,9 +63,9 @@ def main() -> None:
             tb = time.perf_counter()
             outs = run_fracture_models(rad, models, cams=True)
             t1 = time.perf_counter()
-            assert outs.det_heatmap is not None
+            assert outs.heatmap is not None
             edges = edge_view(rad.pixels)
-            hybrid_overlay(rad.pixels, outs.det_heatmap, edges)
+            hybrid_overlay(rad.pixels, outs.heatmap, edges)
             t2 = time.perf_counter()
             if i >= 3:  # warm-up
                 core.append(1000 * (t1 - t0))

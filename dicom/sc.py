@@ -35,6 +35,14 @@ def legend_lines(findings: ImageFindings) -> list[str]:
     return lines
 
 
+def derivation_description(findings: ImageFindings) -> str:
+    """What the SC shows and which models made it (the heatmap is the call's: the detector's Grad-CAM, averaged
+    with the type reader's where the reader's evidence is fused into the call; pipeline.run.call_heatmap)."""
+    models = [m for m in findings.models if m.task in ("detect", "classify")] or [findings.algorithm]
+    labels = ", ".join(dict.fromkeys(m.label for m in models))
+    return f"Grad-CAM heatmap of the fracture call and edge overlay by {labels}"[:1024]
+
+
 def render_overlay(hybrid: np.ndarray, findings: ImageFindings) -> np.ndarray:
     """Draw the peak box and the legend band onto a copy of ``hybrid`` (uint8 RGB, H x W x 3)."""
     if hybrid.ndim != 3 or hybrid.shape[2] != 3 or hybrid.dtype != np.uint8:
@@ -100,7 +108,7 @@ def build_secondary_capture(source: Dataset, hybrid: np.ndarray, findings: Image
     sc.RecognizableVisualFeatures = "NO"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ImageComments = f"{DISCLAIMER} Heatmap of {device.model_label}"[:10240]
-    sc.DerivationDescription = f"Grad-CAM heatmap and edge overlay by {findings.algorithm.label}"[:1024]
+    sc.DerivationDescription = derivation_description(findings)
     sc.ManufacturerModelName = device.name
     sc.SoftwareVersions = [device.software_version, *(m.label[:64] for m in device.models)]  # type: ignore[assignment]
     item = Dataset()

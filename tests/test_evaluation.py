@@ -94,7 +94,12 @@ def test_evaluate_scores_the_fused_call_and_keeps_the_detector_alone_apart(tmp_p
     alone = det["detector_alone"]
     assert alone["operating_point"] == detector.operating_point and set(alone) >= {"auc", "ece", "indeterminate_share"}
     assert alone["indeterminate_band"] == list(detector.indeterminate_band)
+    loc = report["localization"]
+    assert "type reader" in loc["rule"] and loc["images"] > 0
+    assert loc["pointing_game"] is not None and loc["detector_alone"]["pointing_game"] is not None
     det_card = json.loads((models / "detector" / "model.json").read_text())["metrics"]["test"]
     assert det_card["auc"] == alone["auc"] and "detector_alone" not in det_card and "probability" not in det_card
+    assert det_card["pointing_game"] == loc["detector_alone"]["pointing_game"]
     reader_card = json.loads((models / "classifier" / "model.json").read_text())["metrics"]["test"]
     assert reader_card["detection_fusion"]["auc"] == 0.5 and reader_card["macro_f1"] is not None
+    assert reader_card["detection_fusion"]["pointing_game"] == loc["pointing_game"]

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli_analyze import analyze as analyze_cmd
-from pipeline.explain import grad_cam, heatmap_to_original
+from pipeline.explain import grad_cam, heatmap_to_original, peak_point
 from pipeline.models.bundle import BundleError, read_card, update_card
 from pipeline.models.nets import SEG_STRIDE, TypeReader
 from pipeline.models.numpy_nets import ReaderPass
@@ -21,6 +21,7 @@ from pipeline.models.preprocess import (
     Geometry,
     Patch,
     cut_patch,
+    patch_to_original,
     prepare_fracture_input,
     seg_peak,
     seg_peaks,
@@ -158,14 +159,59 @@ def test_with_sites_the_type_is_read_where_both_networks_see_most(tmp_path: Path
     assert moved > 0  # at least one image is read away from the detector's strongest peak
 
 
+def test_the_fused_call_s_map_averages_the_detector_s_and_the_reader_s_grad_cam(tmp_path: Path) -> None:
+    """Where the reader's evidence is fused into the call, the call's map is the mean of the detector's Grad-CAM
+    and the reader's Grad-CAM of its evidence over the patch that holds it (recomputed with the torch modules and
+    autograd); behind another detector the fusion and the reader's map both drop out."""
+    root = write_untrained_bundles(tmp_path, reader=True)
+    update_card(root / "classifier", input={**read_card(root / "classifier")["input"], "sites": 3})
+    sha = read_card(root / "detector")["weights"]["sha256"]
+    fusion = {"detector_sha256": sha, "weights": {"detector_logit": 1.0, "reader_evidence": 1.0}, "bias": 0.0,
+              "operating_point": {"threshold": 0.5, "indeterminate_band": [0.5, 0.5]}}
+    update_card(root / "classifier", detection_fusion=fusion)
+    fused = load_models(root, runtime="torch")
+    update_card(root / "classifier", detection_fusion={**fusion, "detector_sha256": "0" * 64})
+    alone = load_models(root, runtime="torch")
+    assert fused.fusion is not None and alone.fusion is None
+    spec = fused.classifier.input_spec
+    long_side, size = int(spec["long_side"]), int(spec["patch"])
+    for seed in range(3):
+        img, _m, _b = toy_radiograph(np.random.default_rng(seed), True, 1, h=300, w=200)
+        x, geom = prepare_fracture_input(img, int(fused.detector.input_spec["long_side"]))
+        with torch.no_grad():
+            feats = fused.detector.model.backbone(x)
+        feats.requires_grad_(True)
+        out = fused.detector.model.heads(feats)
+        det_map = heatmap_to_original(grad_cam(feats, out.detect[0], retain_graph=True), geom)
+        seg = out.seg[0, 0].detach().numpy()
+        strongest = None
+        for px, py, _value in seg_peaks(seg, geom, SEG_STRIDE, 3, size * max(img.shape) / long_side / 2):
+            patch, where = cut_patch(img, (px, py), long_side, size)
+            rf = fused.classifier.model.features(standardise_patch(patch)).detach().requires_grad_(True)
+            evidence = fused.classifier.model.heads(rf).seg.max()
+            if strongest is None or float(evidence.detach()) > strongest[0]:
+                strongest = (float(evidence.detach()), patch_to_original(grad_cam(rf, evidence), where, img.shape))
+        assert strongest is not None
+        expected = 0.5 * det_map + 0.5 * strongest[1]
+        got = run_fracture_models(Radiograph(pixels=img), fused, cams=True)
+        assert got.fused and got.heatmap is not None
+        np.testing.assert_allclose(got.heatmap, expected, atol=1e-5)
+        assert got.detector_peak == peak_point(det_map)
+        assert 0.0 <= got.heatmap.min() and got.heatmap.max() <= 1.0 + 1e-6
+        plain = run_fracture_models(Radiograph(pixels=img), alone, cams=True)
+        assert not plain.fused and plain.heatmap is not None
+        np.testing.assert_allclose(plain.heatmap, det_map, atol=1e-5)
+        assert not np.allclose(plain.heatmap, got.heatmap, atol=1e-3)
+
+
 def test_without_the_type_map_the_numbers_and_the_detector_map_are_unchanged(models: ModelSet) -> None:
     """What a worker runs (its results carry no type map): the same outputs, one full-size map less."""
     img = _image()
     full = run_fracture_models(Radiograph(pixels=img), models, cams=True)
     lean = run_fracture_models(Radiograph(pixels=img), models, cams=True, type_cam=False)
     assert lean.type_heatmap is None and full.type_heatmap is not None
-    assert lean.det_heatmap is not None and full.det_heatmap is not None
-    np.testing.assert_allclose(lean.det_heatmap, full.det_heatmap, atol=1e-6)
+    assert lean.heatmap is not None and full.heatmap is not None
+    np.testing.assert_allclose(lean.heatmap, full.heatmap, atol=1e-6)
     assert lean.probability == pytest.approx(full.probability) and lean.type_probs == pytest.approx(full.type_probs)
     assert lean.type_centre == full.type_centre
 

@@ -85,18 +85,43 @@ def test_type_reader_and_radiograph_check_match_torch() -> None:
     mine, theirs = NumpyTypeReader(_numpy_state(reader), width=4).classify(patch), engine_for(reader).classify(patch)
     np.testing.assert_allclose(mine.type_logits, theirs.type_logits, atol=1e-4)
     assert np.isfinite(mine.evidence) and mine.evidence == pytest.approx(theirs.evidence, abs=1e-4)
+    assert mine.evidence_cam is not None and theirs.evidence_cam is not None
+    np.testing.assert_allclose(mine.evidence_cam, theirs.evidence_cam, atol=1e-4)
     check = _randomised(ValidityNet(width=4), 5)
     x = np.random.default_rng(6).standard_normal((64, 64)).astype(np.float32)
     assert NumpyValidityNet(_numpy_state(check), width=4).logit(x) == pytest.approx(engine_for(check).logit(x),
                                                                                      abs=1e-4)
 
 
-@pytest.mark.parametrize("layout", ["shared", "reader", "reader-3-sites", "separate"])
+def test_reader_evidence_cam_is_the_grad_cam_of_its_evidence() -> None:
+    """The closed form both runtimes use is autograd's Grad-CAM of the strongest segmentation cell."""
+    from pipeline.explain import grad_cam
+
+    maps = 0
+    for seed in range(6):
+        reader = _randomised(TypeReader(width=4), seed)
+        patch = np.random.default_rng(seed + 1).standard_normal((128, 128)).astype(np.float32)
+        feats = reader.features(torch.from_numpy(patch)[None, None]).detach().requires_grad_(True)
+        expected = grad_cam(feats, reader.heads(feats).seg.max())
+        maps += bool(expected.max() == pytest.approx(1.0) and (expected < 0.5).any())  # a map, not a constant
+        for engine in (engine_for(reader), NumpyTypeReader(_numpy_state(reader), width=4)):
+            cam = engine.classify(patch).evidence_cam
+            assert cam is not None and cam.shape == expected.shape
+            np.testing.assert_allclose(cam, expected, atol=1e-5)
+    assert maps >= 3  # random weights can leave every cell below the bias (an all-zero map): most must not
+
+
+@pytest.mark.parametrize("layout", ["shared", "reader", "reader-3-sites", "reader-fused", "separate"])
 def test_the_pipeline_gives_the_same_results_in_both_runtimes(layout: str, tmp_path: Path) -> None:
     root = write_untrained_bundles(tmp_path, reader=layout.startswith("reader"),
                                    classifier_long_side=200 if layout == "separate" else None)
-    if layout == "reader-3-sites":
+    if layout in ("reader-3-sites", "reader-fused"):
         update_card(root / "classifier", input={**read_card(root / "classifier")["input"], "sites": 3})
+    if layout == "reader-fused":
+        sha = read_card(root / "detector")["weights"]["sha256"]
+        update_card(root / "classifier", detection_fusion={
+            "detector_sha256": sha, "weights": {"detector_logit": 0.8, "reader_evidence": 0.5}, "bias": -0.2,
+            "operating_point": {"threshold": 0.5, "indeterminate_band": [0.4, 0.6]}})
     reference, mine = load_models(root, runtime="torch"), load_models(root, runtime="numpy")
     assert mine.detector.runtime == "numpy" and mine.shared_backbone == reference.shared_backbone
     type_cam = not layout.startswith("reader")  # the NumPy type reader has no Grad-CAM
@@ -106,8 +131,9 @@ def test_the_pipeline_gives_the_same_results_in_both_runtimes(layout: str, tmp_p
         out = run_fracture_models(Radiograph(pixels=img), mine, type_cam=type_cam)
         assert out.probability == pytest.approx(ref.probability, abs=1e-5)
         np.testing.assert_allclose(out.type_probs, ref.type_probs, atol=1e-5)
-        assert out.det_heatmap is not None and ref.det_heatmap is not None
-        np.testing.assert_allclose(out.det_heatmap, ref.det_heatmap, atol=1e-4)
+        assert out.heatmap is not None and ref.heatmap is not None
+        np.testing.assert_allclose(out.heatmap, ref.heatmap, atol=1e-4)
+        assert out.fused == ref.fused == (layout == "reader-fused")
         if type_cam:
             assert out.type_heatmap is not None and ref.type_heatmap is not None
             np.testing.assert_allclose(out.type_heatmap, ref.type_heatmap, atol=1e-4)

@@ -44,6 +44,8 @@ def test_sc_is_in_the_source_study_and_references_it(dx_source, fracture_finding
     (equipment,) = [e for e in sc.ContributingEquipmentSequence if e.Manufacturer == device.manufacturer]
     assert "fn-detector 1.2.0" in equipment.SoftwareVersions and equipment.DeviceSerialNumber == device.uid
     assert "NOT FOR DIAGNOSTIC USE" in sc.ImageComments.upper()
+    assert sc.DerivationDescription == ("Grad-CAM heatmap of the fracture call and edge overlay by fn-detector 1.2.0, "
+                                        "fn-classifier 1.1.0")
     pixels = sc.pixel_array
     assert pixels.shape == (256, 256, 3)
     # the legend band is at the bottom, dark, with red and white text; the top keeps the overlay

@@ -82,10 +82,12 @@ def _card_metrics(bundle: str, result: dict[str, Any]) -> dict[str, Any]:
         return {**common, **result["validity"]}
     detection = {k: v for k, v in result["detection"].items() if k != "detector_alone"}
     alone = result["detection"].get("detector_alone")  # present when the reader's fusion made the call
+    pointing = result["localization"]["pointing_game"]  # of the call's map
     if bundle == "detector":
-        own = alone if alone is not None else {**detection, "ece": result["calibration"]["ece"]}
-        return {**common, **own, "pointing_game": result["localization"]["pointing_game"]}
+        if alone is None:
+            return {**common, **detection, "ece": result["calibration"]["ece"], "pointing_game": pointing}
+        return {**common, **alone, "pointing_game": result["localization"]["detector_alone"]["pointing_game"]}
     cls = dict(result["classification"])
     if alone is not None:
-        cls["detection_fusion"] = {**detection, "ece": result["calibration"]["ece"]}
+        cls["detection_fusion"] = {**detection, "ece": result["calibration"]["ece"], "pointing_game": pointing}
     return {**common, **cls}

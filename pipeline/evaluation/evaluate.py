@@ -60,14 +60,14 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
     band = models.indeterminate_band
     probs, alone, labels = [], [], []
     type_true, type_pred = [], []
-    pointing_hits, pointing_total, pointing_tol = 0, 0, 0
+    pointing_hits, pointing_total, pointing_tol, detector_hits = 0, 0, 0, 0
     validity_ok: dict[str, list[bool]] = {}
     t_inference = 0.0
     for rec in tqdm(radiographs, desc="evaluate radiographs", disable=not show):
         t0 = time.perf_counter()
         rad = load_file(rec.path)
         verdict = models.validity(rad)
-        outs = run_fracture_models(rad, models, cams=True, type_cam=False)  # the pointing game uses the detector map
+        outs = run_fracture_models(rad, models, cams=True, type_cam=False)  # the pointing game uses the call's map
         t_inference += time.perf_counter() - t0
         validity_ok.setdefault("radiograph", []).append(verdict.is_radiograph)
         probs.append(outs.probability)
@@ -76,13 +76,15 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         if rec.fracture and rec.type:
             type_true.append(FRACTURE_TYPES.index(rec.type))
             type_pred.append(int(np.argmax(outs.type_probs)))
-        if rec.fracture and rec.box is not None and outs.det_heatmap is not None:
-            px, py = peak_point(outs.det_heatmap)
+        if rec.fracture and rec.box is not None and outs.heatmap is not None and outs.detector_peak is not None:
+            px, py = peak_point(outs.heatmap)
             x0, y0, x1, y1 = rec.box
             pointing_total += 1
             pointing_hits += int(x0 <= px < x1 and y0 <= py < y1)
             t = POINTING_TOLERANCE_PX
             pointing_tol += int(x0 - t <= px < x1 + t and y0 - t <= py < y1 + t)
+            dx, dy = outs.detector_peak
+            detector_hits += int(x0 <= dx < x1 and y0 <= dy < y1)
     for rec in tqdm(negatives, desc="evaluate negatives", disable=not show):
         rad = load_file(rec.path)
         verdict = models.validity(rad)
@@ -120,7 +122,10 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         "localization": {
             "pointing_game": _rnd(pointing_hits / pointing_total) if pointing_total else None,
             "images": pointing_total,
-            "rule": "Grad-CAM (detector) maximum strictly inside the true fracture box, original coordinates",
+            "rule": ("maximum of the call's Grad-CAM map (" + (
+                "the average of the detector's and the type reader's, each scaled to its peak: "
+                "pipeline.run.call_heatmap" if models.fusion else "the detector's") +
+                ") strictly inside the true fracture box, original coordinates"),
             f"pointing_game_tolerance_{POINTING_TOLERANCE_PX}px": (
                 _rnd(pointing_tol / pointing_total) if pointing_total else None),
             "tolerance_note": "the usual pointing-game protocol (Zhang et al., 2016) allows 15 px; reported "
@@ -143,6 +148,10 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         result["detection"]["detector_alone"] = {
             **_detection_figures(pa, y, det_b.operating_point, det_b.indeterminate_band),
             "ece": _rnd(expected_calibration_error(pa, y)),
+        }
+        result["localization"]["detector_alone"] = {
+            "pointing_game": _rnd(detector_hits / pointing_total) if pointing_total else None,
+            "rule": "the detector's own Grad-CAM maximum strictly inside the true fracture box",
         }
     if figures is not None:
         result["figures"] = {

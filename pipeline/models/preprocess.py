@@ -155,13 +155,20 @@ def standardise_patch(patch: np.ndarray) -> torch.Tensor:
 
 def patch_to_original(pmap: np.ndarray, patch: Patch, shape: tuple[int, int]) -> np.ndarray:
     """Paste a map computed on a patch back into a zero map of the original ``shape`` (h, w)."""
-    h, w = shape
-    out = np.zeros((h, w), dtype=np.float32)
-    up = cv2.resize(pmap.astype(np.float32), (patch.side, patch.side), interpolation=cv2.INTER_LINEAR)
+    out = np.zeros(shape, dtype=np.float32)
+    add_patch_map(out, pmap, patch)
+    return out
+
+
+def add_patch_map(out: np.ndarray, pmap: np.ndarray, patch: Patch, weight: float = 1.0) -> np.ndarray:
+    """Add ``weight`` times a map computed on a patch, resized to the patch's side, into ``out`` (a map of the
+    original geometry) where the patch lies over it, in place; only the patch's area is touched."""
+    h, w = out.shape
     y0, x0 = max(0, patch.top), max(0, patch.left)
     y1, x1 = min(h, patch.top + patch.side), min(w, patch.left + patch.side)
     if y1 > y0 and x1 > x0:
-        out[y0:y1, x0:x1] = up[y0 - patch.top:y1 - patch.top, x0 - patch.left:x1 - patch.left]
+        up = cv2.resize(pmap.astype(np.float32), (patch.side, patch.side), interpolation=cv2.INTER_LINEAR)
+        out[y0:y1, x0:x1] += weight * up[y0 - patch.top:y1 - patch.top, x0 - patch.left:x1 - patch.left]
     return out
 
 

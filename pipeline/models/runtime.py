@@ -4,8 +4,9 @@
 The detector (:class:`~pipeline.models.nets.FractureNet`) offers ``forward(x, cams)`` on an (H, W) prepared
 input, giving a pass with ``detect_logit``, ``type_logits`` and the segmentation map ``seg``, and
 ``cam(pass, type_index)``, the Grad-CAM map of the detection logit (``type_index`` None) or of one type's logit.
-The type reader offers ``classify(x, cams)`` giving a pass with ``type_logits`` and ``evidence`` (the
-strongest cell of its segmentation map), and ``cam(pass, index)``. The
+The type reader offers ``classify(x, cams)`` giving a pass with ``type_logits``, ``evidence`` (the
+strongest cell of its segmentation map) and ``evidence_cam`` (that evidence's Grad-CAM over the patch), and
+``cam(pass, index)``. The
 radiograph check offers ``logit(x)``. The NumPy networks (:mod:`pipeline.models.numpy_nets`) have these methods
 themselves; the torch modules are wrapped here, and torch is imported only for them.
 """
@@ -17,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.models.numpy_nets import NumpyFractureNet, NumpyTypeReader, NumpyValidityNet, ReaderPass
+from pipeline.models.numpy_nets import (
+    NumpyFractureNet,
+    NumpyTypeReader,
+    NumpyValidityNet,
+    ReaderPass,
+    evidence_cam,
+)
 
 Engine = Any  # one of the classes below or a NumPy network: duck-typed by what the pipeline calls
 
@@ -75,8 +82,10 @@ class TorchTypeReader:
         with torch.set_grad_enabled(cams):
             out = self.net.heads(feats)
         logits = out.types[0]
-        return ReaderPass(logits.detach().numpy().astype(np.float64), float(out.seg.detach().max()),
-                          feats if cams else None, logits if cams else None)
+        seg = out.seg[0, 0].detach().numpy()
+        return ReaderPass(logits.detach().numpy().astype(np.float64), float(seg.max()),
+                          feats if cams else None, logits if cams else None,
+                          evidence_cam(seg, float(self.net.reader_seg.bias.detach()[0])))
 
     def cam(self, rp: ReaderPass, index: int) -> np.ndarray:
         from pipeline.explain import grad_cam
