@@ -30,7 +30,7 @@ def _check_storage() -> str:
 def _check_models() -> str:
     from pipeline.models.bundle import verify_model_dir  # imported lazily: the web process stays small
 
-    verify_model_dir(current_settings().model_dir)
+    verify_model_dir(current_settings().model_dir, cached=True)  # unchanged weights are not hashed again
     return "ok"
 
 

@@ -419,13 +419,18 @@ def test_feedback(api):  # type: ignore[no-untyped-def]
 def test_models_lists_the_bundle_cards(api, app, tmp_path):  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
+    from pipeline.taxonomy import DETECTION_CLASSES, FRACTURE_TYPES
+
     models = tmp_path / "models"
-    for name, task, good in (("detector", "detect", True), ("classifier", "classify", False)):
+    for name, task, good in (("detector", "detect", True), ("classifier", "classify", False),
+                             ("renamed", "detect", True)):
         (models / name).mkdir(parents=True)
         weights = models / name / "weights.safetensors"
         weights.write_bytes(b"weights of " + name.encode())
         digest = hashlib.sha256(weights.read_bytes()).hexdigest() if good else "0" * 64
-        card = {"name": f"fn-{name}", "version": "1.2.0", "task": task, "classes": ["a", "b"],
+        classes = list(FRACTURE_TYPES if task == "classify" else DETECTION_CLASSES)
+        card = {"name": f"fn-{name}", "version": "1.2.0", "task": task,
+                "classes": classes[::-1] if name == "renamed" else classes,  # off the taxonomy contract
                 "architecture": {"class": "FractureNet"}, "weights": {"file": weights.name, "sha256": digest},
                 "operating_point": {"threshold": 0.42, "indeterminate_band": [0.35, 0.5]}, "temperature": 1.3,
                 "metrics": {"auroc": 0.9}, "disclaimer": "Research use only. Not for diagnostic use."}
@@ -437,8 +442,10 @@ def test_models_lists_the_bundle_cards(api, app, tmp_path):  # type: ignore[no-u
     app.extensions["fracture.settings"] = replace(app.extensions["fracture.settings"], model_dir=models)
     body = api.get("/api/v1/models", "ruth").get_json()
     cards = {m["bundle"]: m for m in body["models"]}
-    assert set(cards) == {"detector", "classifier"}
+    assert set(cards) == {"detector", "classifier", "renamed"}
     assert cards["detector"]["status"] == "ok" and cards["detector"]["operating_point"] == 0.42
+    # checked as the workers' loader checks it: a card whose classes differ from the taxonomy is refused too
+    assert cards["renamed"]["status"] == "invalid" and "taxonomy contract" in cards["renamed"]["problem"]
     assert cards["detector"]["version"] == "1.2.0" and cards["detector"]["metrics"] == {"auroc": 0.9}
     assert cards["classifier"]["status"] == "invalid" and "SHA-256" in cards["classifier"]["problem"]
     assert cards["detector"]["detection_fusion"] is None  # the fusion the pipeline applies is the reader's

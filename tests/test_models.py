@@ -105,3 +105,18 @@ def test_bundled_models_verify(name: str) -> None:
         assert 0 < card["operating_point"]["threshold"] < 1
         lo, hi = card["operating_point"]["indeterminate_band"]
         assert lo <= card["operating_point"]["threshold"] <= hi
+
+
+def test_cached_sha256_is_taken_again_when_the_file_changes(tmp_path: Path) -> None:
+    """The probes' cached digest (``/readyz``, ``/api/v1/models``) follows a rewritten file: same size, new
+    bytes, new modification time."""
+    import os
+
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"A" * 4096)
+    first = sha256_file(weights, cached=True)
+    assert first == sha256_file(weights) == sha256_file(weights, cached=True)
+    stat = weights.stat()
+    weights.write_bytes(b"B" * 4096)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert sha256_file(weights, cached=True) == sha256_file(weights) != first

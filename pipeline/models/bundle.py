@@ -22,6 +22,7 @@ import copy
 import datetime as _dt
 import hashlib
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,11 +55,28 @@ class BundleError(ValueError):
     """A model bundle is missing, corrupted, or does not fit the taxonomy contract."""
 
 
-def sha256_file(path: Path) -> str:
+_hash_cache: dict[tuple[str, int, int], str] = {}
+_hash_lock = threading.Lock()
+
+
+def sha256_file(path: Path, cached: bool = False) -> str:
+    """The file's SHA-256. With ``cached``, a digest already taken of the same file with the same size and
+    modification time is reused (for probes that ask often: ``/readyz``, ``/api/v1/models``); loading a bundle
+    always hashes the bytes."""
+    key = None
+    if cached:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        with _hash_lock:
+            if key in _hash_cache:
+                return _hash_cache[key]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
+    if key is not None:
+        with _hash_lock:
+            _hash_cache[key] = digest.hexdigest()
     return digest.hexdigest()
 
 
@@ -224,9 +242,11 @@ def verify_card(card: dict[str, Any], where: str) -> None:
         raise BundleError(f"{where}: unknown architecture {arch!r}")
 
 
-def verify_bundle(bundle_dir: str | Path, expected_task: str | None = None) -> tuple[dict[str, Any], Path]:
+def verify_bundle(bundle_dir: str | Path, expected_task: str | None = None,
+                  cached: bool = False) -> tuple[dict[str, Any], Path]:
     """The card and weights file of a bundle whose card keeps the contract and whose weights match its SHA-256
-    (no network is built: cheap enough for a readiness probe); :class:`BundleError` naming the file otherwise."""
+    (no network is built: cheap enough for a readiness probe, and with ``cached`` the digest of an unchanged
+    file is reused: :func:`sha256_file`); :class:`BundleError` naming the file otherwise."""
     path = Path(bundle_dir)
     card = read_card(path)
     where = str(path / CARD_NAME)
@@ -236,7 +256,7 @@ def verify_bundle(bundle_dir: str | Path, expected_task: str | None = None) -> t
     weights = path / str(card["weights"].get("file", WEIGHTS_NAME))
     if not weights.is_file():
         raise BundleError(f"{weights}: weights file missing")
-    actual = sha256_file(weights)
+    actual = sha256_file(weights, cached=cached)
     if actual != card["weights"].get("sha256"):
         raise BundleError(
             f"{weights}: SHA-256 {actual} does not match the model card ({card['weights'].get('sha256')}); "
@@ -245,14 +265,14 @@ def verify_bundle(bundle_dir: str | Path, expected_task: str | None = None) -> t
     return card, weights
 
 
-def verify_model_dir(model_dir: str | Path) -> None:
+def verify_model_dir(model_dir: str | Path, cached: bool = False) -> None:
     """Check a model directory as the workers will load it (``validity/``, ``detector/``, ``classifier/``, each
     verified by :func:`verify_bundle`), without importing a network runtime; raise :class:`BundleError`."""
     root = Path(model_dir)
     if not root.is_dir():
         raise BundleError(f"model directory {root} does not exist")
     for task, name in BUNDLE_NAMES.items():
-        verify_bundle(root / name, expected_task=task)
+        verify_bundle(root / name, expected_task=task, cached=cached)
 
 
 def load_bundle(bundle_dir: str | Path, expected_task: str | None = None, runtime: str = "torch") -> Bundle:

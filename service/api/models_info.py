@@ -1,37 +1,18 @@
 """Model cards for ``/api/v1/models``, read from ``model.json`` files without importing torch.
 
 Each bundle is a folder of ``settings.model_dir`` with a ``model.json`` card and a weights file (see
-``pipeline.models.bundle``). The weights' SHA-256 is checked against the card (cached by size and
-modification time) so the answer says whether the bundle on disk is the one its card describes.
+``pipeline.models.bundle``). The bundle is checked as the loader checks it (the card's contract, the weights'
+SHA-256: ``verify_bundle``, with the digest of an unchanged file reused) so the answer says whether the bundle
+on disk is one the workers would load.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
-CARD_NAME = "model.json"
-DISCLAIMER = "Research use only. Not for diagnostic use."
-_hash_cache: dict[tuple[str, int, int], str] = {}
-_lock = threading.Lock()
-
-
-def _sha256(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    with _lock:
-        if key in _hash_cache:
-            return _hash_cache[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    with _lock:
-        _hash_cache[key] = digest.hexdigest()
-    return _hash_cache[key]
+from pipeline.models.bundle import CARD_NAME, DISCLAIMER, BundleError, verify_bundle
 
 
 def _section(card: dict[str, Any], name: str) -> dict[str, Any]:
@@ -49,13 +30,11 @@ def _card(bundle: Path) -> dict[str, Any]:
         return {"bundle": bundle.name, "name": None, "version": None, "task": None, "status": "invalid",
                 "problem": f"{CARD_NAME}: {exc}", "disclaimer": DISCLAIMER}
     card: dict[str, Any] = raw
-    weights_info = _section(card, "weights")
-    weights = bundle / str(weights_info.get("file", "weights.safetensors"))
-    expected = weights_info.get("sha256")
-    if not weights.is_file():
-        problem = f"weights file {weights.name} is missing"
-    elif not expected or _sha256(weights) != expected:
-        problem = f"weights file {weights.name} does not match the SHA-256 in the card"
+    expected = _section(card, "weights").get("sha256")
+    try:
+        verify_bundle(bundle, cached=True)
+    except BundleError as exc:
+        problem = str(exc)
     operating = _section(card, "operating_point")
     architecture = _section(card, "architecture")
     return {
