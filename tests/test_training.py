@@ -384,6 +384,38 @@ def test_site_patches_sit_on_detector_peaks_off_the_fracture(toy: Path, model_di
         TypePatches(records, cfg)
 
 
+def test_site_peaks_are_cached_for_a_resumed_run(toy: Path, model_dir: Path, tmp_path: Path) -> None:
+    """The detector's peaks are written to the peak cache; a second build with the same detector, scale and
+    images reads them (the same windows, no detector pass), a changed image is found again, and a cache made
+    with other weights or another patch size is not used."""
+    import os
+
+    from pipeline.training.type_reader import _file_key
+
+    records = [r for r in read_generator_layout(toy) if r.is_radiograph][:8]
+    cfg = TrainConfig(long_side=192, patch=64, seed=2, num_workers=0, site_share=0.5, augment=0.5)
+    cache = tmp_path / "ckpt" / "site_peaks.json"
+    first = TypePatches(records, cfg, detector=model_dir / "detector", peak_cache=cache)
+    assert first.peaks_reused == 0 and cache.is_file()
+    stored = json.loads(cache.read_text())
+    assert set(stored["peaks"]) == {_file_key(r.path) for r in records}
+    second = TypePatches(records, cfg, detector=model_dir / "detector", peak_cache=cache)
+    assert second.peaks_reused == len(records) and len(second.sites) == len(first.sites) > 0
+    for (img_a, mask_a, kind_a), (img_b, mask_b, kind_b) in zip(first.sites, second.sites, strict=True):
+        assert kind_a == kind_b and np.array_equal(img_a, img_b)
+        assert (mask_a is None) == (mask_b is None) and (mask_a is None or np.array_equal(mask_a, mask_b))
+    stat = records[0].path.stat()
+    os.utime(records[0].path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    third = TypePatches(records, cfg, detector=model_dir / "detector", peak_cache=cache)
+    assert third.peaks_reused == len(records) - 1
+    other_patch = TrainConfig(long_side=192, patch=96, seed=2, num_workers=0, site_share=0.5, augment=0.5)
+    assert TypePatches(records, other_patch, detector=model_dir / "detector", peak_cache=cache).peaks_reused == 0
+    stored = json.loads(cache.read_text())
+    stored["header"]["detector_sha256"] = "0" * 64
+    cache.write_text(json.dumps(stored))
+    assert TypePatches(records, cfg, detector=model_dir / "detector", peak_cache=cache).peaks_reused == 0
+
+
 def test_validity_training(toy: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(train, ["--task", "validity", "--data", str(toy), "--epochs", "2", "--out",
                                         str(tmp_path / "validity"), "--batch-size", "8", "--checkpoint-dir",

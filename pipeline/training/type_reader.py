@@ -25,6 +25,7 @@ detector's call.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ SITES_RULE = ("of the detector's `sites` strongest segmentation peaks (at least 
               "the patch is largest (pipeline.run.read_type_sites and choose_site)")
 CENTRE_JITTER = 1 / 12  # standard deviation of the patch centre around the chosen mask pixel, in patch sides
 SITE_PEAKS = 2  # detector peaks away from the fracture kept per training image as site patches (site_share > 0)
+PEAK_CACHE = "site_peaks.json"  # in the checkpoint folder (train_type_reader)
 NO_TYPE = -100  # type label of a site patch the fracture does not reach: ignored by the type loss
 
 
@@ -99,12 +101,36 @@ def _window16(img: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
     return (np.clip(crop_padded(img.astype(np.float32), top, left, size, 0.0), 0, 1) * 65535 + 0.5).astype(np.uint16)
 
 
+def _file_key(path: Path) -> str:
+    """An image's key in the peak cache: its path, size and modification time (a changed file is not reused)."""
+    stat = Path(path).stat()
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _read_peak_cache(path: Path, header: dict[str, Any]) -> dict[str, list[list[float]]]:
+    """The cached peaks per image key, if ``path`` holds peaks found with the same ``header``; else none."""
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cached, dict) or cached.get("header") != header or not isinstance(cached.get("peaks"), dict):
+        return {}
+    return cached["peaks"]
+
+
+def _write_peak_cache(path: Path, header: dict[str, Any], peaks: dict[str, list[list[float]]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"header": header, "peaks": peaks}))
+    tmp.replace(path)  # a run killed mid-write leaves the old cache or none, never half a file
+
+
 class TypePatches(Dataset[dict[str, Any]]):
     """Augmented patches around each fracture, with its type label; with ``cfg.site_share`` > 0 and a
     ``detector``, also patches at the detector's peaks away from the fracture (see the module's docstring)."""
 
     def __init__(self, records: list[Record], cfg: TrainConfig, show: bool = False,
-                 detector: Path | None = None) -> None:
+                 detector: Path | None = None, peak_cache: Path | None = None) -> None:
         self.records = typed_fractures(records)
         if not self.records:
             raise ValueError("no fractured images with a type and a mask or box to train the type reader on")
@@ -119,6 +145,7 @@ class TypePatches(Dataset[dict[str, Any]]):
         self.site_window = 2 * int(self.patch * (0.625 * 1.42 + 3 * CENTRE_JITTER) + 0.5)
         self.sites: list[tuple[np.ndarray, np.ndarray | None, int]] = []
         self.site_images = 0
+        self.peaks_reused = 0
         if cfg.site_share > 0:
             if detector is None:
                 raise ValueError("site patches need a detector bundle to find its peaks")
@@ -127,13 +154,24 @@ class TypePatches(Dataset[dict[str, Any]]):
             self._detector = load_bundle(detector, expected_task="detect", runtime="numpy")
             rads = [r for r in records if r.is_radiograph and r.fracture is not None]
             self._site_records = rads
-            found = fork_map(self.peak_windows, list(range(len(rads))), max(2, cfg.num_workers), "type patches: peaks",
-                             show, chunksize=8)
-            self.sites = [w for ws in found for w in ws]
+            header = self._peak_cache_header()
+            self._known = _read_peak_cache(peak_cache, header) if peak_cache is not None else {}
+            self.peaks_reused = sum(_file_key(r.path) in self._known for r in rads)
+            found = list(fork_map(self.peak_windows, list(range(len(rads))), max(2, cfg.num_workers),
+                                  "type patches: peaks", show, chunksize=8))
+            self.sites = [w for _key, _peaks, ws in found for w in ws]
             self.site_images = len(rads)
-            del self._detector, self._site_records
+            if peak_cache is not None:
+                _write_peak_cache(peak_cache, header, {key: peaks for key, peaks, _ws in found})
+            del self._detector, self._site_records, self._known
         share = cfg.site_share if self.sites else 0.0
         self.n_sites = int(round(len(self.records) * share / (1 - share))) if share else 0
+
+    def _peak_cache_header(self) -> dict[str, Any]:
+        """What the cached peaks depend on besides the image: the detector's weights, the reader's scale and patch
+        (which set the peaks' spacing) and how many peaks are kept."""
+        return {"detector_sha256": self._detector.identity.sha256, "long_side": self.cfg.long_side,
+                "patch": self.patch, "peaks": SITE_PEAKS + 1}
 
     def __len__(self) -> int:
         return len(self.records) + self.n_sites
@@ -150,21 +188,26 @@ class TypePatches(Dataset[dict[str, Any]]):
         top, left = cy - self.window // 2, cx - self.window // 2
         return _window16(small, top, left, self.window), crop_padded(mask, top, left, self.window, 0)
 
-    def peak_windows(self, i: int) -> list[tuple[np.ndarray, np.ndarray | None, int]]:
+    def peak_windows(self, i: int) -> tuple[str, list[list[float]], list[tuple[np.ndarray, np.ndarray | None, int]]]:
         """Windows (uint16 image, fracture mask or None, type index or -1) around the detector's
         :data:`SITE_PEAKS` strongest segmentation peaks outside the fracture's box in training image ``i``;
-        peaks at least half a patch apart, as at inference."""
+        peaks at least half a patch apart, as at inference. Also the image's cache key and the peaks found (taken
+        from the peak cache instead when it holds this image: the detector's pass is most of the cost)."""
         rec = self._site_records[i]
         img = read_gray(rec.path)
-        x, geom = fracture_input(img, int(self._detector.input_spec.get("long_side", 512)))
-        seg = self._detector.engine.forward(x).seg
-        side = self.patch * max(img.shape) / self.cfg.long_side
+        key = _file_key(rec.path)
+        peaks = self._known.get(key)
+        if peaks is None:
+            x, geom = fracture_input(img, int(self._detector.input_spec.get("long_side", 512)))
+            seg = self._detector.engine.forward(x).seg
+            side = self.patch * max(img.shape) / self.cfg.long_side
+            peaks = [[px, py] for px, py, _value in seg_peaks(seg, geom, SEG_STRIDE, SITE_PEAKS + 1, side / 2)]
         small = resize_long_side(img, self.cfg.long_side)
         scale = small.shape[0] / img.shape[0]
         mask = _fracture_pixels(rec, small.shape, scale) if rec.fracture else None
         kind = FRACTURE_TYPES.index(rec.type) if rec.fracture and rec.type else -1
         out: list[tuple[np.ndarray, np.ndarray | None, int]] = []
-        for px, py, _value in seg_peaks(seg, geom, SEG_STRIDE, SITE_PEAKS + 1, side / 2):
+        for px, py in peaks:
             if rec.fracture and (rec.box is None or _inside(rec, (px, py))):
                 continue  # the fracture's own patches come from the main stream
             w = self.site_window
@@ -173,7 +216,7 @@ class TypePatches(Dataset[dict[str, Any]]):
             out.append((_window16(small, top, left, w), mwin if mwin is not None and mwin.any() else None, kind))
             if len(out) == SITE_PEAKS:
                 break
-        return out
+        return key, peaks, out
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, i = key
@@ -322,7 +365,9 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
     if start is not None:
         init_from_bundle(model, start, show)
     patch = cfg.patch
-    dataset = TypePatches(train, cfg, show=show, detector=detector_dir)
+    # The detector's peaks for the site patches are kept in the checkpoint folder: a resumed run (or another run
+    # with the same detector, scale and images) reads them instead of running the detector again.
+    dataset = TypePatches(train, cfg, show=show, detector=detector_dir, peak_cache=ckpt_dir / PEAK_CACHE)
     val_typed = typed_fractures(val)[: cfg.val_limit]
     val_patches = []  # decoded once: the monitoring images are read at their true fracture centre every epoch
     for rec in val_typed:
@@ -366,6 +411,7 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
         **({"site_patches": {
             "share": cfg.site_share, "peaks_per_image": SITE_PEAKS, "windows": len(dataset.sites),
             "images": dataset.site_images, "per_epoch": dataset.n_sites,
+            "peaks_from_cache": dataset.peaks_reused,
             "rule": "centred on the detector's strongest segmentation peaks outside the fracture's box (at least "
                     "half a patch apart), in fractured and intact training images; segmentation target: the "
                     "fracture mask in the patch; type learnt only where the fracture reaches the central half",
