@@ -103,3 +103,41 @@ def test_evaluate_scores_the_fused_call_and_keeps_the_detector_alone_apart(tmp_p
     reader_card = json.loads((models / "classifier" / "model.json").read_text())["metrics"]["test"]
     assert reader_card["detection_fusion"]["auc"] == 0.5 and reader_card["macro_f1"] is not None
     assert reader_card["detection_fusion"]["pointing_game"] == loc["pointing_game"]
+
+
+def test_evaluate_under_a_shift_moves_the_boxes_and_refuses_to_write_cards(tmp_path: Path) -> None:
+    """``--shift`` changes every radiograph before the models see it (the report says which shift); zooming out
+    moves every fracture box, so the pointing game is scored against the moved boxes, not the stored ones."""
+    data = write_toy_dataset(tmp_path / "data", count=10, seed=6, negatives=2)
+    models = write_untrained_bundles(tmp_path / "models")
+    runs = {}
+    for shift in ("none", "zoom_out"):
+        out = tmp_path / f"{shift}.json"
+        result = CliRunner().invoke(evaluate, ["--models", str(models), "--data", str(data), "--json", str(out),
+                                               "--quiet", "--shift", shift])
+        assert result.exit_code == 0, result.output
+        runs[shift] = json.loads(out.read_text())
+    assert runs["none"]["shift"]["name"] == "none" and runs["zoom_out"]["shift"]["name"] == "zoom_out"
+    assert runs["zoom_out"]["negatives"] == 2 and runs["zoom_out"]["localization"]["images"] > 0
+    assert runs["none"]["detection"]["auc"] is not None
+    refused = CliRunner().invoke(evaluate, ["--models", str(models), "--data", str(data), "--json",
+                                            str(tmp_path / "x.json"), "--quiet", "--shift", "noise", "--update-cards"])
+    assert refused.exit_code != 0 and "not under a --shift" in refused.output
+
+
+def test_evaluate_folder_scores_the_pointing_game_against_the_box_the_shift_returns(tmp_path: Path) -> None:
+    """Two shifts that leave the pixels alone: one returns a box over the whole image (every peak inside), the
+    other an empty box (none inside). The pointing game follows the box the shift returns, not the stored one."""
+    from pipeline.evaluation.evaluate import evaluate_folder
+    from pipeline.evaluation.shifts import Shift
+    from pipeline.run import load_models
+
+    data = write_toy_dataset(tmp_path / "data", count=10, seed=7, negatives=0)
+    models = load_models(write_untrained_bundles(tmp_path / "models"))
+    whole = Shift("whole", "box = image", lambda px, box, rng: (px, (0, 0, px.shape[1], px.shape[0])))
+    empty = Shift("empty", "box = nothing", lambda px, box, rng: (px, (0, 0, 0, 0)))
+    hit_all = evaluate_folder(models, data, show=False, shift=whole)
+    hit_none = evaluate_folder(models, data, show=False, shift=empty)
+    assert hit_all["localization"]["images"] == hit_none["localization"]["images"] > 0
+    assert hit_all["localization"]["pointing_game"] == 1.0 and hit_none["localization"]["pointing_game"] == 0.0
+    assert hit_all["detection"]["auc"] == hit_none["detection"]["auc"]  # the same pixels

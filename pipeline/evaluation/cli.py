@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from pipeline.evaluation.evaluate import evaluate_folder
+from pipeline.evaluation.shifts import SHIFTS, get_shift
 from pipeline.models.bundle import RUNTIMES, BundleError, read_card, update_card
 from pipeline.run import BUNDLE_NAMES, DEFAULT_RUNTIME, load_models
 from pipeline.training.datasets import DatasetError
@@ -49,15 +50,21 @@ def check_targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 @click.option("--threads", type=int, default=2, show_default=True, help="PyTorch threads (the torch runtime).")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=DEFAULT_RUNTIME, show_default=True,
               help="Run the networks in NumPy (as job workers do by default) or PyTorch.")
+@click.option("--shift", type=click.Choice(list(SHIFTS)), default=None,
+              help="Apply this acquisition shift to every radiograph first (pipeline/evaluation/shifts.py; "
+                   "bench/robustness.py runs them all).")
 @click.option("--update-cards", is_flag=True, help="Write the results into the bundles' model cards (metrics.test).")
 @click.option("--quiet", is_flag=True)
 def evaluate(models_dir: Path | None, data: Path, json_out: Path, figures: Path | None, limit: int | None,
-             threads: int, runtime: str, update_cards: bool, quiet: bool) -> None:
+             threads: int, runtime: str, shift: str | None, update_cards: bool, quiet: bool) -> None:
     """Evaluate model bundles on a labelled folder."""
+    if shift not in (None, "none") and update_cards:
+        raise click.ClickException("--update-cards records the models' test figures; not under a --shift")
     try:
         models = load_models(models_dir, num_threads=threads, runtime=runtime)
         result = evaluate_folder(models, data, limit=limit, show=not quiet,
-                                 figures=figures if figures is not None else json_out.parent)
+                                 figures=figures if figures is not None else json_out.parent,
+                                 shift=get_shift(shift) if shift else None)
     except (BundleError, DatasetError) as exc:
         raise click.ClickException(str(exc)) from None
     result["targets"] = check_targets(result)

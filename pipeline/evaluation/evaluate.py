@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from pipeline.evaluation.metrics import (
     sensitivity_at_specificity,
 )
 from pipeline.evaluation.plots import confusion_image, reliability_diagram
+from pipeline.evaluation.shifts import Shift, shift_rng
 from pipeline.explain import peak_point
 from pipeline.models.imageio import load_file
 from pipeline.run import ModelSet, calibrated_probability, detection_call, run_fracture_models
@@ -50,12 +52,17 @@ def _detection_figures(p: np.ndarray, y: np.ndarray, threshold: float, band: tup
 
 
 def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None, show: bool = True,
-                    figures: Path | None = None) -> dict[str, Any]:
+                    figures: Path | None = None, shift: Shift | None = None,
+                    include_negatives: bool = True) -> dict[str, Any]:
+    """Every metric of the models on a labelled folder. With ``shift``, each radiograph (not the negatives) is
+    changed by that acquisition shift before the models see it, and its fracture box with it."""
     records = read_generator_layout(data)
     radiographs = [r for r in records if r.is_radiograph]
     negatives = [r for r in records if not r.is_radiograph]
     if limit:
         radiographs, negatives = radiographs[:limit], negatives[:limit]
+    if not include_negatives:
+        negatives = []
     thr = models.operating_point
     band = models.indeterminate_band
     probs, alone, labels = [], [], []
@@ -63,9 +70,13 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
     pointing_hits, pointing_total, pointing_tol, detector_hits = 0, 0, 0, 0
     validity_ok: dict[str, list[bool]] = {}
     t_inference = 0.0
-    for rec in tqdm(radiographs, desc="evaluate radiographs", disable=not show):
+    for index, rec in enumerate(tqdm(radiographs, desc="evaluate radiographs", disable=not show)):
         t0 = time.perf_counter()
         rad = load_file(rec.path)
+        box = rec.box
+        if shift is not None:
+            pixels, box = shift.apply(rad.pixels, box, shift_rng(index, shift.name))
+            rad = replace(rad, pixels=pixels)
         verdict = models.validity(rad)
         outs = run_fracture_models(rad, models, cams=True, type_cam=False)  # the pointing game uses the call's map
         t_inference += time.perf_counter() - t0
@@ -76,9 +87,9 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         if rec.fracture and rec.type:
             type_true.append(FRACTURE_TYPES.index(rec.type))
             type_pred.append(int(np.argmax(outs.type_probs)))
-        if rec.fracture and rec.box is not None and outs.heatmap is not None and outs.detector_peak is not None:
+        if rec.fracture and box is not None and outs.heatmap is not None and outs.detector_peak is not None:
             px, py = peak_point(outs.heatmap)
-            x0, y0, x1, y1 = rec.box
+            x0, y0, x1, y1 = box
             pointing_total += 1
             pointing_hits += int(x0 <= px < x1 and y0 <= py < y1)
             t = POINTING_TOLERANCE_PX
@@ -99,6 +110,7 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
     n_images = len(radiographs)
     result: dict[str, Any] = {
         "data": str(data),
+        "shift": None if shift is None else {"name": shift.name, "description": shift.description},
         "images": n_images,
         "fractured": int(y.sum()),
         "negatives": len(negatives),
