@@ -23,6 +23,7 @@ from pipeline.run import (
     load_models,
     run_fracture_models,
 )
+from pipeline.training.augment import random_processing
 from pipeline.training.calibration import fit_logistic, fit_platt, fit_temperature, operating_point
 from pipeline.training.cli import recalibrate, train
 from pipeline.training.datasets import (
@@ -419,10 +420,27 @@ def test_site_peaks_are_cached_for_a_resumed_run(toy: Path, model_dir: Path, tmp
 def test_validity_training(toy: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(train, ["--task", "validity", "--data", str(toy), "--epochs", "2", "--out",
                                         str(tmp_path / "validity"), "--batch-size", "8", "--checkpoint-dir",
-                                        str(tmp_path / "c"), "--workers", "0", "--quiet"])
+                                        str(tmp_path / "c"), "--workers", "0", "--processing", "0.8", "--quiet"])
     assert result.exit_code == 0, result.output
     bundle = load_bundle(tmp_path / "validity", expected_task="validity")
     assert bundle.card["classes"] == ["not_radiograph", "radiograph"]
+    assert bundle.card["training"]["processing_augmentation"] == 0.8
+
+
+def test_processing_augmentation_draws_each_kind_reproducibly_and_stays_a_unit_image() -> None:
+    img = np.clip(toy_radiograph(np.random.default_rng(4), fracture=True, type_idx=0)[0], 0, 1)
+    np.testing.assert_array_equal(random_processing(img, np.random.default_rng(0), 0.0), img)
+    outs = [random_processing(img, np.random.default_rng(seed), 1.0) for seed in range(40)]
+    for seed, out in enumerate(outs[:5]):
+        np.testing.assert_array_equal(out, random_processing(img, np.random.default_rng(seed), 1.0))
+    changed = [o for o in outs if float(np.abs(o - img).max()) > 1e-3]
+    assert all(o.shape == img.shape and o.dtype == np.float32 and 0 <= o.min() and o.max() <= 1 for o in outs)
+    assert 0.4 * len(outs) <= len(changed) <= 0.8 * len(outs)  # drawn with probability 0.6
+    # The four kinds move the image differently: a tone curve keeps the order of the pixel values, the
+    # spatial ones (CLAHE, equalisation, edge enhancement) do not.
+    order = np.argsort(img.ravel()[::97], kind="stable")
+    monotone = [bool(np.all(np.diff(o.ravel()[::97][order]) >= -1e-6)) for o in changed]
+    assert any(monotone) and not all(monotone)
 
 
 def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:

@@ -111,3 +111,41 @@ def crop_padded(arr: np.ndarray, top: int, left: int, size: int, fill: float) ->
     if y1 > y0 and x1 > x0:
         out[y0 - top:y1 - top, x0 - left:x1 - left] = arr[y0:y1, x0:x1]
     return out
+
+
+def _equalise(img: np.ndarray, coarse_sigma: float, keep: float, detail: float, mid_sigma: float,
+              mid_gain: float) -> np.ndarray:
+    coarse = cv2.GaussianBlur(img, (0, 0), coarse_sigma)
+    out = keep * coarse + detail * (img - coarse)
+    if mid_gain > 0:
+        out = out + mid_gain * (img - cv2.GaussianBlur(img, (0, 0), mid_sigma))
+    lo, hi = np.percentile(out[::2, ::2], [0.1, 99.9])
+    return np.clip((out - lo) / max(float(hi - lo), 1e-6), 0, 1)
+
+
+def random_processing(img: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """A vendor's post-processing, drawn at random, on a whole float32 [0, 1] bone-bright image: a wide tone
+    curve, contrast-limited adaptive histogram equalisation, multi-scale equalisation (large-scale density
+    flattened, detail boosted) or strong edge enhancement. Scales are fractions of the image's long side, so the
+    same draw means the same processing at any resolution. With probability ``1 - 0.6 * strength`` the image is
+    returned as it is."""
+    if rng.random() >= 0.6 * strength:
+        return img.astype(np.float32, copy=False)
+    x = np.clip(img, 0, 1).astype(np.float32)
+    long_side = max(x.shape)
+    kind = int(rng.integers(0, 4))
+    if kind == 0:
+        x = np.power(x, float(np.exp(rng.uniform(-1.1, 1.1))))
+    elif kind == 1:
+        tiles = int(rng.choice([4, 8, 16]))
+        x16 = (x * 65535 + 0.5).astype(np.uint16)
+        x = cv2.createCLAHE(clipLimit=float(rng.uniform(1.5, 4.0)), tileGridSize=(tiles, tiles)).apply(x16)
+        x = x.astype(np.float32) / 65535.0
+    elif kind == 2:
+        x = _equalise(x, max(1.0, long_side * float(rng.uniform(1 / 20, 1 / 6))), float(rng.uniform(0.2, 0.7)),
+                      float(rng.uniform(1.2, 2.5)), max(1.0, long_side * float(rng.uniform(1 / 200, 1 / 60))),
+                      float(rng.uniform(0.0, 1.2)))
+    else:
+        blur = cv2.GaussianBlur(x, (0, 0), max(0.5, long_side * float(rng.uniform(1 / 800, 1 / 150))))
+        x = x + float(rng.uniform(0.5, 2.5)) * (x - blur)
+    return np.clip(x, 0, 1).astype(np.float32)

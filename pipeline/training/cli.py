@@ -80,6 +80,10 @@ def _command_line() -> str:
 @click.option("--init", "init", type=click.Path(path_type=Path, exists=True), default=None,
               help="Start from a FractureNet bundle or a checkpoint.pt (fine-tuning, e.g. on real data).")
 @click.option("--augment", type=float, default=1.0, show_default=True, help="Augmentation strength (0 = none).")
+@click.option("--processing", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Validity task: strength of the post-processing augmentation (wide tone curves, CLAHE, "
+                   "multi-scale equalisation, edge enhancement), so that a vendor's processed radiograph is not "
+                   "taken for a non-radiograph (0 = none, as before session 13).")
 @click.option("--type-weight", type=float, default=1.0, show_default=True,
               help="Fracture task: weight of the shared network's type loss in training. The types users see "
                    "come from the type reader, so a lower weight lets the backbone spend itself on detection.")
@@ -109,7 +113,7 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
           width: int, max_minutes: float | None, max_steps: int | None, checkpoint_dir: Path | None,
           checkpoint_every: int, resume: bool, init: Path | None, workers: int, threads: int, val_limit: int,
           cache_mb: int, crops_per_image: int, epochs_per_round: int, head_images: int,
-          max_images: int | None, weights_dtype: str, quiet: bool, augment: float,
+          max_images: int | None, weights_dtype: str, quiet: bool, augment: float, processing: float,
           type_weight: float, site_share: float) -> None:
     """Train a model bundle (reproducible, checkpointed, resumable)."""
     torch.set_num_threads(threads)
@@ -140,6 +144,7 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
         checkpoint_every=checkpoint_every, val_limit=val_limit, num_workers=workers, cache_mb=cache_mb,
         bank_per_image=crops_per_image, bank_epochs=epochs_per_round, head_images=head_images,
         weights_dtype=weights_dtype, data_description=_describe(train_recs, data), augment=augment,
+        processing=processing,
         type_loss_weight=type_weight, site_share=site_share,
         extra={"command": _command_line(),
                **({"calibration_data": ", ".join(calibration_data)} if calibration_data else {})},

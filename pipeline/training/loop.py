@@ -45,6 +45,7 @@ from pipeline.training.augment import (
     pick_crop,
     random_acquisition,
     random_geometry,
+    random_processing,
 )
 from pipeline.training.calibration import fit_platt, fit_temperature, operating_point, sigmoid
 from pipeline.training.datasets import Record
@@ -77,6 +78,7 @@ class TrainConfig:
     bank_epochs: int = 2  # epochs served by one round of drawn crops
     head_images: int = 0  # after crop training, refit the detection/type heads on this many whole images
     augment: float = 1.0
+    processing: float = 0.0  # validity task: strength of random_processing (a vendor's post-processing)
     type_loss_weight: float = 1.0  # fracture task: weight of the shared network's type loss
     site_share: float = 0.0  # classify task: share of patches centred on the detector's peaks off the fracture
     weights_dtype: str = "float16"
@@ -783,6 +785,8 @@ class ValiditySet(Dataset[dict[str, Any]]):
                 y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
                 img = img[y0:y0 + ch, x0:x0 + cw]
             img, _ = random_geometry(img, None, rng, max_rotation=10)
+            if self.cfg.processing:
+                img = random_processing(img, rng, self.cfg.processing)
             img = random_acquisition(img, rng, self.cfg.augment)
         x = (letterbox(img, self.cfg.validity_size) - 0.5) / 0.25
         return {"x": torch.from_numpy(x.astype(np.float32))[None],
@@ -840,6 +844,7 @@ def train_validity(train: list[Record], val: list[Record], cfg: TrainConfig, out
                     "normalisation": "(x - 0.5) / 0.25", "rules_first": "see pipeline/validation.py"},
         training={"data": cfg.data_description, "train_images": len(train), "validation_images": len(val),
                   "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                  "augmentation_strength": cfg.augment, "processing_augmentation": cfg.processing,
                   **{k: v for k, v in summary.items()}, "parameters": count_parameters(model), **cfg.extra},
         temperature=t,
         operating_point={"threshold": 0.5, "rule": "calibrated probability of 'radiograph' >= 0.5"},
