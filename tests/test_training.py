@@ -455,3 +455,21 @@ def test_platt_is_finite_on_separable_data_and_extreme_logits_do_not_overflow() 
     # Warnings are errors in this suite: a logit of -1e6 must give 0.0 without an overflow warning.
     assert calibrated_probability(-1e6, 0.01) == 0.0
     assert calibrated_probability(1e6, 0.01) == 1.0
+
+
+def test_fracture_crops_with_processing_stay_valid_standardised_crops(toy: Path) -> None:
+    """``--processing`` on the fracture task changes the crops' pixels; each is still a labelled crop of the
+    same shapes, standardised by the whole processed image's statistics (finite, of moderate range)."""
+    records = [r for r in read_generator_layout(toy) if r.is_radiograph][:6]
+    plain = FractureCrops(records, TrainConfig(long_side=96, crop=64, seed=4))
+    processed = FractureCrops(records, TrainConfig(long_side=96, crop=64, seed=4, processing=1.0))
+    differs = 0
+    for i in range(len(records)):
+        for draw in range(4):
+            a = plain.sample(i, keyed_rng(4, 0, i, draw))
+            b = processed.sample(i, keyed_rng(4, 0, i, draw))
+            assert torch.isfinite(b["x"]).all() and float(b["x"].abs().max()) < 50
+            assert b["x"].shape == a["x"].shape and b["seg"].shape == a["seg"].shape
+            assert float(b["det"]) in (0.0, 1.0) and int(b["type"]) in (-1, *range(11))
+            differs += int(not torch.equal(a["x"], b["x"]))
+    assert differs > 0

@@ -78,7 +78,7 @@ class TrainConfig:
     bank_epochs: int = 2  # epochs served by one round of drawn crops
     head_images: int = 0  # after crop training, refit the detection/type heads on this many whole images
     augment: float = 1.0
-    processing: float = 0.0  # validity task: strength of random_processing (a vendor's post-processing)
+    processing: float = 0.0  # validity and fracture tasks: strength of random_processing (post-processing)
     type_loss_weight: float = 1.0  # fracture task: weight of the shared network's type loss
     site_share: float = 0.0  # classify task: share of patches centred on the detector's peaks off the fracture
     weights_dtype: str = "float16"
@@ -177,6 +177,8 @@ class FractureCrops(Dataset[dict[str, Any]]):
             mask = (mask > 0).astype(np.uint8)
         if cfg.augment:
             img, mask = random_geometry(img, mask, rng)
+        if cfg.processing:  # a vendor's post-processing of the whole image, before the statistics are taken
+            img = random_processing(img, rng, cfg.processing)
         # Intensity: the point-wise transform is drawn once for the image; the statistics used for the
         # per-image standardisation come from a subsampled copy of the whole transformed image (as at
         # inference), while the costly local operations only touch the crop.
@@ -722,7 +724,7 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
         "calibration": f"Platt scaling on the calibration images: shift {det_shift:+.4f} folded into the detection "
                        f"head's bias, temperature {det_t:.4f} in the card",
         "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "crop": cfg.crop,
-        "learning_rate": cfg.lr, "augmentation_strength": cfg.augment,
+        "learning_rate": cfg.lr, "augmentation_strength": cfg.augment, "processing_augmentation": cfg.processing,
         "losses": "BCE detection (crop-level label from the mask) + BCE segmentation of the fracture mask at 1/8 "
                   "(pos_weight 4; training-only supervision) + cross-entropy over the 11 types (label smoothing "
                   f"0.05) weighted {cfg.type_loss_weight:g}",
