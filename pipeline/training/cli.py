@@ -81,9 +81,9 @@ def _command_line() -> str:
               help="Start from a FractureNet bundle or a checkpoint.pt (fine-tuning, e.g. on real data).")
 @click.option("--augment", type=float, default=1.0, show_default=True, help="Augmentation strength (0 = none).")
 @click.option("--processing", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Validity and fracture tasks: strength of the post-processing augmentation (wide tone curves, CLAHE, "
-                   "multi-scale equalisation, edge enhancement), so that a vendor's processed radiograph is not "
-                   "taken for a non-radiograph (0 = none, as before session 13).")
+              help="Validity and fracture tasks: strength of the post-processing augmentation (wide tone curves, "
+                   "CLAHE, multi-scale equalisation, edge enhancement), so that a vendor's processed radiograph is "
+                   "not taken for a non-radiograph (0 = none, as before session 13).")
 @click.option("--type-weight", type=float, default=1.0, show_default=True,
               help="Fracture task: weight of the shared network's type loss in training. The types users see "
                    "come from the type reader, so a lower weight lets the backbone spend itself on detection.")
