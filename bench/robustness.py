@@ -55,22 +55,23 @@ def validity_under_shifts(models: ModelSet, data: Path, shifts: list[Shift], lim
     records = read_generator_layout(data)
     if limit:
         records = [r for r in records if r.is_radiograph][:limit] + [r for r in records if not r.is_radiograph][:limit]
-    out: dict[str, dict] = {}
-    for shift in shifts:
-        right: dict[str, list[bool]] = {}
-        for index, rec in enumerate(records):
-            rad = load_file(rec.path)
+    right: dict[str, dict[str, list[bool]]] = {shift.name: {} for shift in shifts}
+    for index, rec in enumerate(records):  # each image decoded once, then shifted every way
+        rad = load_file(rec.path)
+        kind = "radiograph" if rec.is_radiograph else (rec.kind or "negative")
+        for shift in shifts:
             pixels, _ = shift.apply(rad.pixels, rec.box, shift_rng(index, shift.name))
             verdict = models.validity(replace(rad, pixels=pixels))
-            kind = "radiograph" if rec.is_radiograph else (rec.kind or "negative")
-            right.setdefault(kind, []).append(verdict.is_radiograph == rec.is_radiograph)
-        per_kind = {k: round(float(np.mean(v)), 4) for k, v in sorted(right.items())}
-        negatives = [x for k, v in right.items() if k != "radiograph" for x in v]
+            right[shift.name].setdefault(kind, []).append(verdict.is_radiograph == rec.is_radiograph)
+    out: dict[str, dict] = {}
+    for shift in shifts:
+        per_kind = {k: round(float(np.mean(v)), 4) for k, v in sorted(right[shift.name].items())}
+        negatives = [x for k, v in right[shift.name].items() if k != "radiograph" for x in v]
         out[shift.name] = {"description": shift.description, "radiographs_accepted": per_kind.get("radiograph"),
                            "negatives_refused": round(float(np.mean(negatives)), 4) if negatives else None,
                            "worst_negative_kind": min((v for k, v in per_kind.items() if k != "radiograph"),
                                                       default=None),
-                           "per_kind": per_kind, "counts": {k: len(v) for k, v in sorted(right.items())}}
+                           "per_kind": per_kind, "counts": {k: len(v) for k, v in sorted(right[shift.name].items())}}
     return out
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from pipeline.training.augment import clahe, multiscale_equalise
+
 Box = tuple[int, int, int, int]
 
 
@@ -37,12 +39,6 @@ def _unit(img: np.ndarray) -> np.ndarray:
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 
-def _renormalise(img: np.ndarray) -> np.ndarray:
-    """Stretch to [0, 1] between the 0.1 and 99.9 percentiles (what a display's auto-window does)."""
-    lo, hi = np.percentile(img[::2, ::2], [0.1, 99.9])
-    return _unit((img - lo) / max(float(hi - lo), 1e-6))
-
-
 def _gamma(g: float) -> Callable[[np.ndarray, Box | None, np.random.Generator], tuple[np.ndarray, Box | None]]:
     def f(px: np.ndarray, box: Box | None, rng: np.random.Generator) -> tuple[np.ndarray, Box | None]:
         return _unit(np.power(np.clip(px, 0, 1), g)), box
@@ -50,9 +46,7 @@ def _gamma(g: float) -> Callable[[np.ndarray, Box | None, np.random.Generator], 
 
 
 def _clahe(px: np.ndarray, box: Box | None, rng: np.random.Generator) -> tuple[np.ndarray, Box | None]:
-    img16 = (np.clip(px, 0, 1) * 65535 + 0.5).astype(np.uint16)
-    out = cv2.createCLAHE(clipLimit=3.0, tileGridSize=(8, 8)).apply(img16)
-    return out.astype(np.float32) / 65535.0, box
+    return clahe(px, 3.0, 8), box
 
 
 def _sigma(px: np.ndarray, fraction: float) -> float:
@@ -63,10 +57,7 @@ def _equalise(px: np.ndarray, box: Box | None, rng: np.random.Generator) -> tupl
     """Multi-scale processing as DR consoles do it: flatten the large-scale density (soft tissue, the limb's
     thickness) and boost the mid-scale detail."""
     x = px.astype(np.float32)
-    coarse = cv2.GaussianBlur(x, (0, 0), _sigma(x, 1 / 12))
-    mid = cv2.GaussianBlur(x, (0, 0), _sigma(x, 1 / 100))
-    out = 0.4 * coarse + 2.0 * (x - coarse) + 1.0 * (x - mid)
-    return _renormalise(out), box
+    return multiscale_equalise(x, _sigma(x, 1 / 12), 0.4, 2.0, _sigma(x, 1 / 100), 1.0), box
 
 
 def _unsharp(px: np.ndarray, box: Box | None, rng: np.random.Generator) -> tuple[np.ndarray, Box | None]:

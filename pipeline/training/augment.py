@@ -113,14 +113,25 @@ def crop_padded(arr: np.ndarray, top: int, left: int, size: int, fill: float) ->
     return out
 
 
-def _equalise(img: np.ndarray, coarse_sigma: float, keep: float, detail: float, mid_sigma: float,
-              mid_gain: float) -> np.ndarray:
+def multiscale_equalise(img: np.ndarray, coarse_sigma: float, keep: float, detail: float, mid_sigma: float,
+                        mid_gain: float) -> np.ndarray:
+    """Multi-scale processing as DR consoles do it: keep ``keep`` of the large-scale density (blur of
+    ``coarse_sigma`` px: soft tissue, the limb's thickness), boost the detail above it by ``detail`` and the
+    mid-scale detail (above a blur of ``mid_sigma`` px) by ``mid_gain`` more, then stretch to [0, 1] between the
+    0.1 and 99.9 percentiles (a display's auto-window)."""
     coarse = cv2.GaussianBlur(img, (0, 0), coarse_sigma)
     out = keep * coarse + detail * (img - coarse)
     if mid_gain > 0:
         out = out + mid_gain * (img - cv2.GaussianBlur(img, (0, 0), mid_sigma))
     lo, hi = np.percentile(out[::2, ::2], [0.1, 99.9])
-    return np.clip((out - lo) / max(float(hi - lo), 1e-6), 0, 1)
+    return np.clip((out - lo) / max(float(hi - lo), 1e-6), 0, 1).astype(np.float32)
+
+
+def clahe(img: np.ndarray, clip: float, tiles: int) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of a [0, 1] image, at 16 bits."""
+    img16 = (np.clip(img, 0, 1) * 65535 + 0.5).astype(np.uint16)
+    out: np.ndarray = cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(img16)
+    return out.astype(np.float32) / 65535.0
 
 
 def random_processing(img: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
@@ -138,13 +149,11 @@ def random_processing(img: np.ndarray, rng: np.random.Generator, strength: float
         x = np.power(x, float(np.exp(rng.uniform(-1.1, 1.1))))
     elif kind == 1:
         tiles = int(rng.choice([4, 8, 16]))
-        x16 = (x * 65535 + 0.5).astype(np.uint16)
-        x = cv2.createCLAHE(clipLimit=float(rng.uniform(1.5, 4.0)), tileGridSize=(tiles, tiles)).apply(x16)
-        x = x.astype(np.float32) / 65535.0
+        x = clahe(x, float(rng.uniform(1.5, 4.0)), tiles)
     elif kind == 2:
-        x = _equalise(x, max(1.0, long_side * float(rng.uniform(1 / 20, 1 / 6))), float(rng.uniform(0.2, 0.7)),
-                      float(rng.uniform(1.2, 2.5)), max(1.0, long_side * float(rng.uniform(1 / 200, 1 / 60))),
-                      float(rng.uniform(0.0, 1.2)))
+        x = multiscale_equalise(x, max(1.0, long_side * float(rng.uniform(1 / 20, 1 / 6))),
+                                float(rng.uniform(0.2, 0.7)), float(rng.uniform(1.2, 2.5)),
+                                max(1.0, long_side * float(rng.uniform(1 / 200, 1 / 60))), float(rng.uniform(0.0, 1.2)))
     else:
         blur = cv2.GaussianBlur(x, (0, 0), max(0.5, long_side * float(rng.uniform(1 / 800, 1 / 150))))
         x = x + float(rng.uniform(0.5, 2.5)) * (x - blur)
