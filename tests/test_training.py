@@ -23,7 +23,7 @@ from pipeline.run import (
     load_models,
     run_fracture_models,
 )
-from pipeline.training.augment import random_processing
+from pipeline.training.augment import WIDER_FIELD, apply_local, random_processing, wider_field, wider_field_factor
 from pipeline.training.calibration import fit_logistic, fit_platt, fit_temperature, operating_point
 from pipeline.training.cli import recalibrate, train
 from pipeline.training.datasets import (
@@ -420,11 +420,72 @@ def test_site_peaks_are_cached_for_a_resumed_run(toy: Path, model_dir: Path, tmp
 def test_validity_training(toy: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(train, ["--task", "validity", "--data", str(toy), "--epochs", "2", "--out",
                                         str(tmp_path / "validity"), "--batch-size", "8", "--checkpoint-dir",
-                                        str(tmp_path / "c"), "--workers", "0", "--processing", "0.8", "--quiet"])
+                                        str(tmp_path / "c"), "--workers", "0", "--processing", "0.8",
+                                        "--zoom-out", "0.5", "--noise-max", "0.06", "--quiet"])
     assert result.exit_code == 0, result.output
     bundle = load_bundle(tmp_path / "validity", expected_task="validity")
     assert bundle.card["classes"] == ["not_radiograph", "radiograph"]
-    assert bundle.card["training"]["processing_augmentation"] == 0.8
+    training = bundle.card["training"]
+    assert training["processing_augmentation"] == 0.8
+    assert training["zoom_out_augmentation"] == 0.5 and training["noise_max"] == 0.06
+    assert "--zoom-out 0.5" in training["command"] and "--noise-max 0.06" in training["command"]
+
+
+def test_wider_field_keeps_the_image_and_its_mask_together_in_an_air_margin() -> None:
+    img = np.random.default_rng(1).uniform(0.1, 1.0, (30, 50)).astype(np.float32)
+    mask = np.zeros((30, 50), np.uint8)
+    mask[10:14, 20:31] = 1
+    factors = [wider_field_factor(np.random.default_rng(seed)) for seed in range(200)]
+    assert WIDER_FIELD[0] <= min(factors) and max(factors) <= WIDER_FIELD[1]
+    assert min(factors) < 1.2 and max(factors) > 1.6  # spread over the range, not one value
+    corners = set()
+    for seed in range(12):
+        out, placed = wider_field(img, mask, 1.5, np.random.default_rng(seed))
+        assert out.shape == (45, 75) and placed is not None and placed.shape == out.shape
+        assert out.dtype == img.dtype and placed.dtype == mask.dtype
+        ys, xs = np.nonzero(out)
+        top, left = int(ys.min()), int(xs.min())
+        corners.add((top, left))
+        np.testing.assert_array_equal(out[top:top + 30, left:left + 50], img)
+        assert float(out.sum()) == pytest.approx(float(img.sum()), rel=1e-6)  # the margin is air
+        np.testing.assert_array_equal(placed[top:top + 30, left:left + 50], mask)
+        assert int(placed.sum()) == int(mask.sum())
+    assert len(corners) > 1  # placed at random, not always centred
+    assert wider_field(img, None, 1.3, np.random.default_rng(0))[1] is None
+
+
+def test_noise_max_scales_the_acquisition_noise_with_the_same_draws() -> None:
+    flat = np.full((64, 64), 0.6, np.float32)
+    louder = 0
+    for seed in range(30):
+        a = apply_local(flat, np.random.default_rng(seed), 1.0)
+        b = apply_local(flat, np.random.default_rng(seed), 1.0, noise_max=0.1)
+        np.testing.assert_array_equal(a, apply_local(flat, np.random.default_rng(seed), 1.0, noise_max=0.03))
+        assert float(np.std(b - flat)) >= float(np.std(a - flat)) - 1e-6
+        louder += int(float(np.std(b - flat)) > 1.5 * float(np.std(a - flat)) + 1e-4)
+    assert louder >= 5  # the noise branch is drawn with probability 0.7
+
+
+def test_fracture_crops_in_a_wider_field_keep_their_labels(toy: Path) -> None:
+    """``--zoom-out`` on the fracture task: the bone is smaller at the network's scale, the crops are the same
+    shapes, and a crop the detection label calls fractured still holds the (shrunk) mask in its target."""
+    records = [r for r in read_generator_layout(toy) if r.is_radiograph and r.fracture][:6]
+    plain = FractureCrops(records, TrainConfig(long_side=96, crop=64, seed=4))
+    wide = FractureCrops(records, TrainConfig(long_side=96, crop=64, seed=4, zoom_out=1.0))
+    seg_plain = seg_wide = positives = 0
+    for i in range(len(records)):
+        for draw in range(6):
+            a = plain.sample(i, keyed_rng(4, 0, i, draw))
+            b = wide.sample(i, keyed_rng(4, 0, i, draw))
+            assert b["x"].shape == a["x"].shape and b["seg"].shape == a["seg"].shape
+            assert torch.isfinite(b["x"]).all()
+            if float(b["det"]) == 1.0 and float(b["det_w"]) > 0:
+                positives += 1
+                assert float(b["seg"].sum()) > 0
+            seg_plain += float(a["seg"].sum())
+            seg_wide += float(b["seg"].sum())
+    assert positives > 0
+    assert seg_wide < seg_plain  # the same fractures cover fewer cells once the field is wider
 
 
 def test_processing_augmentation_draws_each_kind_reproducibly_and_stays_a_unit_image() -> None:

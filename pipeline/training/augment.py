@@ -58,8 +58,10 @@ def apply_pointwise(img: np.ndarray, p: dict[str, float]) -> np.ndarray:
     return np.clip(out, 0, 1).astype(np.float32)
 
 
-def apply_local(img: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
-    """Blur or sharpening, signal-dependent noise and 8-bit JPEG-like degradation."""
+def apply_local(img: np.ndarray, rng: np.random.Generator, strength: float = 1.0,
+                noise_max: float = 0.03) -> np.ndarray:
+    """Blur or sharpening, signal-dependent noise (sigma up to ``noise_max`` at full brightness) and 8-bit
+    JPEG-like degradation."""
     out: np.ndarray = img.astype(np.float32, copy=False)
     r = rng.random()
     if r < 0.25 * strength:
@@ -68,7 +70,7 @@ def apply_local(img: np.ndarray, rng: np.random.Generator, strength: float = 1.0
         blur = cv2.GaussianBlur(out, (0, 0), float(rng.uniform(1.0, 3.0)))
         out = out + float(rng.uniform(0.2, 0.8)) * (out - blur)
     if rng.random() < 0.7 * strength:
-        sigma = float(rng.uniform(0.002, 0.03))
+        sigma = float(rng.uniform(0.002, noise_max))
         noise = rng.standard_normal(out.shape, dtype=np.float32)
         out = out + sigma * noise * np.sqrt(np.clip(out, 0.05, 1.0))
     out = np.clip(out, 0, 1)
@@ -81,10 +83,35 @@ def apply_local(img: np.ndarray, rng: np.random.Generator, strength: float = 1.0
     return out.astype(np.float32)
 
 
-def random_acquisition(img: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+def random_acquisition(img: np.ndarray, rng: np.random.Generator, strength: float = 1.0,
+                       noise_max: float = 0.03) -> np.ndarray:
     """Intensity augmentation on a float32 [0, 1] bone-bright image (never inverts)."""
     params = acquisition_params(rng, strength, img[::4, ::4])
-    return apply_local(apply_pointwise(img, params), rng, strength)
+    return apply_local(apply_pointwise(img, params), rng, strength, noise_max)
+
+
+WIDER_FIELD = (1.1, 1.8)  # range of the canvas factor of wider_field (each side), drawn log-uniformly
+
+
+def wider_field_factor(rng: np.random.Generator) -> float:
+    """How much wider than the image the field of view is (each side), log-uniform over ``WIDER_FIELD``."""
+    return float(np.exp(rng.uniform(np.log(WIDER_FIELD[0]), np.log(WIDER_FIELD[1]))))
+
+
+def wider_field(img: np.ndarray, mask: np.ndarray | None, factor: float,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image inside a canvas ``factor`` times its size, at a random place, the margin unexposed (air, 0):
+    a wider field of view or a limb that fills less of the detector. The mask moves with the image."""
+    h, w = img.shape
+    nh, nw = max(h, int(round(h * factor))), max(w, int(round(w * factor)))
+    top, left = int(rng.integers(0, nh - h + 1)), int(rng.integers(0, nw - w + 1))
+    out = np.zeros((nh, nw), dtype=img.dtype)
+    out[top:top + h, left:left + w] = img
+    if mask is None:
+        return out, None
+    placed = np.zeros((nh, nw), dtype=mask.dtype)
+    placed[top:top + h, left:left + w] = mask
+    return out, placed
 
 
 def pick_crop(h: int, w: int, size: int, rng: np.random.Generator,

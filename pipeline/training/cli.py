@@ -84,6 +84,13 @@ def _command_line() -> str:
               help="Validity and fracture tasks: strength of the post-processing augmentation (wide tone curves, "
                    "CLAHE, multi-scale equalisation, edge enhancement), so that a vendor's processed radiograph is "
                    "not taken for a non-radiograph (0 = none, as before session 13).")
+@click.option("--zoom-out", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Validity and fracture tasks: share of training images placed in a wider field of view (a canvas "
+                   "1.1-1.8x each side, the margin unexposed air), so that a limb filling less of the detector is "
+                   "still read (0 = none, as before session 14).")
+@click.option("--noise-max", type=click.FloatRange(0.002, 0.2), default=0.03, show_default=True,
+              help="Largest quantum-noise sigma (at full brightness) of the acquisition augmentation; 0.03 until "
+                   "session 14, a low-dose exposure is about 0.05.")
 @click.option("--type-weight", type=float, default=1.0, show_default=True,
               help="Fracture task: weight of the shared network's type loss in training. The types users see "
                    "come from the type reader, so a lower weight lets the backbone spend itself on detection.")
@@ -114,7 +121,7 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
           checkpoint_every: int, resume: bool, init: Path | None, workers: int, threads: int, val_limit: int,
           cache_mb: int, crops_per_image: int, epochs_per_round: int, head_images: int,
           max_images: int | None, weights_dtype: str, quiet: bool, augment: float, processing: float,
-          type_weight: float, site_share: float) -> None:
+          zoom_out: float, noise_max: float, type_weight: float, site_share: float) -> None:
     """Train a model bundle (reproducible, checkpointed, resumable)."""
     torch.set_num_threads(threads)
     try:
@@ -144,7 +151,7 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
         checkpoint_every=checkpoint_every, val_limit=val_limit, num_workers=workers, cache_mb=cache_mb,
         bank_per_image=crops_per_image, bank_epochs=epochs_per_round, head_images=head_images,
         weights_dtype=weights_dtype, data_description=_describe(train_recs, data), augment=augment,
-        processing=processing,
+        processing=processing, zoom_out=zoom_out, noise_max=noise_max,
         type_loss_weight=type_weight, site_share=site_share,
         extra={"command": _command_line(),
                **({"calibration_data": ", ".join(calibration_data)} if calibration_data else {})},

@@ -46,6 +46,8 @@ from pipeline.training.augment import (
     random_acquisition,
     random_geometry,
     random_processing,
+    wider_field,
+    wider_field_factor,
 )
 from pipeline.training.calibration import fit_platt, fit_temperature, operating_point, sigmoid
 from pipeline.training.datasets import Record
@@ -79,6 +81,8 @@ class TrainConfig:
     head_images: int = 0  # after crop training, refit the detection/type heads on this many whole images
     augment: float = 1.0
     processing: float = 0.0  # validity and fracture tasks: strength of random_processing (post-processing)
+    zoom_out: float = 0.0  # validity and fracture tasks: share of images placed in a wider field (air margin)
+    noise_max: float = 0.03  # largest quantum-noise sigma of the acquisition augmentation (at full brightness)
     type_loss_weight: float = 1.0  # fracture task: weight of the shared network's type loss
     site_share: float = 0.0  # classify task: share of patches centred on the detector's peaks off the fracture
     weights_dtype: str = "float16"
@@ -170,11 +174,17 @@ class FractureCrops(Dataset[dict[str, Any]]):
         crop = cfg.crop if self.has_masks else cfg.long_side
         scale = cfg.long_side / max(h, w) * (float(np.exp(rng.uniform(np.log(0.8), np.log(1.2))))
                                              if cfg.augment else 1.0)
+        # A wider field of view: the image shrinks by the canvas factor and sits in an air margin, so that at
+        # the network's scale the bone is smaller and the whole image's statistics include the margin.
+        field = wider_field_factor(rng) if cfg.zoom_out and rng.random() < cfg.zoom_out else 1.0
+        scale /= field
         nh, nw = max(8, round(h * scale)), max(8, round(w * scale))
         img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         if mask is not None:
             mask = cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_AREA)
             mask = (mask > 0).astype(np.uint8)
+        if field > 1.0:
+            img, mask = wider_field(img, mask, field, rng)
         if cfg.augment:
             img, mask = random_geometry(img, mask, rng)
         if cfg.processing:  # a vendor's post-processing of the whole image, before the statistics are taken
@@ -202,7 +212,7 @@ class FractureCrops(Dataset[dict[str, Any]]):
         patch = crop_padded(img, top, left, crop, -1.0)
         outside = patch < 0
         if params is not None:
-            patch = apply_local(apply_pointwise(patch, params), rng, cfg.augment)
+            patch = apply_local(apply_pointwise(patch, params), rng, cfg.augment, cfg.noise_max)
         patch[outside] = 0.0
         x = (patch - mean) / std
         det_w = 1.0
@@ -725,6 +735,7 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
                        f"head's bias, temperature {det_t:.4f} in the card",
         "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "crop": cfg.crop,
         "learning_rate": cfg.lr, "augmentation_strength": cfg.augment, "processing_augmentation": cfg.processing,
+        "zoom_out_augmentation": cfg.zoom_out, "noise_max": cfg.noise_max,
         "losses": "BCE detection (crop-level label from the mask) + BCE segmentation of the fracture mask at 1/8 "
                   "(pos_weight 4; training-only supervision) + cross-entropy over the 11 types (label smoothing "
                   f"0.05) weighted {cfg.type_loss_weight:g}",
@@ -786,10 +797,12 @@ class ValiditySet(Dataset[dict[str, Any]]):
                 ch, cw = int(h * rng.uniform(0.7, 1.0)), int(w * rng.uniform(0.7, 1.0))
                 y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
                 img = img[y0:y0 + ch, x0:x0 + cw]
+            if self.cfg.zoom_out and rng.random() < self.cfg.zoom_out:
+                img, _ = wider_field(img, None, wider_field_factor(rng), rng)
             img, _ = random_geometry(img, None, rng, max_rotation=10)
             if self.cfg.processing:
                 img = random_processing(img, rng, self.cfg.processing)
-            img = random_acquisition(img, rng, self.cfg.augment)
+            img = random_acquisition(img, rng, self.cfg.augment, self.cfg.noise_max)
         x = (letterbox(img, self.cfg.validity_size) - 0.5) / 0.25
         return {"x": torch.from_numpy(x.astype(np.float32))[None],
                 "y": torch.tensor(1.0 if self.records[i].is_radiograph else 0.0)}
@@ -847,6 +860,7 @@ def train_validity(train: list[Record], val: list[Record], cfg: TrainConfig, out
         training={"data": cfg.data_description, "train_images": len(train), "validation_images": len(val),
                   "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                   "augmentation_strength": cfg.augment, "processing_augmentation": cfg.processing,
+        "zoom_out_augmentation": cfg.zoom_out, "noise_max": cfg.noise_max,
                   **{k: v for k, v in summary.items()}, "parameters": count_parameters(model), **cfg.extra},
         temperature=t,
         operating_point={"threshold": 0.5, "rule": "calibrated probability of 'radiograph' >= 0.5"},
