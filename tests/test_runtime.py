@@ -150,7 +150,10 @@ def test_bundled_models_give_the_same_analysis_in_both_runtimes() -> None:
         assert out.validity.verdict == ref.validity.verdict and out.validity.score == pytest.approx(
             ref.validity.score, abs=1e-5)
         assert out.detection is not None and ref.detection is not None
-        assert out.detection.probability == pytest.approx(ref.detection.probability, abs=1e-5)
+        # The same float32 summation-order differences reach the detection logit: through detector 1.8.0 the
+        # intact seed-12 image's logit (-0.346) differs by 9.7e-5 between the runtimes and its fused probability
+        # by 1.2e-5 (1.7.0 stayed within 1e-5); a missing fusion or a wrong weight moves it by far more.
+        assert out.detection.probability == pytest.approx(ref.detection.probability, abs=1e-4)
         assert out.detection.call == ref.detection.call
         assert (out.classification is None) == (ref.classification is None)
         if out.classification is not None and ref.classification is not None:
