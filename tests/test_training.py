@@ -440,11 +440,11 @@ def test_wider_field_keeps_the_image_and_its_mask_together_in_an_air_margin() ->
     assert min(factors) < 1.2 and max(factors) > 1.6  # spread over the range, not one value
     corners = set()
     for seed in range(12):
-        out, placed = wider_field(img, mask, 1.5, np.random.default_rng(seed))
+        out, placed, (top, left) = wider_field(img, mask, 1.5, np.random.default_rng(seed))
         assert out.shape == (45, 75) and placed is not None and placed.shape == out.shape
         assert out.dtype == img.dtype and placed.dtype == mask.dtype
         ys, xs = np.nonzero(out)
-        top, left = int(ys.min()), int(xs.min())
+        assert (top, left) == (int(ys.min()), int(xs.min()))  # the corner it reports is where the image is
         corners.add((top, left))
         np.testing.assert_array_equal(out[top:top + 30, left:left + 50], img)
         assert float(out.sum()) == pytest.approx(float(img.sum()), rel=1e-6)  # the margin is air
@@ -452,6 +452,8 @@ def test_wider_field_keeps_the_image_and_its_mask_together_in_an_air_margin() ->
         assert int(placed.sum()) == int(mask.sum())
     assert len(corners) > 1  # placed at random, not always centred
     assert wider_field(img, None, 1.3, np.random.default_rng(0))[1] is None
+    centred, _, corner = wider_field(img, None, 1.5)  # without a generator: centred, as the zoom_out shift uses it
+    assert corner == (7, 12) and np.array_equal(centred[7:37, 12:62], img)
 
 
 def test_noise_max_scales_the_acquisition_noise_with_the_same_draws() -> None:

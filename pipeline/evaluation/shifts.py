@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.training.augment import clahe, multiscale_equalise
+from pipeline.training.augment import clahe, multiscale_equalise, wider_field
 
 Box = tuple[int, int, int, int]
 
@@ -103,12 +103,8 @@ def _small_jpeg(px: np.ndarray, box: Box | None, rng: np.random.Generator) -> tu
 
 
 def _zoom_out(px: np.ndarray, box: Box | None, rng: np.random.Generator) -> tuple[np.ndarray, Box | None]:
-    """A wider field of view: the image sits in a canvas 1.5 times its size, the margin unexposed (air)."""
-    h, w = px.shape
-    nh, nw = int(round(h * 1.5)), int(round(w * 1.5))
-    top, left = (nh - h) // 2, (nw - w) // 2
-    out = np.zeros((nh, nw), dtype=np.float32)
-    out[top:top + h, left:left + w] = px
+    """A wider field of view: the image sits centred in a canvas 1.5 times its size, the margin unexposed (air)."""
+    out, _, (top, left) = wider_field(px.astype(np.float32), None, 1.5)
     return out, _scale_box(box, 1.0, left, top)
 
 

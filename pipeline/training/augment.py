@@ -98,20 +98,24 @@ def wider_field_factor(rng: np.random.Generator) -> float:
     return float(np.exp(rng.uniform(np.log(WIDER_FIELD[0]), np.log(WIDER_FIELD[1]))))
 
 
-def wider_field(img: np.ndarray, mask: np.ndarray | None, factor: float,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
-    """The image inside a canvas ``factor`` times its size, at a random place, the margin unexposed (air, 0):
-    a wider field of view or a limb that fills less of the detector. The mask moves with the image."""
+def wider_field(img: np.ndarray, mask: np.ndarray | None, factor: float, rng: np.random.Generator | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    """The image inside a canvas ``factor`` times its size, the margin unexposed (air, 0): a wider field of view
+    or a limb that fills less of the detector. Placed at random with ``rng``, else centred; the mask moves with
+    the image. Also returns where the image's top-left corner landed (top, left)."""
     h, w = img.shape
     nh, nw = max(h, int(round(h * factor))), max(w, int(round(w * factor)))
-    top, left = int(rng.integers(0, nh - h + 1)), int(rng.integers(0, nw - w + 1))
+    if rng is None:
+        top, left = (nh - h) // 2, (nw - w) // 2
+    else:
+        top, left = int(rng.integers(0, nh - h + 1)), int(rng.integers(0, nw - w + 1))
     out = np.zeros((nh, nw), dtype=img.dtype)
     out[top:top + h, left:left + w] = img
-    if mask is None:
-        return out, None
-    placed = np.zeros((nh, nw), dtype=mask.dtype)
-    placed[top:top + h, left:left + w] = mask
-    return out, placed
+    placed = None
+    if mask is not None:
+        placed = np.zeros((nh, nw), dtype=mask.dtype)
+        placed[top:top + h, left:left + w] = mask
+    return out, placed, (top, left)
 
 
 def pick_crop(h: int, w: int, size: int, rng: np.random.Generator,

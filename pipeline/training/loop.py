@@ -184,7 +184,7 @@ class FractureCrops(Dataset[dict[str, Any]]):
             mask = cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_AREA)
             mask = (mask > 0).astype(np.uint8)
         if field > 1.0:
-            img, mask = wider_field(img, mask, field, rng)
+            img, mask, _ = wider_field(img, mask, field, rng)
         if cfg.augment:
             img, mask = random_geometry(img, mask, rng)
         if cfg.processing:  # a vendor's post-processing of the whole image, before the statistics are taken
@@ -734,8 +734,7 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
         "calibration": f"Platt scaling on the calibration images: shift {det_shift:+.4f} folded into the detection "
                        f"head's bias, temperature {det_t:.4f} in the card",
         "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "crop": cfg.crop,
-        "learning_rate": cfg.lr, "augmentation_strength": cfg.augment, "processing_augmentation": cfg.processing,
-        "zoom_out_augmentation": cfg.zoom_out, "noise_max": cfg.noise_max,
+        "learning_rate": cfg.lr, **augmentation_record(cfg),
         "losses": "BCE detection (crop-level label from the mask) + BCE segmentation of the fracture mask at 1/8 "
                   "(pos_weight 4; training-only supervision) + cross-entropy over the 11 types (label smoothing "
                   f"0.05) weighted {cfg.type_loss_weight:g}",
@@ -798,7 +797,7 @@ class ValiditySet(Dataset[dict[str, Any]]):
                 y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
                 img = img[y0:y0 + ch, x0:x0 + cw]
             if self.cfg.zoom_out and rng.random() < self.cfg.zoom_out:
-                img, _ = wider_field(img, None, wider_field_factor(rng), rng)
+                img, _, _ = wider_field(img, None, wider_field_factor(rng), rng)
             img, _ = random_geometry(img, None, rng, max_rotation=10)
             if self.cfg.processing:
                 img = random_processing(img, rng, self.cfg.processing)
@@ -859,14 +858,19 @@ def train_validity(train: list[Record], val: list[Record], cfg: TrainConfig, out
                     "normalisation": "(x - 0.5) / 0.25", "rules_first": "see pipeline/validation.py"},
         training={"data": cfg.data_description, "train_images": len(train), "validation_images": len(val),
                   "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-                  "augmentation_strength": cfg.augment, "processing_augmentation": cfg.processing,
-        "zoom_out_augmentation": cfg.zoom_out, "noise_max": cfg.noise_max,
-                  **{k: v for k, v in summary.items()}, "parameters": count_parameters(model), **cfg.extra},
+                  **augmentation_record(cfg), **{k: v for k, v in summary.items()},
+                  "parameters": count_parameters(model), **cfg.extra},
         temperature=t,
         operating_point={"threshold": 0.5, "rule": "calibrated probability of 'radiograph' >= 0.5"},
         metrics={"validation": breakdown},
     )
     return {"validity": save_bundle(model, card, out, dtype=cfg.weights_dtype)}
+
+
+def augmentation_record(cfg: TrainConfig) -> dict[str, float]:
+    """The augmentation settings a card's ``training`` block records (validity and fracture tasks)."""
+    return {"augmentation_strength": cfg.augment, "processing_augmentation": cfg.processing,
+            "zoom_out_augmentation": cfg.zoom_out, "noise_max": cfg.noise_max}
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
