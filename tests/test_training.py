@@ -23,7 +23,16 @@ from pipeline.run import (
     load_models,
     run_fracture_models,
 )
-from pipeline.training.augment import WIDER_FIELD, apply_local, random_processing, wider_field, wider_field_factor
+from pipeline.taxonomy import FRACTURE_TYPES
+from pipeline.training.augment import (
+    WIDER_FIELD,
+    apply_local,
+    processing,
+    random_processing,
+    smooth,
+    wider_field,
+    wider_field_factor,
+)
 from pipeline.training.calibration import fit_logistic, fit_platt, fit_temperature, operating_point
 from pipeline.training.cli import recalibrate, train
 from pipeline.training.datasets import (
@@ -195,7 +204,8 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     args = ["--task", "classify", "--data", str(toy), "--epochs", "4", "--out", str(out), "--long-side", "192",
             "--patch", "64", "--width", "4", "--batch-size", "4", "--lr", "3e-3", "--checkpoint-dir", str(ckpt),
             "--workers", "0", "--val-fraction", "0.25", "--seed", "1", "--weights-dtype", "float32", "--quiet",
-            "--detector", str(detector), "--site-share", "0.3"]
+            "--detector", str(detector), "--site-share", "0.3", "--processing", "0.5", "--zoom-out", "0.5",
+            "--noise-max", "0.05"]
     result = CliRunner().invoke(train, args)
     assert result.exit_code == 0, result.output
     history = [json.loads(line) for line in (ckpt / "train_log.jsonl").read_text().splitlines()]
@@ -216,6 +226,8 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     sites = card["training"]["site_patches"]  # the detector's peaks off the fracture, in every training image
     assert sites["images"] == sum(r.is_radiograph for r in train_recs) and 0 < sites["windows"] <= 2 * sites["images"]
     assert sites["per_epoch"] == round(typed_train * 0.3 / 0.7) and "detection_fusion" not in card
+    assert card["training"]["processing_augmentation"] == 0.5 and card["training"]["zoom_out_augmentation"] == 0.5
+    assert card["training"]["noise_max"] == 0.05 and "wider field" in card["training"]["augmentation"]
 
     # Behind the detector it was calibrated with, in a model set, through the whole pipeline.
     models_dir = tmp_path / "models"
@@ -504,6 +516,56 @@ def test_processing_augmentation_draws_each_kind_reproducibly_and_stays_a_unit_i
     order = np.argsort(img.ravel()[::97], kind="stable")
     monotone = [bool(np.all(np.diff(o.ravel()[::97][order]) >= -1e-6)) for o in changed]
     assert any(monotone) and not all(monotone)
+
+
+def test_processing_a_window_uses_the_whole_images_scales() -> None:
+    """The type reader processes a window around its patch at the whole image's scales (``long_side``): a tone
+    curve gives the same pixels as on the whole image, edge enhancement the same away from the window's border
+    (a blur of the same width), CLAHE fewer tiles of the same size; the fast blur stays close to the exact one."""
+    img = np.clip(toy_radiograph(np.random.default_rng(7), fracture=True, type_idx=3, h=256, w=192)[0], 0, 1)
+    img = img.astype(np.float32)
+    top, left, side = 64, 32, 128
+    window = img[top:top + side, left:left + side]
+    seen = set()
+    for seed in range(40):
+        kind = int(np.random.default_rng(seed).integers(0, 4))
+        whole = processing(img, np.random.default_rng(seed))[top:top + side, left:left + side]
+        part = processing(window, np.random.default_rng(seed), long_side=max(img.shape))
+        own = processing(window, np.random.default_rng(seed))  # the window taken for the whole image
+        assert part.shape == window.shape and part.dtype == np.float32 and 0 <= part.min() and part.max() <= 1
+        if kind == 0:
+            np.testing.assert_array_equal(part, whole)
+        elif kind == 3:
+            inner = (slice(12, -12), slice(12, -12))
+            np.testing.assert_allclose(part[inner], whole[inner], atol=1e-5)
+            assert float(np.abs(own - whole)[inner].max()) > 1e-3  # at the window's own scale: another blur
+        seen.add(kind)
+    assert seen == {0, 1, 2, 3}
+    rough = np.random.default_rng(1).random((200, 160)).astype(np.float32)
+    for sigma in (12.0, 40.0, 100.0):
+        exact = cv2.GaussianBlur(rough, (0, 0), sigma)
+        assert float(np.abs(smooth(rough, sigma, fast=True) - exact).max()) < 5e-3
+    np.testing.assert_array_equal(smooth(rough, 4.0, fast=True), cv2.GaussianBlur(rough, (0, 0), 4.0))
+
+
+def test_reader_patches_in_a_wider_field_hold_the_fracture_in_fewer_cells(toy: Path) -> None:
+    """classify --zoom-out: the same fractures, shrunk by a wider field's factor, cover fewer cells of the
+    reader's map; patches keep their shape, label and a finite standardisation, and draw reproducibly."""
+    records = [r for r in read_generator_layout(toy) if r.is_radiograph]
+    base = {"long_side": 192, "patch": 64, "seed": 2, "num_workers": 0, "augment": 0.5}
+    plain = TypePatches(records, TrainConfig(**base))
+    wide = TypePatches(records, TrainConfig(**base, zoom_out=1.0, processing=1.0))
+    cells = {"plain": 0.0, "wide": 0.0}
+    for epoch in range(4):
+        for i in range(len(plain)):
+            a, b = plain[(epoch, i)], wide[(epoch, i)]
+            assert b["x"].shape == a["x"].shape == (1, 64, 64) and torch.isfinite(b["x"]).all()
+            assert int(b["type"]) == int(a["type"]) == FRACTURE_TYPES.index(wide.records[i].type)
+            cells["plain"] += float(a["seg"].sum())
+            cells["wide"] += float(b["seg"].sum())
+    assert 0 < cells["wide"] < 0.9 * cells["plain"]
+    again = TypePatches(records, TrainConfig(**base, zoom_out=1.0, processing=1.0))
+    assert torch.equal(again[(1, 3)]["x"], wide[(1, 3)]["x"])
 
 
 def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:

@@ -81,13 +81,14 @@ def _command_line() -> str:
               help="Start from a FractureNet bundle or a checkpoint.pt (fine-tuning, e.g. on real data).")
 @click.option("--augment", type=float, default=1.0, show_default=True, help="Augmentation strength (0 = none).")
 @click.option("--processing", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Validity and fracture tasks: strength of the post-processing augmentation (wide tone curves, "
-                   "CLAHE, multi-scale equalisation, edge enhancement), so that a vendor's processed radiograph is "
-                   "not taken for a non-radiograph (0 = none, as before session 13).")
+              help="Validity, fracture and classify tasks: strength of the post-processing augmentation (wide tone "
+                   "curves, CLAHE, multi-scale equalisation, edge enhancement), so that a vendor's processed "
+                   "radiograph is still read (0 = none, as before session 13; classify: as before session 15).")
 @click.option("--zoom-out", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Validity and fracture tasks: share of training images placed in a wider field of view (a canvas "
-                   "1.1-1.8x each side, the margin unexposed air), so that a limb filling less of the detector is "
-                   "still read (0 = none, as before session 14).")
+              help="Validity, fracture and classify tasks: share of training images placed in a wider field of view "
+                   "(a canvas 1.1-1.8x each side, the margin unexposed air; for classify, patches shrunk by that "
+                   "factor), so that a limb filling less of the detector is still read (0 = none, as before "
+                   "session 14; classify: as before session 15).")
 @click.option("--noise-max", type=click.FloatRange(0.002, 0.2), default=0.03, show_default=True,
               help="Largest quantum-noise sigma (at full brightness) of the acquisition augmentation; 0.03 until "
                    "session 14, a low-dose exposure is about 0.05.")

@@ -868,7 +868,7 @@ def train_validity(train: list[Record], val: list[Record], cfg: TrainConfig, out
 
 
 def augmentation_record(cfg: TrainConfig) -> dict[str, float]:
-    """The augmentation settings a card's ``training`` block records (validity and fracture tasks)."""
+    """The augmentation settings a card's ``training`` block records (validity, fracture and classify tasks)."""
     return {"augmentation_strength": cfg.augment, "processing_augmentation": cfg.processing,
             "zoom_out_augmentation": cfg.zoom_out, "noise_max": cfg.noise_max}
 

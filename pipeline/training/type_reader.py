@@ -61,10 +61,24 @@ from pipeline.run import (
     type_sites,
 )
 from pipeline.taxonomy import FRACTURE_TYPES
-from pipeline.training.augment import acquisition_params, apply_local, apply_pointwise, crop_padded
+from pipeline.training.augment import (
+    acquisition_params,
+    apply_local,
+    apply_pointwise,
+    crop_padded,
+    processing,
+    wider_field_factor,
+)
 from pipeline.training.calibration import fit_logistic, fit_temperature, operating_point, sigmoid
 from pipeline.training.datasets import Record
-from pipeline.training.loop import TrainConfig, fork_map, init_from_bundle, keyed_rng, run_training_loop
+from pipeline.training.loop import (
+    TrainConfig,
+    augmentation_record,
+    fork_map,
+    init_from_bundle,
+    keyed_rng,
+    run_training_loop,
+)
 
 READER_STRIDE = 16  # the reader's segmentation map is at 1/16 of the patch
 SINGLE_SITE_RULE = "the strongest cell of the detector's segmentation map (pipeline.models.preprocess.seg_peak)"
@@ -74,6 +88,7 @@ SITES_RULE = ("of the detector's `sites` strongest segmentation peaks (at least 
 CENTRE_JITTER = 1 / 12  # standard deviation of the patch centre around the chosen mask pixel, in patch sides
 SITE_PEAKS = 2  # detector peaks away from the fracture kept per training image as site patches (site_share > 0)
 PEAK_CACHE = "site_peaks.json"  # in the checkpoint folder (train_type_reader)
+HALF_DIAGONAL = 0.5 * 2 ** 0.5  # half a square's diagonal over its side: the reach of a patch at any rotation
 NO_TYPE = -100  # type label of a site patch the fracture does not reach: ignored by the type loss
 
 
@@ -250,16 +265,37 @@ class TypePatches(Dataset[dict[str, Any]]):
 
     def _warp(self, img16: np.ndarray, mask: np.ndarray, cx: float, cy: float, kind: int,
               rng: np.random.Generator) -> tuple[dict[str, Any], np.ndarray]:
-        p, aug = self.patch, self.cfg.augment
+        cfg = self.cfg
+        p, aug = self.patch, cfg.augment
         jitter = CENTRE_JITTER * p * (1.0 if aug else 0.0)
         cx += float(rng.normal(0, jitter)) if jitter else 0.0
         cy += float(rng.normal(0, jitter)) if jitter else 0.0
         zoom = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))) if aug else 1.0
         angle = float(rng.uniform(0, 360)) if aug else 0.0
+        image_side = cfg.long_side * zoom  # the whole image's long side in patch pixels (for the processing)
+        if aug and cfg.zoom_out and rng.random() < cfg.zoom_out:
+            # A wider field of view: at inference the image (limb and air margin) is resized to long_side as a
+            # whole, so the bone is smaller by the field's factor; as far as the window holds the rotated patch.
+            room = max(1.0, min(cx, cy, img16.shape[1] - cx, img16.shape[0] - cy))
+            zoom = max(zoom / wider_field_factor(rng), min(zoom, p * HALF_DIAGONAL / room))
+        # A vendor's post-processing is drawn on a window twice the patch's side around it (its blurs and
+        # auto-window see the neighbourhood), at the whole image's scales; the patch is that window's centre.
+        process = bool(aug and cfg.processing and rng.random() < 0.6 * cfg.processing)
+        size = 2 * p if process else p
         m = cv2.getRotationMatrix2D((cx, cy), angle, zoom)
         m[:, 2] += np.array([p / 2 - cx, p / 2 - cy])
-        patch = cv2.warpAffine(img16.astype(np.float32) / 65535.0, m, (p, p), flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        # Only the part of the window the warp reads is converted to float.
+        reach = int(np.ceil(size * HALF_DIAGONAL / zoom)) + 2
+        y0, x0 = max(0, int(cy) - reach), max(0, int(cx) - reach)
+        src = img16[y0:int(cy) + reach + 1, x0:int(cx) + reach + 1].astype(np.float32) / 65535.0
+        ms = m.astype(np.float64)
+        ms[:, 2] = ms[:, 2] + ms[:, :2] @ np.array([x0, y0], dtype=np.float64) + (size - p) / 2
+        if process:
+            window = cv2.warpAffine(src, ms, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            patch = processing(window, rng, long_side=image_side, fast=True)[p // 2:p // 2 + p, p // 2:p // 2 + p]
+        else:
+            patch = cv2.warpAffine(src, ms, (p, p), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                                   borderValue=0)
         mpatch = cv2.warpAffine(mask, m, (p, p), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
                                 borderValue=0)
         if aug and rng.random() < 0.5:
@@ -269,8 +305,8 @@ class TypePatches(Dataset[dict[str, Any]]):
             axis=(1, 3)).astype(np.float32)
         if aug:
             params = acquisition_params(rng, aug, patch[::4, ::4])
-            patch = apply_local(apply_pointwise(patch, params), rng, aug)
-        return {"x": standardise_patch(patch)[0], "type": torch.tensor(kind),
+            patch = apply_local(apply_pointwise(patch, params), rng, aug, cfg.noise_max)
+        return {"x": standardise_patch(np.ascontiguousarray(patch))[0], "type": torch.tensor(kind),
                 "seg": torch.from_numpy(np.ascontiguousarray(seg))[None]}, mpatch
 
 
@@ -407,7 +443,7 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
         "calibration": how,
         "initialised_from": str(start) if start is not None else None,
         "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "learning_rate": cfg.lr,
-        "augmentation_strength": cfg.augment,
+        **augmentation_record(cfg),
         **({"site_patches": {
             "share": cfg.site_share, "peaks_per_image": SITE_PEAKS, "windows": len(dataset.sites),
             "images": dataset.site_images, "per_epoch": dataset.n_sites,
@@ -417,7 +453,11 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
                     "fracture mask in the patch; type learnt only where the fracture reaches the central half",
             "detector": str(detector_dir)}} if dataset.n_sites else {}),
         "augmentation": f"centre: a random fracture-mask pixel + N(0, {CENTRE_JITTER:.3f} patch); zoom 0.8-1.25; "
-                        "any rotation; horizontal flip; window, gamma, contrast, blur/sharpen, noise, JPEG",
+                        "any rotation; horizontal flip; window, gamma, contrast, blur/sharpen, noise, JPEG"
+                        + ("; a share zoom_out_augmentation further shrunk by a wider field's factor (1.1-1.8)"
+                           if cfg.zoom_out else "")
+                        + ("; post-processing (tone curve, CLAHE, multi-scale equalisation, edge enhancement) drawn "
+                           "on a window twice the patch at the whole image's scales" if cfg.processing else ""),
         "losses": "cross-entropy over the 11 types (label smoothing 0.05) + BCE segmentation of the fracture mask "
                   "at 1/16 (pos_weight 4; training-only supervision, its map weights the pooling)",
         **{k: v for k, v in summary.items() if k != "history"},
