@@ -150,12 +150,11 @@ def test_bundled_models_give_the_same_analysis_in_both_runtimes() -> None:
         assert out.validity.verdict == ref.validity.verdict and out.validity.score == pytest.approx(
             ref.validity.score, abs=1e-5)
         assert out.detection is not None and ref.detection is not None
-        # The NumPy runtime's float32 backbone is less exact than PyTorch's: against a float64 pass of the same
-        # weights its detection logit was off by up to 3.1e-4 on five synthetic images (detector 1.8.0; 1.7.0:
-        # 1.3e-4), PyTorch's by at most 6.4e-6; heads and fusion agree exactly. Here the seed-12 logit (-0.346)
-        # differs by 9.7e-5 between the runtimes, its fused probability by 1.2e-5 (1.7.0 stayed within 1e-5).
-        # A missing fusion or a wrong weight moves the probability far more than 1e-4.
-        assert out.detection.probability == pytest.approx(ref.detection.probability, abs=1e-4)
+        # Both runtimes blur the high-pass input with the same float32 taps (architecture.highpass_kernel). Until
+        # session 15 each computed its own, an ulp apart, and the detection logit differed by up to 3.1e-4 from a
+        # float64 pass (PyTorch: 6.4e-6); with the shared taps both are within 4e-6 of it on five synthetic
+        # images, and these probabilities agree to 6e-7. A missing fusion or a wrong weight moves them far more.
+        assert out.detection.probability == pytest.approx(ref.detection.probability, abs=1e-5)
         assert out.detection.call == ref.detection.call
         assert (out.classification is None) == (ref.classification is None)
         if out.classification is not None and ref.classification is not None:
@@ -237,3 +236,21 @@ def test_a_worker_on_the_numpy_runtime_never_loads_torch(runtime: str, worker_se
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert ("libtorch" in mapped) == (runtime == "torch"), log.read_text()
+
+
+def test_both_runtimes_blur_the_high_pass_input_with_the_same_taps() -> None:
+    """The fixed high-pass channel is part of the network: both runtimes take its float32 taps from one place
+    (an ulp's difference there once became 3e-4 in the bundled detector's logit), and give the same channel."""
+    from pipeline.models.architecture import HIGHPASS_SIGMA, highpass_kernel
+    from pipeline.models.nets import HighPass
+    from pipeline.models.numpy_nets import highpass
+
+    taps = highpass_kernel()
+    assert taps.dtype == np.float32 and len(taps) == 2 * round(3 * HIGHPASS_SIGMA) + 1
+    assert float(taps.sum(dtype=np.float64)) == pytest.approx(1.0, abs=1e-6) and int(taps.argmax()) == len(taps) // 2
+    np.testing.assert_array_equal(HighPass().kernel.numpy().ravel(), taps)
+    for shape in ((97, 131), (6, 40)):  # reflected edges; replicated where the image is no larger than the radius
+        img = np.random.default_rng(shape[0]).standard_normal(shape).astype(np.float32)
+        with torch.no_grad():
+            expected = HighPass()(torch.from_numpy(img)[None, None])[0].numpy()
+        np.testing.assert_allclose(highpass(img), expected, atol=2e-6)

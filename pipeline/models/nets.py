@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.architecture import HIGHPASS_GAIN, HIGHPASS_SIGMA, INPUT_MULTIPLE, SEG_STRIDE, TOPK
+from pipeline.models.architecture import (
+    HIGHPASS_GAIN,
+    HIGHPASS_SIGMA,
+    INPUT_MULTIPLE,
+    SEG_STRIDE,
+    TOPK,
+    highpass_kernel,
+)
 
 __all__ = ["INPUT_MULTIPLE", "SEG_STRIDE", "TOPK", "FractureNet", "ResBlock", "TypeReader", "ValidityNet"]
 
@@ -68,11 +75,10 @@ class HighPass(nn.Module):
 
     def __init__(self, sigma: float = HIGHPASS_SIGMA, gain: float = HIGHPASS_GAIN) -> None:
         super().__init__()
-        radius = int(round(3 * sigma))
-        g = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2 / (2 * sigma * sigma))
-        self.register_buffer("kernel", (g / g.sum()).view(1, 1, 1, -1), persistent=False)
+        g = torch.from_numpy(highpass_kernel(sigma))  # the taps the NumPy runtime uses too
+        self.register_buffer("kernel", g.view(1, 1, 1, -1), persistent=False)
         self.kernel: torch.Tensor
-        self.radius = radius
+        self.radius = (len(g) - 1) // 2
         self.gain = gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.models.architecture import BN_EPS, HIGHPASS_GAIN, HIGHPASS_SIGMA, TOPK
+from pipeline.models.architecture import BN_EPS, HIGHPASS_GAIN, HIGHPASS_SIGMA, TOPK, highpass_kernel
 
 
 class WeightsError(ValueError):
@@ -152,9 +152,8 @@ def highpass(x: np.ndarray, sigma: float = HIGHPASS_SIGMA, gain: float = HIGHPAS
     """(H, W) -> (2, H, W): the image and ``gain * (image - gaussian_blur(image))``, as
     :class:`pipeline.models.nets.HighPass` (reflected edges, replicated when the image is no larger than the
     kernel's radius)."""
-    radius = int(round(3 * sigma))
-    g = np.exp(-np.arange(-radius, radius + 1, dtype=np.float64) ** 2 / (2 * sigma * sigma))
-    kernel = (g / g.sum()).astype(np.float32)
+    kernel = highpass_kernel(sigma)
+    radius = (len(kernel) - 1) // 2
     border = cv2.BORDER_REFLECT_101 if min(x.shape) > radius else cv2.BORDER_REPLICATE
     blur = cv2.sepFilter2D(x, cv2.CV_32F, kernel, kernel, borderType=border)
     out = np.empty((2, *x.shape), dtype=np.float32)
