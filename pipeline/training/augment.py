@@ -181,16 +181,18 @@ def clahe(img: np.ndarray, clip: float, tiles: int) -> np.ndarray:
     return out.astype(np.float32) / 65535.0
 
 
-def random_processing(img: np.ndarray, rng: np.random.Generator, strength: float = 1.0, *,
-                      long_side: float | None = None, fast: bool = False) -> np.ndarray:
+PROCESSED_SHARE = 0.6  # at strength 1, the share of images that get a post-processing (random_processing)
+
+
+def random_processing(img: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
     """A vendor's post-processing, drawn at random, on a whole float32 [0, 1] bone-bright image: a wide tone
     curve, contrast-limited adaptive histogram equalisation, multi-scale equalisation (large-scale density
     flattened, detail boosted) or strong edge enhancement. Scales are fractions of the image's long side, so the
-    same draw means the same processing at any resolution. With probability ``1 - 0.6 * strength`` the image is
-    returned as it is. ``long_side`` and ``fast``: see :func:`processing`."""
-    if rng.random() >= 0.6 * strength:
+    same draw means the same processing at any resolution. With probability ``1 - PROCESSED_SHARE * strength``
+    the image is returned as it is."""
+    if rng.random() >= PROCESSED_SHARE * strength:
         return img.astype(np.float32, copy=False)
-    return processing(img, rng, long_side=long_side, fast=fast)
+    return processing(img, rng)
 
 
 def processing(img: np.ndarray, rng: np.random.Generator, *, long_side: float | None = None,
@@ -207,8 +209,7 @@ def processing(img: np.ndarray, rng: np.random.Generator, *, long_side: float | 
         x = np.power(x, float(np.exp(rng.uniform(-1.1, 1.1))))
     elif kind == 1:
         tiles = int(rng.choice([4, 8, 16]))
-        grid = tiles if own == long_side else max(1, int(round(tiles * own / long_side)))
-        x = clahe(x, float(rng.uniform(1.5, 4.0)), grid)
+        x = clahe(x, float(rng.uniform(1.5, 4.0)), max(1, int(round(tiles * own / long_side))))
     elif kind == 2:
         x = multiscale_equalise(x, max(1.0, long_side * float(rng.uniform(1 / 20, 1 / 6))),
                                 float(rng.uniform(0.2, 0.7)), float(rng.uniform(1.2, 2.5)),

@@ -62,6 +62,7 @@ from pipeline.run import (
 )
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.augment import (
+    PROCESSED_SHARE,
     acquisition_params,
     apply_local,
     apply_pointwise,
@@ -280,7 +281,7 @@ class TypePatches(Dataset[dict[str, Any]]):
             zoom = max(zoom / wider_field_factor(rng), min(zoom, p * HALF_DIAGONAL / room))
         # A vendor's post-processing is drawn on a window twice the patch's side around it (its blurs and
         # auto-window see the neighbourhood), at the whole image's scales; the patch is that window's centre.
-        process = bool(aug and cfg.processing and rng.random() < 0.6 * cfg.processing)
+        process = bool(aug and cfg.processing and rng.random() < PROCESSED_SHARE * cfg.processing)
         size = 2 * p if process else p
         m = cv2.getRotationMatrix2D((cx, cy), angle, zoom)
         m[:, 2] += np.array([p / 2 - cx, p / 2 - cy])
@@ -306,7 +307,7 @@ class TypePatches(Dataset[dict[str, Any]]):
         if aug:
             params = acquisition_params(rng, aug, patch[::4, ::4])
             patch = apply_local(apply_pointwise(patch, params), rng, aug, cfg.noise_max)
-        return {"x": standardise_patch(np.ascontiguousarray(patch))[0], "type": torch.tensor(kind),
+        return {"x": standardise_patch(patch)[0], "type": torch.tensor(kind),
                 "seg": torch.from_numpy(np.ascontiguousarray(seg))[None]}, mpatch
 
 
