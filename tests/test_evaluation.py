@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pipeline.evaluation.metrics import (
     sens_spec,
     sensitivity_at_specificity,
 )
+from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.toydata import write_toy_dataset, write_untrained_bundles
 
 
@@ -55,10 +57,28 @@ def test_evaluate_command(tmp_path: Path) -> None:
     data = write_toy_dataset(tmp_path / "data", count=12, seed=5, negatives=6)
     models = write_untrained_bundles(tmp_path / "models")
     out = tmp_path / "report" / "eval.json"
+    rows_csv = tmp_path / "report" / "images.csv"
     result = CliRunner().invoke(evaluate, ["--models", str(models), "--data", str(data), "--json", str(out),
-                                           "--quiet", "--update-cards"])
+                                           "--quiet", "--update-cards", "--per-image", str(rows_csv)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
+    with open(rows_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(data / "labels.csv", newline="") as handle:
+        labels = {str(data / r["file"]): r for r in csv.DictReader(handle)}
+    radiographs = [r for r in rows if r["kind"] == "radiograph"]
+    assert len(radiographs) == 12 and len(rows) == 18  # one row per image, negatives included
+    for row in radiographs:
+        assert row["fracture"] == str(int(labels[row["file"]]["fracture"]))  # the image's own label
+        assert 0.0 <= float(row["probability"]) <= 1.0 and row["predicted_type"] in FRACTURE_TYPES
+        assert row["accepted"] in ("0", "1") and row["check_reason"]
+        if row["fracture"] == "1":
+            assert row["peak_in_box"] in ("0", "1")
+    hits = [int(r["peak_in_box"]) for r in radiographs if r["fracture"] == "1" and r["peak_in_box"]]
+    assert report["localization"]["pointing_game"] == pytest.approx(sum(hits) / len(hits), abs=1e-4)
+    auc = roc_auc(np.array([float(r["probability"]) for r in radiographs]),
+                  np.array([int(r["fracture"]) for r in radiographs]))
+    assert report["detection"]["auc"] == pytest.approx(auc, abs=1e-3)  # the rows are what the figures score
     for section, key in [("detection", "auc"), ("detection", "sensitivity"), ("detection", "specificity"),
                          ("classification", "accuracy"), ("classification", "macro_f1"), ("calibration", "ece"),
                          ("localization", "pointing_game"), ("validity", "accuracy")]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pipeline.evaluation.evaluate import evaluate_folder
+from pipeline.evaluation.evaluate import PER_IMAGE_FIELDS, evaluate_folder
 from pipeline.evaluation.shifts import SHIFTS, get_shift
 from pipeline.models.bundle import RUNTIMES, BundleError, read_card, update_card
 from pipeline.run import BUNDLE_NAMES, DEFAULT_RUNTIME, load_models
@@ -53,23 +54,33 @@ def check_targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 @click.option("--shift", type=click.Choice(list(SHIFTS)), default=None,
               help="Apply this acquisition shift to every radiograph first (pipeline/evaluation/shifts.py; "
                    "bench/robustness.py runs them all).")
+@click.option("--per-image", "per_image_csv", type=click.Path(path_type=Path), default=None,
+              help="Also write one CSV row per image (check verdict, probabilities, type, heatmap peak).")
 @click.option("--update-cards", is_flag=True, help="Write the results into the bundles' model cards (metrics.test).")
 @click.option("--quiet", is_flag=True)
 def evaluate(models_dir: Path | None, data: Path, json_out: Path, figures: Path | None, limit: int | None,
-             threads: int, runtime: str, shift: str | None, update_cards: bool, quiet: bool) -> None:
+             threads: int, runtime: str, shift: str | None, per_image_csv: Path | None, update_cards: bool,
+             quiet: bool) -> None:
     """Evaluate model bundles on a labelled folder."""
     if shift not in (None, "none") and update_cards:
         raise click.ClickException("--update-cards records the models' test figures; not under a --shift")
+    rows: list[dict[str, Any]] | None = [] if per_image_csv is not None else None
     try:
         models = load_models(models_dir, num_threads=threads, runtime=runtime)
         result = evaluate_folder(models, data, limit=limit, show=not quiet,
                                  figures=figures if figures is not None else json_out.parent,
-                                 shift=get_shift(shift) if shift else None)
+                                 shift=get_shift(shift) if shift else None, per_image=rows)
     except (BundleError, DatasetError) as exc:
         raise click.ClickException(str(exc)) from None
     result["targets"] = check_targets(result)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2) + "\n")
+    if per_image_csv is not None and rows is not None:
+        per_image_csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(per_image_csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=PER_IMAGE_FIELDS, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
     if update_cards:
         summary = {k: v for k, v in result.items() if k not in ("figures",)}
         for name in BUNDLE_NAMES.values():

@@ -53,9 +53,11 @@ def _detection_figures(p: np.ndarray, y: np.ndarray, threshold: float, band: tup
 
 def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None, show: bool = True,
                     figures: Path | None = None, shift: Shift | None = None,
-                    include_negatives: bool = True) -> dict[str, Any]:
+                    include_negatives: bool = True, per_image: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Every metric of the models on a labelled folder. With ``shift``, each radiograph (not the negatives) is
-    changed by that acquisition shift before the models see it, and its fracture box with it."""
+    changed by that acquisition shift before the models see it, and its fracture box with it. With
+    ``per_image`` (a list), one row per image is appended to it (:data:`PER_IMAGE_FIELDS`), for finding which
+    images a model fails on."""
     records = read_generator_layout(data)
     radiographs = [r for r in records if r.is_radiograph]
     negatives = [r for r in records if not r.is_radiograph]
@@ -96,10 +98,16 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
             pointing_tol += int(x0 - t <= px < x1 + t and y0 - t <= py < y1 + t)
             dx, dy = outs.detector_peak
             detector_hits += int(x0 <= dx < x1 and y0 <= dy < y1)
+        if per_image is not None:
+            per_image.append(_image_row(rec, box, verdict, outs, alone[-1]))
     for rec in tqdm(negatives, desc="evaluate negatives", disable=not show):
         rad = load_file(rec.path)
         verdict = models.validity(rad)
         validity_ok.setdefault(rec.kind or "negative", []).append(not verdict.is_radiograph)
+        if per_image is not None:
+            per_image.append({"file": str(rec.path), "kind": rec.kind or "negative",
+                              "accepted": int(verdict.is_radiograph), "check_score": round(verdict.score, 4),
+                              "check_reason": verdict.reason})
     p = np.array(probs)
     y = np.array(labels)
     cm = confusion_matrix(np.array(type_true, dtype=int), np.array(type_pred, dtype=int), len(FRACTURE_TYPES))
@@ -171,6 +179,27 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
             "confusion": str(confusion_image(cm, FRACTURE_TYPES, figures / "confusion.png")),
         }
     return result
+
+
+PER_IMAGE_FIELDS = ("file", "kind", "accepted", "check_score", "check_reason", "fracture", "type", "probability",
+                    "detector_probability", "predicted_type", "type_probability", "peak_x", "peak_y",
+                    "peak_in_box")
+
+
+def _image_row(rec: Record, box: tuple[int, int, int, int] | None, verdict: Any, outs: Any,
+               detector_probability: float) -> dict[str, Any]:
+    peak = peak_point(outs.heatmap) if outs.heatmap is not None else None
+    top = int(np.argmax(outs.type_probs))
+    return {
+        "file": str(rec.path), "kind": "radiograph", "accepted": int(verdict.is_radiograph),
+        "check_score": round(verdict.score, 4), "check_reason": verdict.reason,
+        "fracture": int(bool(rec.fracture)), "type": rec.type or "",
+        "probability": round(float(outs.probability), 5), "detector_probability": round(detector_probability, 5),
+        "predicted_type": FRACTURE_TYPES[top], "type_probability": round(float(outs.type_probs[top]), 4),
+        "peak_x": "" if peak is None else int(peak[0]), "peak_y": "" if peak is None else int(peak[1]),
+        "peak_in_box": "" if peak is None or box is None else int(
+            box[0] <= peak[0] < box[2] and box[1] <= peak[1] < box[3]),
+    }
 
 
 def records_summary(records: list[Record]) -> dict[str, int]:
