@@ -25,8 +25,12 @@ from pipeline.run import (
 )
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.augment import (
+    CLOSER_FIELD,
+    WIDE_ROTATION,
     WIDER_FIELD,
     apply_local,
+    closer_field,
+    closer_field_factor,
     processing,
     random_processing,
     smooth,
@@ -43,7 +47,14 @@ from pipeline.training.datasets import (
     read_mura_csv,
     split_records,
 )
-from pipeline.training.loop import CropBank, FractureCrops, TrainConfig, fracture_loss, keyed_rng
+from pipeline.training.loop import (
+    CropBank,
+    FractureCrops,
+    TrainConfig,
+    _rotation_range,
+    fracture_loss,
+    keyed_rng,
+)
 from pipeline.training.toydata import toy_radiograph, write_toy_dataset, write_untrained_bundles
 from pipeline.training.type_reader import (
     NO_TYPE,
@@ -433,7 +444,8 @@ def test_validity_training(toy: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(train, ["--task", "validity", "--data", str(toy), "--epochs", "2", "--out",
                                         str(tmp_path / "validity"), "--batch-size", "8", "--checkpoint-dir",
                                         str(tmp_path / "c"), "--workers", "0", "--processing", "0.8",
-                                        "--zoom-out", "0.5", "--noise-max", "0.06", "--quiet"])
+                                        "--zoom-out", "0.5", "--noise-max", "0.06", "--zoom-in", "0.5",
+                                        "--rotate", "0.5", "--quiet"])
     assert result.exit_code == 0, result.output
     bundle = load_bundle(tmp_path / "validity", expected_task="validity")
     assert bundle.card["classes"] == ["not_radiograph", "radiograph"]
@@ -441,6 +453,7 @@ def test_validity_training(toy: Path, tmp_path: Path) -> None:
     assert training["processing_augmentation"] == 0.8
     assert training["zoom_out_augmentation"] == 0.5 and training["noise_max"] == 0.06
     assert "--zoom-out 0.5" in training["command"] and "--noise-max 0.06" in training["command"]
+    assert training["zoom_in_augmentation"] == 0.5 and training["wide_rotation_augmentation"] == 0.5
 
 
 def test_wider_field_keeps_the_image_and_its_mask_together_in_an_air_margin() -> None:
@@ -466,6 +479,61 @@ def test_wider_field_keeps_the_image_and_its_mask_together_in_an_air_margin() ->
     assert wider_field(img, None, 1.3, np.random.default_rng(0))[1] is None
     centred, _, corner = wider_field(img, None, 1.5)  # without a generator: centred, as the zoom_out shift uses it
     assert corner == (7, 12) and np.array_equal(centred[7:37, 12:62], img)
+
+
+def test_closer_field_cuts_a_window_that_holds_the_fracture() -> None:
+    img = np.random.default_rng(2).uniform(0.1, 1.0, (60, 100)).astype(np.float32)
+    mask = np.zeros((60, 100), np.uint8)
+    mask[40:46, 70:81] = 1
+    factors = [closer_field_factor(np.random.default_rng(seed)) for seed in range(200)]
+    assert CLOSER_FIELD[0] <= min(factors) and max(factors) <= CLOSER_FIELD[1]
+    assert min(factors) < 1.4 and max(factors) > 2.1  # spread over the range
+    corners = set()
+    for seed in range(20):
+        out, cut = closer_field(img, mask, 2.0, np.random.default_rng(seed), focus=(70, 40, 81, 46))
+        assert out.shape == (30, 50) and cut is not None and cut.shape == out.shape
+        assert int(cut.sum()) == int(mask.sum())  # the whole fracture is in the window
+        ys, xs = np.nonzero(cut)
+        top, left = 40 - int(ys.min()), 70 - int(xs.min())
+        np.testing.assert_array_equal(out, img[top:top + 30, left:left + 50])  # a window, not a resample
+        corners.add((top, left))
+    assert len(corners) > 3  # placed at random around the fracture
+    # a fracture wider than the window: the window is centred on it and holds what it can
+    out, cut = closer_field(img, mask, 10.0, np.random.default_rng(0), focus=(70, 40, 81, 46))
+    assert out.shape == (8, 10) and cut is not None and 0 < int(cut.sum()) < int(mask.sum())
+    # no focus: anywhere in the image, no mask
+    out, cut = closer_field(img, None, 1.5, np.random.default_rng(5))
+    assert out.shape == (40, 67) and cut is None
+
+
+def test_fracture_crops_in_a_closer_field_keep_their_labels_and_rotate_wider(toy: Path) -> None:
+    """``--zoom-in`` on the fracture task: the bone (and the fracture) is larger at the network's scale, the
+    crops are the same shapes, and a crop called fractured holds the mask; ``--rotate`` widens the rotation."""
+    records = [r for r in read_generator_layout(toy) if r.is_radiograph and r.fracture][:6]
+    plain = FractureCrops(records, TrainConfig(long_side=96, crop=64, seed=4))
+    close = FractureCrops(records, TrainConfig(long_side=96, crop=64, seed=4, zoom_in=1.0, rotate=1.0))
+    seg_plain = seg_close = positives = 0
+    for i in range(len(records)):
+        for draw in range(6):
+            a = plain.sample(i, keyed_rng(4, 0, i, draw))
+            b = close.sample(i, keyed_rng(4, 0, i, draw))
+            assert b["x"].shape == a["x"].shape and b["seg"].shape == a["seg"].shape
+            assert torch.isfinite(b["x"]).all()
+            again = close.sample(i, keyed_rng(4, 0, i, draw))
+            assert torch.equal(again["x"], b["x"]) and torch.equal(again["seg"], b["seg"])  # reproducible
+            if float(b["det"]) == 1.0 and float(b["det_w"]) > 0:
+                positives += 1
+                assert float(b["seg"].sum()) > 0
+            seg_plain += float(a["seg"].sum())
+            seg_close += float(b["seg"].sum())
+    assert positives > 0
+    assert seg_close > 1.2 * seg_plain  # the same fractures cover more cells in a closer field
+    cfg = TrainConfig(rotate=0.5)
+    ranges = [_rotation_range(cfg, np.random.default_rng(seed)) for seed in range(100)]
+    assert set(ranges) == {15.0, WIDE_ROTATION} and 30 < ranges.count(WIDE_ROTATION) < 70
+    without = np.random.default_rng(0)
+    assert _rotation_range(TrainConfig(), without) == 15.0
+    assert without.random() == np.random.default_rng(0).random()  # with the share at 0 nothing is drawn
 
 
 def test_noise_max_scales_the_acquisition_noise_with_the_same_draws() -> None:

@@ -118,6 +118,44 @@ def wider_field(img: np.ndarray, mask: np.ndarray | None, factor: float, rng: np
     return out, placed, (top, left)
 
 
+CLOSER_FIELD = (1.2, 2.5)  # range of the magnification of closer_field (each side), drawn log-uniformly
+WIDE_ROTATION = 45.0  # degrees: the rotation range of a share of images (with the flips, every angle occurs)
+
+
+def closer_field_factor(rng: np.random.Generator) -> float:
+    """How much closer than the image the view is (each side), log-uniform over ``CLOSER_FIELD``."""
+    return float(np.exp(rng.uniform(np.log(CLOSER_FIELD[0]), np.log(CLOSER_FIELD[1]))))
+
+
+def closer_field(img: np.ndarray, mask: np.ndarray | None, factor: float, rng: np.random.Generator,
+                 focus: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A closer view: the window ``1 / factor`` of each side, which the caller then shows at the whole image's
+    size, so the bone is larger by ``factor`` and part of the limb leaves the field (a wrist or finger study
+    collimated tight, a detector close to the part). The window is placed at random; with a ``focus`` box
+    (x0, y0, x1, y1; a fracture) it holds the box where the box fits, else is centred on it. The mask is cut
+    with the image."""
+    h, w = img.shape
+    wh, ww = max(8, min(h, int(round(h / factor)))), max(8, min(w, int(round(w / factor))))
+
+    def place(lo: int, hi: int, side: int, full: int) -> int:
+        # the window [start, start + side) inside [0, full), holding [lo, hi) if it can
+        top = full - side
+        if hi - lo <= side:
+            a, b = max(0, hi - side), min(top, lo)
+            if a <= b:
+                return int(rng.integers(a, b + 1))
+        return int(np.clip((lo + hi) // 2 - side // 2, 0, top))
+
+    if focus is None:
+        y, x = int(rng.integers(0, h - wh + 1)), int(rng.integers(0, w - ww + 1))
+    else:
+        x0, y0, x1, y1 = focus
+        y, x = place(y0, y1, wh, h), place(x0, x1, ww, w)
+    out = np.ascontiguousarray(img[y:y + wh, x:x + ww])
+    cut = np.ascontiguousarray(mask[y:y + wh, x:x + ww]) if mask is not None else None
+    return out, cut
+
+
 def pick_crop(h: int, w: int, size: int, rng: np.random.Generator,
               focus: tuple[int, int, int, int] | None) -> tuple[int, int]:
     """Top-left corner of a ``size`` square crop (may extend past the image: caller pads). With a focus box,

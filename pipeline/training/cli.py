@@ -89,6 +89,15 @@ def _command_line() -> str:
                    "(a canvas 1.1-1.8x each side, the margin unexposed air; for classify, patches shrunk by that "
                    "factor), so that a limb filling less of the detector is still read (0 = none, as before "
                    "session 14; classify: as before session 15).")
+@click.option("--zoom-in", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Validity and fracture tasks: share of training images cut to a closer field of view (a window "
+                   "1/1.2-1/2.5 of each side, holding the fracture, shown as the whole image), so that a study "
+                   "collimated tight around a wrist or a finger, with the bone several times larger, is still read "
+                   "(0 = none, as before session 16).")
+@click.option("--rotate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Validity and fracture tasks: share of training images rotated by up to 45 degrees instead of 15 "
+                   "(10 for validity); with the flips every angle then occurs, as for an oblique hand or a limb "
+                   "laid across the detector (0 = none, as before session 16).")
 @click.option("--noise-max", type=click.FloatRange(0.002, 0.2), default=0.03, show_default=True,
               help="Largest quantum-noise sigma (at full brightness) of the acquisition augmentation; 0.03 until "
                    "session 14, a low-dose exposure is about 0.05.")
@@ -122,7 +131,8 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
           checkpoint_every: int, resume: bool, init: Path | None, workers: int, threads: int, val_limit: int,
           cache_mb: int, crops_per_image: int, epochs_per_round: int, head_images: int,
           max_images: int | None, weights_dtype: str, quiet: bool, augment: float, processing: float,
-          zoom_out: float, noise_max: float, type_weight: float, site_share: float) -> None:
+          zoom_out: float, zoom_in: float, rotate: float, noise_max: float, type_weight: float,
+          site_share: float) -> None:
     """Train a model bundle (reproducible, checkpointed, resumable)."""
     torch.set_num_threads(threads)
     try:
@@ -152,7 +162,7 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
         checkpoint_every=checkpoint_every, val_limit=val_limit, num_workers=workers, cache_mb=cache_mb,
         bank_per_image=crops_per_image, bank_epochs=epochs_per_round, head_images=head_images,
         weights_dtype=weights_dtype, data_description=_describe(train_recs, data), augment=augment,
-        processing=processing, zoom_out=zoom_out, noise_max=noise_max,
+        processing=processing, zoom_out=zoom_out, zoom_in=zoom_in, rotate=rotate, noise_max=noise_max,
         type_loss_weight=type_weight, site_share=site_share,
         extra={"command": _command_line(),
                **({"calibration_data": ", ".join(calibration_data)} if calibration_data else {})},

@@ -38,9 +38,13 @@ from pipeline.models.nets import SEG_STRIDE, FractureNet, ValidityNet, count_par
 from pipeline.models.preprocess import STRIDE, letterbox, prepare_fracture_input, resize_long_side
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.augment import (
+    CLOSER_FIELD,
+    WIDE_ROTATION,
     acquisition_params,
     apply_local,
     apply_pointwise,
+    closer_field,
+    closer_field_factor,
     crop_padded,
     pick_crop,
     random_acquisition,
@@ -82,6 +86,8 @@ class TrainConfig:
     augment: float = 1.0
     processing: float = 0.0  # validity and fracture tasks: strength of random_processing (post-processing)
     zoom_out: float = 0.0  # validity and fracture tasks: share of images placed in a wider field (air margin)
+    zoom_in: float = 0.0  # validity and fracture tasks: share of images cut to a closer field (larger bone)
+    rotate: float = 0.0  # validity and fracture tasks: share of images rotated up to 45 degrees (else 15)
     noise_max: float = 0.03  # largest quantum-noise sigma of the acquisition augmentation (at full brightness)
     type_loss_weight: float = 1.0  # fracture task: weight of the shared network's type loss
     site_share: float = 0.0  # classify task: share of patches centred on the detector's peaks off the fracture
@@ -127,13 +133,30 @@ def _bone_point(small: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
     return int(ys[k]), int(xs[k])
 
 
+def _focus_box(img: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
+               ) -> tuple[int, int, int, int]:
+    """What a closer field must hold: the fracture's box, or for an intact image a random point on bone."""
+    if mask is not None and mask.any():
+        ys, xs = np.nonzero(mask)
+        return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    sy, sx = _bone_point(img[::8, ::8], rng)
+    return sx * 8, sy * 8, sx * 8 + 1, sy * 8 + 1
+
+
+def _rotation_range(cfg: TrainConfig, rng: np.random.Generator, usual: float = 15.0) -> float:
+    """The rotation range for one image: ``WIDE_ROTATION`` for a share ``cfg.rotate`` of images (drawn only when
+    that share is set, so runs without it draw exactly as before), else ``usual``."""
+    return WIDE_ROTATION if cfg.rotate and rng.random() < cfg.rotate else usual
+
+
 class FractureCrops(Dataset[dict[str, Any]]):
     """Augmented square crops with detection label, type label and a 1/16 segmentation target."""
 
     def __init__(self, records: list[Record], cfg: TrainConfig) -> None:
         self.records = records
         self.cfg = cfg
-        self.cache_long = int(round(cfg.long_side * 1.2))
+        # A closer field magnifies a window of the image: keep the decoded image's detail for it (no resize).
+        self.cache_long = int(round(cfg.long_side * 1.2 * (CLOSER_FIELD[1] if cfg.zoom_in else 1.0)))
         self.cache = _Cache(cfg.cache_mb)
         self.has_masks = any(r.mask is not None for r in records)
 
@@ -170,13 +193,21 @@ class FractureCrops(Dataset[dict[str, Any]]):
         img16, mask0 = loaded if loaded is not None else self._load(i)
         img: np.ndarray = img16.astype(np.float32) / 65535.0
         mask: np.ndarray | None = mask0
+        closer = bool(cfg.zoom_in) and rng.random() < cfg.zoom_in
+        if closer:
+            # A closer field of view: a window holding the fracture (or, for an intact image, some bone) becomes
+            # the whole image, so at the network's scale the bone is larger and the statistics are the window's.
+            # Rotated first, so that the window rarely reaches the corners the rotation leaves empty.
+            if cfg.augment:
+                img, mask = random_geometry(img, mask, rng, max_rotation=_rotation_range(cfg, rng))
+            img, mask = closer_field(img, mask, closer_field_factor(rng), rng, _focus_box(img, mask, rng))
         h, w = img.shape
         crop = cfg.crop if self.has_masks else cfg.long_side
         scale = cfg.long_side / max(h, w) * (float(np.exp(rng.uniform(np.log(0.8), np.log(1.2))))
                                              if cfg.augment else 1.0)
         # A wider field of view: the image shrinks by the canvas factor and sits in an air margin, so that at
         # the network's scale the bone is smaller and the whole image's statistics include the margin.
-        field = wider_field_factor(rng) if cfg.zoom_out and rng.random() < cfg.zoom_out else 1.0
+        field = wider_field_factor(rng) if not closer and cfg.zoom_out and rng.random() < cfg.zoom_out else 1.0
         scale /= field
         nh, nw = max(8, round(h * scale)), max(8, round(w * scale))
         img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
@@ -185,8 +216,8 @@ class FractureCrops(Dataset[dict[str, Any]]):
             mask = (mask > 0).astype(np.uint8)
         if field > 1.0:
             img, mask, _ = wider_field(img, mask, field, rng)
-        if cfg.augment:
-            img, mask = random_geometry(img, mask, rng)
+        if cfg.augment and not closer:
+            img, mask = random_geometry(img, mask, rng, max_rotation=_rotation_range(cfg, rng))
         if cfg.processing:  # a vendor's post-processing of the whole image, before the statistics are taken
             img = random_processing(img, rng, cfg.processing)
         # Intensity: the point-wise transform is drawn once for the image; the statistics used for the
@@ -796,9 +827,15 @@ class ValiditySet(Dataset[dict[str, Any]]):
                 ch, cw = int(h * rng.uniform(0.7, 1.0)), int(w * rng.uniform(0.7, 1.0))
                 y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
                 img = img[y0:y0 + ch, x0:x0 + cw]
+            rotation = _rotation_range(self.cfg, rng, usual=10.0)
             if self.cfg.zoom_out and rng.random() < self.cfg.zoom_out:
                 img, _, _ = wider_field(img, None, wider_field_factor(rng), rng)
-            img, _ = random_geometry(img, None, rng, max_rotation=10)
+            elif self.cfg.zoom_in and rng.random() < self.cfg.zoom_in:
+                # rotated first, so that the closer window rarely reaches the corners the rotation leaves empty
+                img, _ = random_geometry(img, None, rng, max_rotation=rotation)
+                img, _ = closer_field(img, None, closer_field_factor(rng), rng)
+                rotation = 0.0
+            img, _ = random_geometry(img, None, rng, max_rotation=rotation) if rotation else (img, None)
             if self.cfg.processing:
                 img = random_processing(img, rng, self.cfg.processing)
             img = random_acquisition(img, rng, self.cfg.augment, self.cfg.noise_max)
@@ -870,7 +907,9 @@ def train_validity(train: list[Record], val: list[Record], cfg: TrainConfig, out
 def augmentation_record(cfg: TrainConfig) -> dict[str, float]:
     """The augmentation settings a card's ``training`` block records (validity, fracture and classify tasks)."""
     return {"augmentation_strength": cfg.augment, "processing_augmentation": cfg.processing,
-            "zoom_out_augmentation": cfg.zoom_out, "noise_max": cfg.noise_max}
+            "zoom_out_augmentation": cfg.zoom_out, "noise_max": cfg.noise_max,
+            **({"zoom_in_augmentation": cfg.zoom_in} if cfg.zoom_in else {}),
+            **({"wide_rotation_augmentation": cfg.rotate} if cfg.rotate else {})}
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
