@@ -510,23 +510,7 @@ def test_fracture_crops_in_a_closer_field_keep_their_labels_and_rotate_wider(toy
     """``--zoom-in`` on the fracture task: the bone (and the fracture) is larger at the network's scale, the
     crops are the same shapes, and a crop called fractured holds the mask; ``--rotate`` widens the rotation."""
     records = [r for r in read_generator_layout(toy) if r.is_radiograph and r.fracture][:6]
-    plain = FractureCrops(records, TrainConfig(long_side=96, crop=64, seed=4))
-    close = FractureCrops(records, TrainConfig(long_side=96, crop=64, seed=4, zoom_in=1.0, rotate=1.0))
-    seg_plain = seg_close = positives = 0
-    for i in range(len(records)):
-        for draw in range(6):
-            a = plain.sample(i, keyed_rng(4, 0, i, draw))
-            b = close.sample(i, keyed_rng(4, 0, i, draw))
-            assert b["x"].shape == a["x"].shape and b["seg"].shape == a["seg"].shape
-            assert torch.isfinite(b["x"]).all()
-            again = close.sample(i, keyed_rng(4, 0, i, draw))
-            assert torch.equal(again["x"], b["x"]) and torch.equal(again["seg"], b["seg"])  # reproducible
-            if float(b["det"]) == 1.0 and float(b["det_w"]) > 0:
-                positives += 1
-                assert float(b["seg"].sum()) > 0
-            seg_plain += float(a["seg"].sum())
-            seg_close += float(b["seg"].sum())
-    assert positives > 0
+    seg_plain, seg_close = _fracture_cells_with_and_without(records, zoom_in=1.0, rotate=1.0)
     assert seg_close > 1.2 * seg_plain  # the same fractures cover more cells in a closer field
     cfg = TrainConfig(rotate=0.5)
     ranges = [_rotation_range(cfg, np.random.default_rng(seed)) for seed in range(100)]
@@ -552,22 +536,32 @@ def test_fracture_crops_in_a_wider_field_keep_their_labels(toy: Path) -> None:
     """``--zoom-out`` on the fracture task: the bone is smaller at the network's scale, the crops are the same
     shapes, and a crop the detection label calls fractured still holds the (shrunk) mask in its target."""
     records = [r for r in read_generator_layout(toy) if r.is_radiograph and r.fracture][:6]
+    seg_plain, seg_wide = _fracture_cells_with_and_without(records, zoom_out=1.0)
+    assert seg_wide < seg_plain  # the same fractures cover fewer cells once the field is wider
+
+
+def _fracture_cells_with_and_without(records: list, **changed: float) -> tuple[float, float]:
+    """Draw the same crops with the default augmentation and with ``changed`` settings; check the changed
+    crops are valid, reproducible, and hold the mask wherever they are labelled fractured; return the
+    fracture cells each covers in all."""
     plain = FractureCrops(records, TrainConfig(long_side=96, crop=64, seed=4))
-    wide = FractureCrops(records, TrainConfig(long_side=96, crop=64, seed=4, zoom_out=1.0))
-    seg_plain = seg_wide = positives = 0
+    other = FractureCrops(records, TrainConfig(long_side=96, crop=64, seed=4, **changed))
+    seg_plain = seg_other = positives = 0.0
     for i in range(len(records)):
         for draw in range(6):
             a = plain.sample(i, keyed_rng(4, 0, i, draw))
-            b = wide.sample(i, keyed_rng(4, 0, i, draw))
+            b = other.sample(i, keyed_rng(4, 0, i, draw))
             assert b["x"].shape == a["x"].shape and b["seg"].shape == a["seg"].shape
             assert torch.isfinite(b["x"]).all()
+            again = other.sample(i, keyed_rng(4, 0, i, draw))
+            assert torch.equal(again["x"], b["x"]) and torch.equal(again["seg"], b["seg"])  # reproducible
             if float(b["det"]) == 1.0 and float(b["det_w"]) > 0:
                 positives += 1
                 assert float(b["seg"].sum()) > 0
             seg_plain += float(a["seg"].sum())
-            seg_wide += float(b["seg"].sum())
+            seg_other += float(b["seg"].sum())
     assert positives > 0
-    assert seg_wide < seg_plain  # the same fractures cover fewer cells once the field is wider
+    return seg_plain, seg_other
 
 
 def test_processing_augmentation_draws_each_kind_reproducibly_and_stays_a_unit_image() -> None:
