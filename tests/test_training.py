@@ -217,6 +217,10 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
             "--workers", "0", "--val-fraction", "0.25", "--seed", "1", "--weights-dtype", "float32", "--quiet",
             "--detector", str(detector), "--site-share", "0.3", "--processing", "0.5", "--zoom-out", "0.5",
             "--noise-max", "0.05"]
+    for flag in ("--zoom-in", "--rotate"):  # the reader has no such augmentation: refused, not ignored
+        refused = CliRunner().invoke(train, [*args, flag, "0.3"])
+        assert refused.exit_code != 0 and "validity and fracture tasks" in refused.output
+        assert not out.exists()
     result = CliRunner().invoke(train, args)
     assert result.exit_code == 0, result.output
     history = [json.loads(line) for line in (ckpt / "train_log.jsonl").read_text().splitlines()]

@@ -118,6 +118,14 @@ def wider_field(img: np.ndarray, mask: np.ndarray | None, factor: float, rng: np
     return out, placed, (top, left)
 
 
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The bounding box (x0, y0, x1, y1; end exclusive) of a mask's nonzero pixels, None for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
 CLOSER_FIELD = (1.2, 2.5)  # range of the magnification of closer_field (each side), drawn log-uniformly
 WIDE_ROTATION = 45.0  # degrees: the rotation range of a share of images (with the flips, every angle occurs)
 

@@ -134,6 +134,9 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
           zoom_out: float, zoom_in: float, rotate: float, noise_max: float, type_weight: float,
           site_share: float) -> None:
     """Train a model bundle (reproducible, checkpointed, resumable)."""
+    if task == "classify" and (zoom_in or rotate):
+        raise click.ClickException("--zoom-in and --rotate apply to the validity and fracture tasks: the type "
+                                   "reader's patches already take any angle, and it has no closer field")
     torch.set_num_threads(threads)
     try:
         records = [r for src in data for r in load_records(src)]

@@ -46,6 +46,7 @@ from pipeline.training.augment import (
     closer_field,
     closer_field_factor,
     crop_padded,
+    mask_box,
     pick_crop,
     random_acquisition,
     random_geometry,
@@ -136,9 +137,9 @@ def _bone_point(small: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
 def _focus_box(img: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
                ) -> tuple[int, int, int, int]:
     """What a closer field must hold: the fracture's box, or for an intact image a random point on bone."""
-    if mask is not None and mask.any():
-        ys, xs = np.nonzero(mask)
-        return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    box = mask_box(mask) if mask is not None else None
+    if box is not None:
+        return box
     sy, sx = _bone_point(img[::8, ::8], rng)
     return sx * 8, sy * 8, sx * 8 + 1, sy * 8 + 1
 
@@ -231,8 +232,7 @@ class FractureCrops(Dataset[dict[str, Any]]):
         frac_total = int(mask.sum()) if mask is not None else 0
         focus = None
         if mask is not None and frac_total > 0 and rng.random() < 0.7:
-            ys, xs = np.nonzero(mask)
-            focus = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            focus = mask_box(mask)
         if focus is None and rng.random() < 0.85:
             # Centre the crop on bone for normals too, so "bone in view" is no shortcut for "fracture".
             sy, sx = _bone_point(small, rng)
@@ -830,12 +830,13 @@ class ValiditySet(Dataset[dict[str, Any]]):
             rotation = _rotation_range(self.cfg, rng, usual=10.0)
             if self.cfg.zoom_out and rng.random() < self.cfg.zoom_out:
                 img, _, _ = wider_field(img, None, wider_field_factor(rng), rng)
+                img, _ = random_geometry(img, None, rng, max_rotation=rotation)
             elif self.cfg.zoom_in and rng.random() < self.cfg.zoom_in:
                 # rotated first, so that the closer window rarely reaches the corners the rotation leaves empty
                 img, _ = random_geometry(img, None, rng, max_rotation=rotation)
                 img, _ = closer_field(img, None, closer_field_factor(rng), rng)
-                rotation = 0.0
-            img, _ = random_geometry(img, None, rng, max_rotation=rotation) if rotation else (img, None)
+            else:
+                img, _ = random_geometry(img, None, rng, max_rotation=rotation)
             if self.cfg.processing:
                 img = random_processing(img, rng, self.cfg.processing)
             img = random_acquisition(img, rng, self.cfg.augment, self.cfg.noise_max)

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from pipeline.taxonomy import FRACTURE_TYPES
+from pipeline.training.augment import mask_box
 
 Box4 = tuple[int, int, int, int]
 
@@ -35,8 +36,7 @@ def toy_radiograph(rng: np.random.Generator, fracture: bool, type_idx: int, h: i
         cv2.line(line, (cx - dx, cy - dy), (cx + dx, cy + dy), 255, 2)
         img[line > 0] = 0.2
         mask = cv2.dilate(line, np.ones((5, 5), np.uint8))
-        ys, xs = np.nonzero(mask)
-        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        box = mask_box(mask)
     return np.clip(img, 0, 1), mask, box
 
 
