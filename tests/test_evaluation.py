@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -22,6 +23,12 @@ from pipeline.evaluation.metrics import (
 )
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.toydata import write_toy_dataset, write_untrained_bundles
+
+_SPEC = importlib.util.spec_from_file_location(
+    "per_image_breakdown", Path(__file__).resolve().parents[1] / "bench" / "per_image_breakdown.py")
+assert _SPEC is not None and _SPEC.loader is not None
+per_image_breakdown = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(per_image_breakdown)
 
 
 def test_auc_known_values() -> None:
@@ -79,6 +86,11 @@ def test_evaluate_command(tmp_path: Path) -> None:
     auc = roc_auc(np.array([float(r["probability"]) for r in radiographs]),
                   np.array([int(r["fracture"]) for r in radiographs]))
     assert report["detection"]["auc"] == pytest.approx(auc, abs=1e-3)  # the rows are what the figures score
+    by_region = per_image_breakdown.breakdown(rows_csv, data, ["region", "fracture"])
+    assert by_region["all"]["images"] == 12 and by_region["all"]["auc"] == pytest.approx(auc, abs=1e-3)
+    assert sum(g["images"] for g in by_region["region"].values()) == 12
+    assert set(by_region["fracture"]) == {"0", "1"} and by_region["fracture"]["0"]["auc"] is None  # one class
+    assert by_region["fracture"]["1"]["pointing_game"] == pytest.approx(sum(hits) / len(hits), abs=1e-4)
     for section, key in [("detection", "auc"), ("detection", "sensitivity"), ("detection", "specificity"),
                          ("classification", "accuracy"), ("classification", "macro_f1"), ("calibration", "ece"),
                          ("localization", "pointing_game"), ("validity", "accuracy")]:
