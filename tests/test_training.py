@@ -54,6 +54,8 @@ from pipeline.training.loop import (
     _rotation_range,
     fracture_loss,
     keyed_rng,
+    replanned_total,
+    steps_that_fit,
 )
 from pipeline.training.toydata import toy_radiograph, write_toy_dataset, write_untrained_bundles
 from pipeline.training.type_reader import (
@@ -664,3 +666,20 @@ def test_fracture_crops_with_processing_stay_valid_standardised_crops(toy: Path)
             assert float(b["det"]) in (0.0, 1.0) and int(b["type"]) in (-1, *range(11))
             differs += int(not torch.equal(a["x"], b["x"]))
     assert differs > 0
+
+
+def test_a_schedule_planned_under_load_is_stretched_once_the_cpu_is_free() -> None:
+    budget = 50 * 60.0
+    # the probe measured 1 s/step while something else ran: 2 850 steps fit 95 % of 50 minutes
+    assert steps_that_fit(0, 0.0, 1.0, budget) == 2850
+    # ten minutes later 1 200 steps ran at 0.5 s/step: the rest of the budget fits 3 900 more
+    longer = replanned_total(2850, 20000, 1200, 600.0, 1200, 600.0, budget)
+    assert longer == 1200 + int((budget * 0.95 - 600.0) / 0.5)
+    # never past the cap (epochs or --max-steps)
+    assert replanned_total(2850, 4000, 1200, 600.0, 1200, 600.0, budget) == 4000
+    # the speed held: no change (within 10 %)
+    assert replanned_total(2850, 20000, 600, 600.0, 600, 600.0, budget) is None
+    # past half-way the learning rate has fallen too far to stretch the cosine
+    assert replanned_total(2850, 20000, 1500, 600.0, 1500, 600.0, budget) is None
+    # slower than planned: never shortened (the time budget stops it)
+    assert replanned_total(2850, 20000, 300, 600.0, 300, 600.0, budget) is None

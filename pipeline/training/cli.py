@@ -71,7 +71,9 @@ def _command_line() -> str:
                                  "the card's metrics (default: the bundled detector).")
 @click.option("--crop", type=int, default=320, show_default=True, help="Training crop side (px, at input scale).")
 @click.option("--width", type=int, default=16, show_default=True, help="Backbone base width.")
-@click.option("--max-minutes", type=float, default=None, help="Time budget; stops early, then calibrates.")
+@click.option("--max-minutes", type=float, default=None,
+              help="Time budget: the LR schedule is fitted to it from the measured speed (stretched in its first "
+                   "half if the CPU turns out faster than first measured); stops early, then calibrates.")
 @click.option("--max-steps", type=int, default=None, help="Cap on optimiser steps (sets the LR schedule).")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None,
               help="Default: ./var/checkpoints/<task>-seed<S>.")

@@ -480,6 +480,28 @@ def _lr_at(step: int, total: int, base: float) -> float:
     return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def steps_that_fit(step: int, elapsed_s: float, seconds_per_step: float, budget_s: float) -> int:
+    """The step count the cosine schedule should end at so that it ends within 95 % of ``budget_s``."""
+    remaining = budget_s * 0.95 - elapsed_s
+    return step + int(max(0.0, remaining) / max(seconds_per_step, 1e-9))
+
+
+def replanned_total(total: int, cap: int, step: int, elapsed_s: float, steps_since_plan: int,
+                    seconds_since_plan: float, budget_s: float) -> int | None:
+    """A longer schedule when the first speed probe was too pessimistic, else None.
+
+    The probe times 50 steps once; if another process held the CPU then, the plan is short and the run ends
+    well inside its budget (session 16's run 16 planned 2 931 steps and ended in 37 of 50 minutes). At each
+    epoch end the speed averaged since the plan (validation and crop rounds included) is checked; while the
+    schedule is less than half done, and the budget fits at least 10 % more steps, the schedule is stretched
+    (never shortened: the time budget stops a slow run) up to ``cap`` (epochs or ``--max-steps``). Stretching in
+    the first half keeps the learning-rate change small."""
+    if steps_since_plan < 1 or step * 2 >= total or total >= cap:
+        return None
+    fits = min(cap, steps_that_fit(step, elapsed_s, seconds_since_plan / steps_since_plan, budget_s))
+    return fits if fits > total * 1.1 else None
+
+
 def _save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, tmp)
@@ -514,6 +536,7 @@ def run_training_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg
     total = cfg.epochs * per_epoch
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
+    cap = total
     if state.get("total"):
         total = int(state["total"])
     sampler = EpochBatches(n, cfg.batch_size, cfg.seed, state["epoch"], state["batch"], cfg.epochs)
@@ -559,16 +582,30 @@ def run_training_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg
             rate = (time.time() - probe_t0) / (SCHEDULE_PROBE_STEPS - PROBE_START)
             overhead = getattr(dataset, "overhead_per_step", None)
             rate += float(overhead(per_epoch)) if callable(overhead) else 0.0
-            remaining = cfg.max_minutes * 60 * 0.95 - state["elapsed_s"]
-            fits = state["step"] + int(max(0.0, remaining) / rate)
-            total = max(state["step"] + 1, min(total, fits))
+            total = max(state["step"] + 1, min(total, steps_that_fit(state["step"], state["elapsed_s"], rate,
+                                                                      cfg.max_minutes * 60)))
             state["total"] = total
+            state["plan_step"], state["plan_elapsed_s"] = state["step"], state["elapsed_s"]
             bar.total = total
             bar.refresh()
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()} | {k: f"{v:.3f}" for k, v in last_val.items()})
         epoch_end = state["batch"] == 0
         if epoch_end or state["step"] % cfg.checkpoint_every == 0:
+            if epoch_end and cfg.max_minutes is not None and state.get("plan_step") is not None:
+                longer = replanned_total(total, cap, state["step"], state["elapsed_s"],
+                                         state["step"] - state["plan_step"],
+                                         state["elapsed_s"] - state["plan_elapsed_s"], cfg.max_minutes * 60)
+                if longer is not None:
+                    message = (f"re-planned the schedule from {total} to {longer} steps: the speed measured since "
+                               f"step {state['plan_step']} fits more into the {cfg.max_minutes:g}-minute budget "
+                               "than the first probe did (it probably ran while something else used the CPU)")
+                    _log(log_path, {"step": state["step"], "replanned_from": total, "replanned_to": longer})
+                    if show:
+                        tqdm.write(message)
+                    total = state["total"] = longer
+                    bar.total = total
+                    bar.refresh()
             if epoch_end:
                 last_val = validate()
                 model.train()
