@@ -218,11 +218,10 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
             "--patch", "64", "--width", "4", "--batch-size", "4", "--lr", "3e-3", "--checkpoint-dir", str(ckpt),
             "--workers", "0", "--val-fraction", "0.25", "--seed", "1", "--weights-dtype", "float32", "--quiet",
             "--detector", str(detector), "--site-share", "0.3", "--processing", "0.5", "--zoom-out", "0.5",
-            "--noise-max", "0.05"]
-    for flag in ("--zoom-in", "--rotate"):  # the reader has no such augmentation: refused, not ignored
-        refused = CliRunner().invoke(train, [*args, flag, "0.3"])
-        assert refused.exit_code != 0 and "validity and fracture tasks" in refused.output
-        assert not out.exists()
+            "--zoom-in", "0.3", "--noise-max", "0.05"]
+    refused = CliRunner().invoke(train, [*args, "--rotate", "0.3"])  # patches take any angle: refused, not ignored
+    assert refused.exit_code != 0 and "validity and fracture tasks" in refused.output
+    assert not out.exists()
     result = CliRunner().invoke(train, args)
     assert result.exit_code == 0, result.output
     history = [json.loads(line) for line in (ckpt / "train_log.jsonl").read_text().splitlines()]
@@ -245,6 +244,7 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     assert sites["per_epoch"] == round(typed_train * 0.3 / 0.7) and "detection_fusion" not in card
     assert card["training"]["processing_augmentation"] == 0.5 and card["training"]["zoom_out_augmentation"] == 0.5
     assert card["training"]["noise_max"] == 0.05 and "wider field" in card["training"]["augmentation"]
+    assert card["training"]["zoom_in_augmentation"] == 0.3 and "closer field" in card["training"]["augmentation"]
 
     # Behind the detector it was calibrated with, in a model set, through the whole pipeline.
     models_dir = tmp_path / "models"
@@ -616,24 +616,30 @@ def test_processing_a_window_uses_the_whole_images_scales() -> None:
     np.testing.assert_array_equal(smooth(rough, 4.0, fast=True), cv2.GaussianBlur(rough, (0, 0), 4.0))
 
 
-def test_reader_patches_in_a_wider_field_hold_the_fracture_in_fewer_cells(toy: Path) -> None:
-    """classify --zoom-out: the same fractures, shrunk by a wider field's factor, cover fewer cells of the
-    reader's map; patches keep their shape, label and a finite standardisation, and draw reproducibly."""
+@pytest.mark.parametrize(("field", "fewer"), [("zoom_out", True), ("zoom_in", False)])
+def test_reader_patches_in_a_wider_or_closer_field_hold_the_fracture_in_fewer_or_more_cells(
+        toy: Path, field: str, fewer: bool) -> None:
+    """classify --zoom-out / --zoom-in: the same fractures, shrunk by a wider field's factor (enlarged by a closer
+    field's), cover fewer (more) cells of the reader's map; patches keep their shape, label and a finite
+    standardisation, and draw reproducibly."""
     records = [r for r in read_generator_layout(toy) if r.is_radiograph]
     base = {"long_side": 192, "patch": 64, "seed": 2, "num_workers": 0, "augment": 0.5}
     plain = TypePatches(records, TrainConfig(**base))
-    wide = TypePatches(records, TrainConfig(**base, zoom_out=1.0, processing=1.0))
-    cells = {"plain": 0.0, "wide": 0.0}
+    other = TypePatches(records, TrainConfig(**base, **{field: 1.0}, processing=1.0))
+    cells = {"plain": 0.0, "other": 0.0}
     for epoch in range(4):
         for i in range(len(plain)):
-            a, b = plain[(epoch, i)], wide[(epoch, i)]
+            a, b = plain[(epoch, i)], other[(epoch, i)]
             assert b["x"].shape == a["x"].shape == (1, 64, 64) and torch.isfinite(b["x"]).all()
-            assert int(b["type"]) == int(a["type"]) == FRACTURE_TYPES.index(wide.records[i].type)
+            assert int(b["type"]) == int(a["type"]) == FRACTURE_TYPES.index(other.records[i].type)
             cells["plain"] += float(a["seg"].sum())
-            cells["wide"] += float(b["seg"].sum())
-    assert 0 < cells["wide"] < 0.9 * cells["plain"]
-    again = TypePatches(records, TrainConfig(**base, zoom_out=1.0, processing=1.0))
-    assert torch.equal(again[(1, 3)]["x"], wide[(1, 3)]["x"])
+            cells["other"] += float(b["seg"].sum())
+    if fewer:
+        assert 0 < cells["other"] < 0.9 * cells["plain"]
+    else:
+        assert cells["other"] > 1.2 * cells["plain"] > 0
+    again = TypePatches(records, TrainConfig(**base, **{field: 1.0}, processing=1.0))
+    assert torch.equal(again[(1, 3)]["x"], other[(1, 3)]["x"])
 
 
 def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:

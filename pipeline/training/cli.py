@@ -92,10 +92,11 @@ def _command_line() -> str:
                    "factor), so that a limb filling less of the detector is still read (0 = none, as before "
                    "session 14; classify: as before session 15).")
 @click.option("--zoom-in", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Validity and fracture tasks: share of training images cut to a closer field of view (a window "
-                   "1/1.2-1/2.5 of each side, holding the fracture, shown as the whole image), so that a study "
-                   "collimated tight around a wrist or a finger, with the bone several times larger, is still read "
-                   "(0 = none, as before session 16).")
+              help="Validity, fracture and classify tasks: share of training images cut to a closer field of view "
+                   "(a window 1/1.2-1/2.5 of each side, holding the fracture, shown as the whole image; for "
+                   "classify, patches enlarged by that factor), so that a study collimated tight around a wrist "
+                   "or a finger, with the bone several times larger, is still read (0 = none, as before session "
+                   "16; classify: as before session 17).")
 @click.option("--rotate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Validity and fracture tasks: share of training images rotated by up to 45 degrees instead of 15 "
                    "(10 for validity); with the flips every angle then occurs, as for an oblique hand or a limb "
@@ -136,9 +137,9 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
           zoom_out: float, zoom_in: float, rotate: float, noise_max: float, type_weight: float,
           site_share: float) -> None:
     """Train a model bundle (reproducible, checkpointed, resumable)."""
-    if task == "classify" and (zoom_in or rotate):
-        raise click.ClickException("--zoom-in and --rotate apply to the validity and fracture tasks: the type "
-                                   "reader's patches already take any angle, and it has no closer field")
+    if task == "classify" and rotate:
+        raise click.ClickException("--rotate applies to the validity and fracture tasks: the type reader's patches "
+                                   "already take any angle")
     torch.set_num_threads(threads)
     try:
         records = [r for src in data for r in load_records(src)]

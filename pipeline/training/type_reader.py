@@ -66,6 +66,7 @@ from pipeline.training.augment import (
     acquisition_params,
     apply_local,
     apply_pointwise,
+    closer_field_factor,
     crop_padded,
     processing,
     wider_field_factor,
@@ -279,6 +280,10 @@ class TypePatches(Dataset[dict[str, Any]]):
             # whole, so the bone is smaller by the field's factor; as far as the window holds the rotated patch.
             room = max(1.0, min(cx, cy, img16.shape[1] - cx, img16.shape[0] - cy))
             zoom = max(zoom / wider_field_factor(rng), min(zoom, p * HALF_DIAGONAL / room))
+        elif aug and cfg.zoom_in and rng.random() < cfg.zoom_in:
+            # A closer field (a study collimated to a wrist or a finger): resized to long_side as a whole, the bone
+            # is larger by the field's factor, so the patch reads a window that much smaller around the fracture.
+            zoom *= closer_field_factor(rng)
         # A vendor's post-processing is drawn on a window twice the patch's side around it (its blurs and
         # auto-window see the neighbourhood), at the whole image's scales; the patch is that window's centre.
         process = bool(aug and cfg.processing and rng.random() < PROCESSED_SHARE * cfg.processing)
@@ -457,6 +462,8 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
                         "any rotation; horizontal flip; window, gamma, contrast, blur/sharpen, noise, JPEG"
                         + ("; a share zoom_out_augmentation further shrunk by a wider field's factor (1.1-1.8)"
                            if cfg.zoom_out else "")
+                        + ("; a share zoom_in_augmentation of the rest enlarged by a closer field's factor (1.2-2.5)"
+                           if cfg.zoom_in else "")
                         + ("; post-processing (tone curve, CLAHE, multi-scale equalisation, edge enhancement) drawn "
                            "on a window twice the patch at the whole image's scales" if cfg.processing else ""),
         "losses": "cross-entropy over the 11 types (label smoothing 0.05) + BCE segmentation of the fracture mask "
