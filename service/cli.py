@@ -24,6 +24,7 @@ log = logging.getLogger("fracture_node")
 #: command name -> "module:attribute" of a click command, imported on first use.
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("pipeline.synth.cli:synth", "Generate synthetic radiographs with ground truth."),
+    "altsim": ("pipeline.altsim.cli:altsim", "Generate radiographs with a second, independently written simulator."),
     "train": ("pipeline.training.cli:train", "Train a model bundle."),
     "recalibrate": ("pipeline.training.cli:recalibrate", "Refit a type reader behind another detector."),
     "evaluate": ("pipeline.evaluation.cli:evaluate", "Evaluate model bundles on a labelled folder."),
