@@ -150,3 +150,30 @@ def test_cli_writes_the_layout(tmp_path: Path) -> None:
 def test_cli_rejects_bad_rate(tmp_path: Path) -> None:
     result = CliRunner().invoke(altsim, ["--out", str(tmp_path / "x"), "--fracture-rate", "1.5"])
     assert result.exit_code != 0
+
+
+def test_interleaved_monitoring_set_alternates_sources_and_keeps_masks(dataset: Path, tmp_path: Path) -> None:
+    """bench/interleave_sets.py: the first rows of a generator folder and an altsim folder, alternating, read by
+    the importer with each image's own mask and box."""
+    import importlib.util
+
+    from pipeline.training.toydata import write_toy_dataset
+
+    spec = importlib.util.spec_from_file_location(
+        "interleave_sets", Path(__file__).resolve().parents[1] / "bench" / "interleave_sets.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    toy = write_toy_dataset(tmp_path / "toy", count=6, seed=5)
+    out = tmp_path / "mixed"
+    assert module.interleave(out, 4, [toy, dataset]) == 8
+    mixed = read_generator_layout(out)
+    sources = [read_generator_layout(toy)[:4], read_generator_layout(dataset)[:4]]
+    assert [r.path.name.split("_")[0] for r in mixed] == [toy.name, dataset.name] * 4
+    for i, rec in enumerate(mixed):
+        src = sources[i % 2][i // 2]
+        assert (rec.fracture, rec.type, rec.box) == (src.fracture, src.type, src.box)
+        assert rec.path.resolve() == src.path.resolve()
+        assert (rec.mask is None) == (src.mask is None)
+        if rec.mask is not None and src.mask is not None:
+            assert rec.mask.resolve() == src.mask.resolve()
