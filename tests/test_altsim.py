@@ -177,3 +177,10 @@ def test_interleaved_monitoring_set_alternates_sources_and_keeps_masks(dataset: 
         assert (rec.mask is None) == (src.mask is None)
         if rec.mask is not None and src.mask is not None:
             assert rec.mask.resolve() == src.mask.resolve()
+
+
+def test_spiral_fractures_render_without_numeric_warnings() -> None:
+    """The spiral's surface slope once overflowed (cosh of a far-off coordinate); warnings are errors here."""
+    for index in range(24):
+        out = render(1701, index, fracture_type="spiral", long_side=256)
+        assert out["box"] is not None and np.isfinite(out["image"].astype(np.float64)).all()

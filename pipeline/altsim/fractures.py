@@ -159,7 +159,8 @@ def make_fracture(rng: np.random.Generator, scene: Scene, kind: str, bi: int, s0
 
         def spiral(s: np.ndarray, t: np.ndarray, h: float = h, kk: float = kk) -> np.ndarray:
             g = s0 + side * 0.5 * h * np.tanh(kk * t / R) / math.tanh(kk)
-            slope = side * 0.5 * h * kk / R / math.tanh(kk) / np.cosh(kk * t / R) ** 2
+            # cosh overflows far from the bone (|t| >> R) where the slope is 0 anyway; clipped, no warning
+            slope = side * 0.5 * h * kk / R / math.tanh(kk) / np.cosh(np.clip(kk * t / R, -30.0, 30.0)) ** 2
             return ((s - g) / np.sqrt(1 + slope * slope)).astype(np.float32)
 
         frags = two(spiral)
