@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 from pipeline.models.bundle import load_bundle
@@ -55,6 +57,7 @@ from pipeline.training.loop import (
     fracture_loss,
     keyed_rng,
     replanned_total,
+    run_training_loop,
     steps_that_fit,
 )
 from pipeline.training.toydata import toy_radiograph, write_toy_dataset, write_untrained_bundles
@@ -678,14 +681,51 @@ def test_a_schedule_planned_under_load_is_stretched_once_the_cpu_is_free() -> No
     budget = 50 * 60.0
     # the probe measured 1 s/step while something else ran: 2 850 steps fit 95 % of 50 minutes
     assert steps_that_fit(0, 0.0, 1.0, budget) == 2850
-    # ten minutes later 1 200 steps ran at 0.5 s/step: the rest of the budget fits 3 900 more
-    longer = replanned_total(2850, 20000, 1200, 600.0, 1200, 600.0, budget)
+    # ten minutes later 1 200 steps ran at 0.5 s/step: the rest of the budget fits 4 500 more
+    longer = replanned_total(2850, 20000, 1200, 600.0, 0.5, budget)
     assert longer == 1200 + int((budget * 0.95 - 600.0) / 0.5)
     # never past the cap (epochs or --max-steps)
-    assert replanned_total(2850, 4000, 1200, 600.0, 1200, 600.0, budget) == 4000
+    assert replanned_total(2850, 4000, 1200, 600.0, 0.5, budget) == 4000
     # the speed held: no change (within 10 %)
-    assert replanned_total(2850, 20000, 600, 600.0, 600, 600.0, budget) is None
+    assert replanned_total(2850, 20000, 600, 600.0, 1.0, budget) is None
     # past half-way the learning rate has fallen too far to stretch the cosine
-    assert replanned_total(2850, 20000, 1500, 600.0, 1500, 600.0, budget) is None
+    assert replanned_total(2850, 20000, 1500, 600.0, 0.4, budget) is None
     # slower than planned: never shortened (the time budget stops it)
-    assert replanned_total(2850, 20000, 300, 600.0, 300, 600.0, budget) is None
+    assert replanned_total(2850, 20000, 300, 600.0, 2.0, budget) is None
+
+
+class _LoadedThenFree(torch.utils.data.Dataset):
+    """Samples that are slow to fetch while the speed probe runs (another process held the CPU), then fast."""
+
+    def __init__(self, n: int, slow_items: int) -> None:
+        self.n, self.slow_items, self.fetched = n, slow_items, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        self.fetched += 1
+        if self.fetched <= self.slow_items:
+            time.sleep(0.02)
+        return {"x": torch.full((4,), float(key[1] % 3)), "y": torch.tensor(float(key[1] % 2))}
+
+
+def test_the_loop_stretches_a_schedule_whose_probe_ran_under_load(tmp_path: Path) -> None:
+    """Through run_training_loop: a probe slowed down (20 ms per step) plans a short schedule for the budget; at
+    the first epoch end the measured speed fits far more, so the schedule is stretched to the epochs' cap, the log
+    says so, and the run completes the stretched schedule."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    cfg = TrainConfig(task="detect", epochs=40, batch_size=1, lr=1e-2, max_minutes=0.2, checkpoint_every=1000)
+
+    def loss_fn(out: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = F.binary_cross_entropy_with_logits(out.squeeze(1), batch["y"])
+        return loss, {"loss": float(loss.detach())}
+
+    dataset = _LoadedThenFree(20, slow_items=60)
+    summary = run_training_loop(model, dataset, 20, cfg, tmp_path, loss_fn, lambda: {}, resume=False, show=False)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    stretched = [entry for entry in log if "replanned_to" in entry]
+    assert len(stretched) == 1 and stretched[0]["step"] == 80  # the first epoch end after the probe
+    assert stretched[0]["replanned_from"] < stretched[0]["replanned_to"] == 40 * 20
+    assert summary["planned_steps"] == summary["steps"] == 800 and summary["stopped"] in ("completed", "max_steps")

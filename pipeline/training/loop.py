@@ -332,7 +332,8 @@ class CropBank(Dataset[dict[str, Any]]):
         self.source, self.per_image = source, per_image
         self.epochs_per_round, self.workers, self.show = max(1, epochs_per_round), max(1, workers), show
         self.round = -1
-        self.build_seconds = 0.0
+        self.build_seconds = 0.0  # the last round's drawing time
+        self.drawing_seconds = 0.0  # all rounds drawn by this process
         self.items: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -362,6 +363,7 @@ class CropBank(Dataset[dict[str, Any]]):
         self.items = items
         self.round = rnd
         self.build_seconds = time.time() - t0
+        self.drawing_seconds += self.build_seconds
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, j = key
@@ -486,20 +488,26 @@ def steps_that_fit(step: int, elapsed_s: float, seconds_per_step: float, budget_
     return step + int(max(0.0, remaining) / max(seconds_per_step, 1e-9))
 
 
-def replanned_total(total: int, cap: int, step: int, elapsed_s: float, steps_since_plan: int,
-                    seconds_since_plan: float, budget_s: float) -> int | None:
+def replanned_total(total: int, cap: int, step: int, elapsed_s: float, seconds_per_step: float,
+                    budget_s: float) -> int | None:
     """A longer schedule when the first speed probe was too pessimistic, else None.
 
     The probe times 50 steps once; if another process held the CPU then, the plan is short and the run ends
     well inside its budget (session 16's run 16 planned 2 931 steps and ended in 37 of 50 minutes). At each
-    epoch end the speed averaged since the plan (validation and crop rounds included) is checked; while the
-    schedule is less than half done, and the budget fits at least 10 % more steps, the schedule is stretched
-    (never shortened: the time budget stops a slow run) up to ``cap`` (epochs or ``--max-steps``). Stretching in
-    the first half keeps the learning-rate change small."""
-    if steps_since_plan < 1 or step * 2 >= total or total >= cap:
+    epoch end the speed since the plan is measured as the probe measures it (optimiser steps and validation,
+    with crop drawing spread evenly over the steps); while the schedule is less than half done, and the budget
+    fits at least 10 % more steps, the schedule is stretched (never shortened: the time budget stops a slow
+    run) up to ``cap`` (epochs or ``--max-steps``). Stretching in the first half keeps the learning-rate change
+    small."""
+    if seconds_per_step <= 0 or step * 2 >= total or total >= cap:
         return None
-    fits = min(cap, steps_that_fit(step, elapsed_s, seconds_since_plan / steps_since_plan, budget_s))
+    fits = min(cap, steps_that_fit(step, elapsed_s, seconds_per_step, budget_s))
     return fits if fits > total * 1.1 else None
+
+
+def _drawing_seconds(dataset: object) -> float:
+    """Seconds this process has spent drawing crop rounds (0 for datasets that draw per sample)."""
+    return float(getattr(dataset, "drawing_seconds", 0.0))
 
 
 def _save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -537,8 +545,11 @@ def run_training_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     cap = total
+    # where the speed is measured from for a re-plan: the probe, or on resume the point resumed from
+    plan_mark: tuple[int, float, float] | None = None
     if state.get("total"):
         total = int(state["total"])
+        plan_mark = (state["step"], float(state["elapsed_s"]), 0.0)
     sampler = EpochBatches(n, cfg.batch_size, cfg.seed, state["epoch"], state["batch"], cfg.epochs)
     loader: DataLoader[Any] = DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate,
                                          num_workers=cfg.num_workers if loader_workers is None else loader_workers,
@@ -585,20 +596,23 @@ def run_training_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg
             total = max(state["step"] + 1, min(total, steps_that_fit(state["step"], state["elapsed_s"], rate,
                                                                       cfg.max_minutes * 60)))
             state["total"] = total
-            state["plan_step"], state["plan_elapsed_s"] = state["step"], state["elapsed_s"]
+            plan_mark = (state["step"], state["elapsed_s"], _drawing_seconds(dataset))
             bar.total = total
             bar.refresh()
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()} | {k: f"{v:.3f}" for k, v in last_val.items()})
         epoch_end = state["batch"] == 0
         if epoch_end or state["step"] % cfg.checkpoint_every == 0:
-            if epoch_end and cfg.max_minutes is not None and state.get("plan_step") is not None:
-                longer = replanned_total(total, cap, state["step"], state["elapsed_s"],
-                                         state["step"] - state["plan_step"],
-                                         state["elapsed_s"] - state["plan_elapsed_s"], cfg.max_minutes * 60)
+            if epoch_end and cfg.max_minutes is not None and plan_mark is not None and state["step"] > plan_mark[0]:
+                drawing = _drawing_seconds(dataset) - plan_mark[2]
+                per_step = (state["elapsed_s"] - plan_mark[1] - drawing) / (state["step"] - plan_mark[0])
+                overhead = getattr(dataset, "overhead_per_step", None)
+                per_step += float(overhead(per_epoch)) if callable(overhead) else 0.0
+                longer = replanned_total(total, cap, state["step"], state["elapsed_s"], per_step,
+                                         cfg.max_minutes * 60)
                 if longer is not None:
                     message = (f"re-planned the schedule from {total} to {longer} steps: the speed measured since "
-                               f"step {state['plan_step']} fits more into the {cfg.max_minutes:g}-minute budget "
+                               f"step {plan_mark[0]} fits more into the {cfg.max_minutes:g}-minute budget "
                                "than the first probe did (it probably ran while something else used the CPU)")
                     _log(log_path, {"step": state["step"], "replanned_from": total, "replanned_to": longer})
                     if show:
