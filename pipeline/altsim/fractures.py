@@ -60,24 +60,22 @@ def _neg(f: SD) -> SD:
     return lambda s, t: -f(s, t)
 
 
-def _and(*fs: SD) -> SD:
-    def f(s: np.ndarray, t: np.ndarray) -> np.ndarray:
-        out = fs[0](s, t)
-        for g in fs[1:]:
-            out = np.minimum(out, g(s, t))
-        return out
+def _fold(op: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Callable[..., SD]:
+    """Intersection (``np.minimum``) or union (``np.maximum``) of signed-distance regions."""
+    def combine(*fs: SD) -> SD:
+        def f(s: np.ndarray, t: np.ndarray) -> np.ndarray:
+            out = fs[0](s, t)
+            for g in fs[1:]:
+                out = op(out, g(s, t))
+            return out
 
-    return f
+        return f
+
+    return combine
 
 
-def _or(*fs: SD) -> SD:
-    def f(s: np.ndarray, t: np.ndarray) -> np.ndarray:
-        out = fs[0](s, t)
-        for g in fs[1:]:
-            out = np.maximum(out, g(s, t))
-        return out
-
-    return f
+_and = _fold(np.minimum)
+_or = _fold(np.maximum)
 
 
 def _halfplane(p: tuple[float, float], q: tuple[float, float]) -> SD:
