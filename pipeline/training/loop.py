@@ -505,6 +505,12 @@ def replanned_total(total: int, cap: int, step: int, elapsed_s: float, seconds_p
     return fits if fits > total * 1.1 else None
 
 
+def _drawing_per_step(dataset: object, per_epoch: int) -> float:
+    """Crop drawing spread evenly over the optimiser steps (0 for datasets that draw per sample)."""
+    overhead = getattr(dataset, "overhead_per_step", None)
+    return float(overhead(per_epoch)) if callable(overhead) else 0.0
+
+
 def _drawing_seconds(dataset: object) -> float:
     """Seconds this process has spent drawing crop rounds (0 for datasets that draw per sample)."""
     return float(getattr(dataset, "drawing_seconds", 0.0))
@@ -591,8 +597,7 @@ def run_training_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg
             # such as drawing the first round of crops do not count), plus the dataset's own periodic cost, so
             # the cosine ends within the budget.
             rate = (time.time() - probe_t0) / (SCHEDULE_PROBE_STEPS - PROBE_START)
-            overhead = getattr(dataset, "overhead_per_step", None)
-            rate += float(overhead(per_epoch)) if callable(overhead) else 0.0
+            rate += _drawing_per_step(dataset, per_epoch)
             total = max(state["step"] + 1, min(total, steps_that_fit(state["step"], state["elapsed_s"], rate,
                                                                       cfg.max_minutes * 60)))
             state["total"] = total
@@ -606,8 +611,7 @@ def run_training_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg
             if epoch_end and cfg.max_minutes is not None and plan_mark is not None and state["step"] > plan_mark[0]:
                 drawing = _drawing_seconds(dataset) - plan_mark[2]
                 per_step = (state["elapsed_s"] - plan_mark[1] - drawing) / (state["step"] - plan_mark[0])
-                overhead = getattr(dataset, "overhead_per_step", None)
-                per_step += float(overhead(per_epoch)) if callable(overhead) else 0.0
+                per_step += _drawing_per_step(dataset, per_epoch)
                 longer = replanned_total(total, cap, state["step"], state["elapsed_s"], per_step,
                                          cfg.max_minutes * 60)
                 if longer is not None:
