@@ -157,6 +157,7 @@ class FractureOutputs:
     type_centre: tuple[float, float] | None = None  # where a TypeReader read the type (original pixels)
     reader_evidence: float | None = None  # a TypeReader's strongest evidence over its sites (fusion's input)
     fused: bool = False  # the probability is the detector's logit fused with the reader's evidence
+    coarse_logit: float | None = None  # the fused logit of the second, coarser pass (fusion's second_scale)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -249,6 +250,36 @@ def fused_detection_logit(detect_logit: float, evidence: float, fusion: dict[str
     return float(w["detector_logit"] * detect_logit + w["reader_evidence"] * evidence + fusion["bias"])
 
 
+def second_scale(fusion: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The detection fusion's second, coarser pass (its ``second_scale``: ``factor`` and ``platt``), or None."""
+    second = (fusion or {}).get("second_scale")
+    return second if isinstance(second, dict) else None
+
+
+def scaled_long_side(long_side: int, factor: float) -> int:
+    """A network's long side for a pass that shows the image ``factor`` times smaller."""
+    return max(32, int(round(long_side / factor)))
+
+
+def coarse_fused_logit(pixels: np.ndarray, detector: Engine, det_long: int, reader: Engine, reader_long: int,
+                       patch: int, sites: int, fusion: dict[str, Any], factor: float) -> float:
+    """The detection fusion's logit from a second pass with the image shown ``factor`` times smaller to both
+    networks (the detector at ``det_long / factor``, the reader's patches at ``reader_long / factor``), the same
+    weights. On two independently written simulators' images this coarser look found fractures the native one
+    missed, at almost no cost on the generator's (docs/MODELS.md, "A second, coarser look")."""
+    x, geom = fracture_input(pixels, scaled_long_side(det_long, factor))
+    fp = detector.forward(x, cams=False)
+    found = read_type_sites(pixels, fp.seg, geom, reader, scaled_long_side(reader_long, factor), patch, sites)
+    return fused_detection_logit(fp.detect_logit, reader_evidence(found), fusion)
+
+
+def two_scale_logit(native: float, coarse: float, second: dict[str, Any]) -> float:
+    """The call's logit from the two passes' fused logits: a Platt scaling of their mean (``second["platt"]``,
+    fitted on calibration images by ``fracture-node recalibrate --fuse-detection --second-scale F``)."""
+    platt = second["platt"]
+    return float(platt["scale"] * 0.5 * (native + coarse) + platt["bias"])
+
+
 def type_sites(bundle: Bundle) -> int:
     """How many candidate sites a type reader bundle is read at: its card's ``input_spec.sites`` (1, the
     detector's strongest peak only, for cards that do not say)."""
@@ -273,6 +304,7 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
     det_cam = detector.cam(fp) if cams else None
     centre: tuple[float, float] | None = None
     evidence: float | None = None
+    coarse: float | None = None
     strongest: TypeSite | None = None
     fusion = models.fusion
     if cls_b.architecture == "TypeReader":
@@ -285,7 +317,14 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
         strongest = evidence_site(found)
         evidence = strongest.read.evidence
         if fusion:
-            p = calibrated_probability(fused_detection_logit(logit, evidence, fusion), 1.0)
+            z = fused_detection_logit(logit, evidence, fusion)
+            second = second_scale(fusion)
+            if second is not None:
+                coarse = coarse_fused_logit(radiograph.pixels, detector, long_side, cls_b.engine,
+                                            int(spec["long_side"]), int(spec["patch"]), type_sites(cls_b), fusion,
+                                            float(second["factor"]))
+                z = two_scale_logit(z, coarse, second)
+            p = calibrated_probability(z, 1.0)
         probs = tempered_softmax(site.type_logits, cls_b.temperature)
         # With type_cam, the Grad-CAM of the top type over the chosen patch, pasted into the original geometry.
         type_map = patch_to_original(cls_b.engine.cam(site.read, int(np.argmax(probs))), site.patch,
@@ -315,6 +354,7 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
         type_centre=centre,
         reader_evidence=evidence,
         fused=bool(fusion) and evidence is not None,
+        coarse_logit=coarse,
     )
 
 

@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from pipeline.models.bundle import load_bundle
-from pipeline.models.nets import FractureNet, TypeReader
+from pipeline.models.nets import SEG_STRIDE, FractureNet, TypeReader
+from pipeline.models.preprocess import cut_patch, prepare_fracture_input, seg_peaks, standardise_patch
 from pipeline.run import (
     TYPE_SITES,
+    ModelSet,
     analyze,
     calibrated_probability,
     fused_detection_logit,
@@ -80,6 +82,23 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _png(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), np.full((32, 32), 100, np.uint8))
+
+
+def _coarse_fused_logit_by_hand(img: np.ndarray, models: ModelSet, fusion: dict, factor: float) -> float:
+    """The second pass recomputed with the torch modules: the detector at its long side / factor, the reader at
+    each of its sites' patches cut at its long side / factor, the strongest cell of its map, the same weights."""
+    det_long = round(int(models.detector.input_spec["long_side"]) / factor)
+    spec = models.classifier.input_spec
+    long_side, size = round(int(spec["long_side"]) / factor), int(spec["patch"])
+    x, geom = prepare_fracture_input(img, det_long)
+    with torch.no_grad():
+        out = models.detector.model(x)
+        evidence = max(float(models.classifier.model(standardise_patch(cut_patch(img, (px, py), long_side, size)[0]))
+                             .seg.max())
+                       for px, py, _v in seg_peaks(out.seg[0, 0].numpy(), geom, SEG_STRIDE, int(spec["sites"]),
+                                                   size * max(img.shape) / long_side / 2))
+    w = fusion["weights"]
+    return float(w["detector_logit"] * float(out.detect[0]) + w["reader_evidence"] * evidence + fusion["bias"])
 
 
 def test_generator_layout(toy: Path) -> None:
@@ -318,6 +337,41 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     analysis = analyze(Radiograph(pixels=img), fused_set, explain=False)
     assert analysis.detection is not None and analysis.detection.verified_by == fused_set.classifier.identity
     assert analysis.detection.operating_point == fused_set.operating_point
+    assert outs.coarse_logit is None and fusion["second_scale"] is None  # one look unless the card asks for two
+    # --second-scale 1.5: the same one-scale fit, plus a second pass with the image shown 1.5 times smaller to
+    # both networks and a Platt scaling of the two fused logits' mean, refitted operating point included.
+    two_dir = tmp_path / "two-scale"
+    result = CliRunner().invoke(recalibrate, ["--classifier", str(out), "--detector", str(detector), "--data",
+                                              str(toy), "--out", str(two_dir), "--fuse-detection",
+                                              "--second-scale", "1.5", "--quiet"])
+    assert result.exit_code == 0, result.output
+    two = load_bundle(two_dir, expected_task="classify").card["detection_fusion"]
+    assert json.loads(result.output)["detection_fusion"]["second_scale"] == two["second_scale"]
+    assert two["weights"] == pytest.approx(fusion["weights"], rel=1e-6) and two["bias"] == pytest.approx(
+        fusion["bias"], rel=1e-6)
+    assert two["second_scale"]["factor"] == 1.5 and set(two["second_scale"]["platt"]) == {"scale", "bias"}
+    assert set(two["metrics_on_fit_images"]) == {"detector_alone", "fused", "fused_one_scale"}
+    assert two["metrics_on_fit_images"]["fused_one_scale"] == pytest.approx(fusion["metrics_on_fit_images"]["fused"])
+    lo, hi = two["operating_point"]["indeterminate_band"]
+    assert 0 <= lo <= two["operating_point"]["threshold"] <= hi <= 1
+    shutil.rmtree(models_dir / "classifier")
+    shutil.copytree(two_dir, models_dir / "classifier")
+    two_set, by_hand = load_models(models_dir), load_models(models_dir, runtime="torch")
+    assert two_set.operating_point == two["operating_point"]["threshold"]
+    outs2 = run_fracture_models(Radiograph(pixels=img), two_set, cams=False)
+    assert outs2.coarse_logit is not None and outs2.detect_logit == pytest.approx(outs.detect_logit)
+    coarse = _coarse_fused_logit_by_hand(img, by_hand, two, 1.5)
+    assert outs2.coarse_logit == pytest.approx(coarse, abs=1e-3)
+    native = fused_detection_logit(outs2.detect_logit, outs2.reader_evidence, two)
+    platt = two["second_scale"]["platt"]
+    assert outs2.probability == pytest.approx(
+        calibrated_probability(platt["scale"] * 0.5 * (native + coarse) + platt["bias"], 1.0), abs=1e-3)
+    assert outs2.type_centre == outs.type_centre  # the type is still read at the native scale
+    refused = CliRunner().invoke(recalibrate, ["--classifier", str(out), "--detector", str(detector), "--data",
+                                               str(toy), "--out", str(tmp_path / "x"), "--second-scale", "1.5"])
+    assert refused.exit_code == 2 and "--fuse-detection" in refused.output
+    shutil.rmtree(models_dir / "classifier")
+    shutil.copytree(fused_dir, models_dir / "classifier")
     # Behind another detector the fusion does not apply (the detector's own probability stands) ...
     shutil.rmtree(models_dir / "detector")
     shutil.copytree(other.path, models_dir / "detector")

@@ -25,7 +25,7 @@ from pipeline.evaluation.plots import confusion_image, reliability_diagram
 from pipeline.evaluation.shifts import Shift, shift_rng
 from pipeline.explain import peak_point
 from pipeline.models.imageio import load_file
-from pipeline.run import ModelSet, calibrated_probability, detection_call, run_fracture_models
+from pipeline.run import ModelSet, calibrated_probability, detection_call, run_fracture_models, second_scale
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.datasets import Record, read_generator_layout
 
@@ -49,6 +49,18 @@ def _detection_figures(p: np.ndarray, y: np.ndarray, threshold: float, band: tup
         "indeterminate_share": _rnd(float((calls == "indeterminate").mean())) if len(p) else None,
         "sensitivity_at_specificity_0.90": _rnd(sensitivity_at_specificity(p, y, 0.90)),
     }
+
+
+def _probability_note(models: ModelSet) -> str:
+    """What the scored probability is, in words (the call's, as inference makes it)."""
+    if not models.fusion:
+        return "the detector's calibrated probability"
+    note = "the detector's logit fused with the type reader's evidence (the reader card's detection_fusion)"
+    second = second_scale(models.fusion)
+    if second is not None:
+        note += (f", at the native scale and with the image shown {float(second['factor']):g} times smaller, the two "
+                 "fused logits averaged and Platt-scaled")
+    return note
 
 
 def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None, show: bool = True,
@@ -126,8 +138,7 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
                    for i in models.identities],
         "detection": {
             **_detection_figures(p, y, thr, band),
-            "probability": ("the detector's logit fused with the type reader's evidence (the reader card's "
-                            "detection_fusion)" if models.fusion else "the detector's calibrated probability"),
+            "probability": _probability_note(models),
         },
         "classification": {
             "images": int(cm.sum()),

@@ -207,10 +207,15 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
               help="Also fit the detection fusion: the call's probability from the detector's logit and the "
                    "reader's own evidence together, on every labelled radiograph of --data (fractured and intact), "
                    "with its operating point and indeterminate band; stored in the reader's card for this detector.")
+@click.option("--second-scale", type=click.FloatRange(min=1.0, min_open=True), default=None,
+              help="With --fuse-detection: also look a second time with the image shown this many times smaller to "
+                   "both networks (1.5 in the shipped card), and call on the mean of the two fused logits "
+                   "(Platt-scaled on --data). Costs a second detector pass at the smaller size and the reader's "
+                   "sites again (docs/MODELS.md, \"A second, coarser look\").")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def recalibrate(reader: Path, detector: Path, data: tuple[str, ...], out: Path | None, sites: int | None,
-                fuse_detection: bool, threads: int, quiet: bool) -> None:
+                fuse_detection: bool, second_scale: float | None, threads: int, quiet: bool) -> None:
     """Refit a type reader's temperature and card metrics behind another detector (no training).
 
     Needed whenever the detector in front of a reader changes (a new run, or real weights trained elsewhere):
@@ -218,17 +223,21 @@ def recalibrate(reader: Path, detector: Path, data: tuple[str, ...], out: Path |
     """
     from pipeline.training.type_reader import recalibrate_type_reader
 
+    if second_scale is not None and not fuse_detection:
+        raise click.UsageError("--second-scale belongs to the detection fusion: give --fuse-detection too")
     torch.set_num_threads(threads)
     try:
         records = [r for src in data for r in load_records(src)]
         written = recalibrate_type_reader(reader, detector, records, out or reader, ", ".join(data),
-                                          show=not quiet, sites=sites, fuse_detection=fuse_detection)
+                                          show=not quiet, sites=sites, fuse_detection=fuse_detection,
+                                          second_scale=second_scale)
     except (DatasetError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     card = read_card(written)
     fusion = card.get("detection_fusion")
     click.echo(json.dumps({"classify": str(written), "temperature": card["temperature"],
                            "metrics": card["metrics"]["validation"],
-                           **({"detection_fusion": {k: fusion[k] for k in ("weights", "bias", "operating_point",
-                                                                           "metrics_on_fit_images")}}
+                           **({"detection_fusion": {k: fusion.get(k) for k in ("weights", "bias", "operating_point",
+                                                                               "metrics_on_fit_images",
+                                                                               "second_scale")}}
                               if fusion else {})}))

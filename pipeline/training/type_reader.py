@@ -56,6 +56,7 @@ from pipeline.run import (
     TYPE_SITES,
     calibrated_probability,
     choose_site,
+    coarse_fused_logit,
     read_type_sites,
     reader_evidence,
     type_sites,
@@ -505,7 +506,8 @@ def calibrate_reader(model: TypeReader, held: list[Record], long_side: int, patc
 @torch.inference_mode()
 def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: int, detector: Bundle,
                          records: list[Record], data: str, show: bool = False,
-                         known: dict[Path, tuple[float, float]] | None = None) -> dict[str, Any]:
+                         known: dict[Path, tuple[float, float]] | None = None,
+                         second_scale: float | None = None) -> dict[str, Any]:
     """Fit the detection fusion (:func:`pipeline.run.fused_detection_logit`) of this reader behind
     ``detector`` on labelled radiographs ``records`` (fractured and intact): a logistic regression of the label
     on the detector's logit and the reader's strongest evidence over its ``sites``, then the operating point and
@@ -532,6 +534,23 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
     x = np.array(feats, dtype=np.float64)
     w, b = fit_logistic(x, truth)
     fused = sigmoid(x @ w + b)
+    one_scale = fused
+    second: dict[str, Any] | None = None
+    if second_scale is not None:
+        if not second_scale > 1.0:
+            raise ValueError("the second scale is a factor above 1 (the image shown that many times smaller)")
+        weights = {"weights": dict(zip(FUSION_FEATURES, map(float, w), strict=True)), "bias": b}
+        coarse = np.array([coarse_fused_logit(read_gray(rec.path), det_engine, det_long, reader_engine, long_side,
+                                              patch, sites, weights, second_scale)
+                           for rec in tqdm(labelled, desc="detection fusion, coarser pass", leave=False,
+                                           disable=not show)])
+        mean = 0.5 * (x @ w + b + coarse)
+        (scale,), bias = fit_logistic(mean[:, None], truth)
+        fused = sigmoid(scale * mean + bias)
+        second = {"factor": float(second_scale), "platt": {"scale": float(scale), "bias": float(bias)},
+                  "rule": f"a second pass with the image shown {second_scale:g} times smaller to both networks "
+                          "(each long side divided by the factor), fused with the same weights; probability = "
+                          "sigmoid(platt.scale * the mean of the two fused logits + platt.bias)"}
     alone = np.array([calibrated_probability(v, detector.temperature) for v in x[:, 0]])
 
     def figures(p: np.ndarray) -> dict[str, float]:
@@ -548,19 +567,22 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
         "fitted_on": {"data": data, "images": len(labelled), "fractured": int(truth.sum()), "sites": sites,
                       "method": "logistic regression (Newton, Platt's smoothed targets, ridge 1e-4)"},
         "operating_point": operating_point(fused, truth),
-        "metrics_on_fit_images": {"detector_alone": figures(alone), "fused": figures(fused)},
+        "metrics_on_fit_images": {"detector_alone": figures(alone), "fused": figures(fused),
+                                  **({"fused_one_scale": figures(one_scale)} if second else {})},
+        "second_scale": second,
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
 
 def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: list[Record], out: Path,
                             calibration_data: str, show: bool = True, sites: int | None = None,
-                            fuse_detection: bool = False) -> Path:
+                            fuse_detection: bool = False, second_scale: float | None = None) -> Path:
     """A trained reader behind another detector: its patches move with that detector's peaks, so refit the
     temperature and the card's metrics there. The weights are the same file (same SHA-256); the card keeps
     its training record and lists the recalibration with the values it replaced. ``sites`` sets how many of the
-    detector's peaks inference weighs (default: as the card says). Written to ``out`` (may be ``reader_dir``
-    itself)."""
+    detector's peaks inference weighs (default: as the card says); with ``fuse_detection``, ``second_scale``
+    adds the coarser pass to the fusion (:func:`fit_detection_fusion`). Written to ``out`` (may be
+    ``reader_dir`` itself)."""
     reader = load_bundle(reader_dir, expected_task="classify")
     if not isinstance(reader.model, TypeReader):
         raise ValueError(f"{reader_dir} is not a TypeReader bundle (a FractureNet classifier shares the "
@@ -586,7 +608,7 @@ def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: l
     if fuse_detection:
         fields["detection_fusion"] = fit_detection_fusion(reader.model, int(spec["long_side"]), int(spec["patch"]),
                                                           n_sites, detector, calibration, calibration_data, show,
-                                                          known=seen)
+                                                          known=seen, second_scale=second_scale)
     elif isinstance(previous, dict) and (previous.get("detector_sha256") != detector.identity.sha256
                                          or previous.get("fitted_on", {}).get("sites") != n_sites):
         fields["detection_fusion"] = None  # fitted for another pairing: the detector's own probability stands
