@@ -251,7 +251,8 @@ def fused_detection_logit(detect_logit: float, evidence: float, fusion: dict[str
 
 
 def second_scale(fusion: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The detection fusion's second, coarser pass (its ``second_scale``: ``factor`` and ``platt``), or None."""
+    """The detection fusion's second, coarser pass (its ``second_scale``: ``factor``, ``platt`` and optionally
+    ``sites``, the reader's sites there, by default as many as in the native look), or None."""
     second = (fusion or {}).get("second_scale")
     return second if isinstance(second, dict) else None
 
@@ -321,7 +322,8 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
             second = second_scale(fusion)
             if second is not None:
                 coarse = coarse_fused_logit(radiograph.pixels, detector, long_side, cls_b.engine,
-                                            int(spec["long_side"]), int(spec["patch"]), type_sites(cls_b), fusion,
+                                            int(spec["long_side"]), int(spec["patch"]),
+                                            int(second.get("sites", type_sites(cls_b))), fusion,
                                             float(second["factor"]))
                 z = two_scale_logit(z, coarse, second)
             p = calibrated_probability(z, 1.0)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from pipeline.models.bundle import load_bundle
+from pipeline.models.bundle import load_bundle, update_card
 from pipeline.models.nets import SEG_STRIDE, FractureNet, TypeReader
 from pipeline.models.preprocess import cut_patch, prepare_fracture_input, seg_peaks, standardise_patch
 from pipeline.run import (
@@ -84,7 +84,8 @@ def _png(path: Path) -> None:
     cv2.imwrite(str(path), np.full((32, 32), 100, np.uint8))
 
 
-def _coarse_fused_logit_by_hand(img: np.ndarray, models: ModelSet, fusion: dict, factor: float) -> float:
+def _coarse_fused_logit_by_hand(img: np.ndarray, models: ModelSet, fusion: dict, factor: float,
+                                sites: int | None = None) -> float:
     """The second pass recomputed with the torch modules: the detector at its long side / factor, the reader at
     each of its sites' patches cut at its long side / factor, the strongest cell of its map, the same weights."""
     det_long = round(int(models.detector.input_spec["long_side"]) / factor)
@@ -95,7 +96,7 @@ def _coarse_fused_logit_by_hand(img: np.ndarray, models: ModelSet, fusion: dict,
         out = models.detector.model(x)
         evidence = max(float(models.classifier.model(standardise_patch(cut_patch(img, (px, py), long_side, size)[0]))
                              .seg.max())
-                       for px, py, _v in seg_peaks(out.seg[0, 0].numpy(), geom, SEG_STRIDE, int(spec["sites"]),
+                       for px, py, _v in seg_peaks(out.seg[0, 0].numpy(), geom, SEG_STRIDE, sites or int(spec["sites"]),
                                                    size * max(img.shape) / long_side / 2))
     w = fusion["weights"]
     return float(w["detector_logit"] * float(out.detect[0]) + w["reader_evidence"] * evidence + fusion["bias"])
@@ -367,6 +368,13 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     assert outs2.probability == pytest.approx(
         calibrated_probability(platt["scale"] * 0.5 * (native + coarse) + platt["bias"], 1.0), abs=1e-3)
     assert outs2.type_centre == outs.type_centre  # the type is still read at the native scale
+    # second_scale.sites: the reader reads fewer sites in the second look (the native look keeps its three).
+    one_site_card = {**two, "second_scale": {**two["second_scale"], "sites": 1}}
+    update_card(models_dir / "classifier", detection_fusion=one_site_card)
+    one_site = run_fracture_models(Radiograph(pixels=img), load_models(models_dir), cams=False)
+    by_hand_one = _coarse_fused_logit_by_hand(img, by_hand, two, 1.5, sites=1)
+    assert one_site.coarse_logit == pytest.approx(by_hand_one, abs=1e-3) and by_hand_one != pytest.approx(coarse)
+    assert one_site.reader_evidence == pytest.approx(outs2.reader_evidence) and one_site.type_centre == outs.type_centre
     refused = CliRunner().invoke(recalibrate, ["--classifier", str(out), "--detector", str(detector), "--data",
                                                str(toy), "--out", str(tmp_path / "x"), "--second-scale", "1.5"])
     assert refused.exit_code == 2 and "--fuse-detection" in refused.output
