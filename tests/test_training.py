@@ -369,7 +369,14 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
         calibrated_probability(platt["scale"] * 0.5 * (native + coarse) + platt["bias"], 1.0), abs=1e-3)
     assert outs2.type_centre == outs.type_centre  # the type is still read at the native scale
     # second_scale.sites: the reader reads fewer sites in the second look (the native look keeps its three).
-    one_site_card = {**two, "second_scale": {**two["second_scale"], "sites": 1}}
+    assert two["second_scale"]["sites"] == TYPE_SITES  # by default as many as in the native look
+    one_dir = tmp_path / "two-scale-one-site"
+    result = CliRunner().invoke(recalibrate, ["--classifier", str(out), "--detector", str(detector), "--data",
+                                              str(toy), "--out", str(one_dir), "--fuse-detection",
+                                              "--second-scale", "1.5", "--second-scale-sites", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    one_site_card = load_bundle(one_dir, expected_task="classify").card["detection_fusion"]
+    assert one_site_card["second_scale"]["sites"] == 1 and one_site_card["weights"] == two["weights"]
     update_card(models_dir / "classifier", detection_fusion=one_site_card)
     one_site = run_fracture_models(Radiograph(pixels=img), load_models(models_dir), cams=False)
     by_hand_one = _coarse_fused_logit_by_hand(img, by_hand, two, 1.5, sites=1)
@@ -378,6 +385,9 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     refused = CliRunner().invoke(recalibrate, ["--classifier", str(out), "--detector", str(detector), "--data",
                                                str(toy), "--out", str(tmp_path / "x"), "--second-scale", "1.5"])
     assert refused.exit_code == 2 and "--fuse-detection" in refused.output
+    refused = CliRunner().invoke(recalibrate, ["--classifier", str(out), "--detector", str(detector), "--data",
+                                               str(toy), "--fuse-detection", "--second-scale-sites", "1"])
+    assert refused.exit_code == 2 and "--second-scale too" in refused.output
     shutil.rmtree(models_dir / "classifier")
     shutil.copytree(fused_dir, models_dir / "classifier")
     # Behind another detector the fusion does not apply (the detector's own probability stands) ...

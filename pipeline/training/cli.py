@@ -212,10 +212,14 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
                    "both networks (1.5 in the shipped card), and call on the mean of the two fused logits "
                    "(Platt-scaled on --data). Costs a second detector pass at the smaller size and the reader's "
                    "sites again (docs/MODELS.md, \"A second, coarser look\").")
+@click.option("--second-scale-sites", "second_sites", type=click.IntRange(1, 16), default=None,
+              help="With --second-scale: how many of the coarser look's detector peaks the reader reads (default: as "
+                   "many as in the native look; the shipped card reads 1).")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def recalibrate(reader: Path, detector: Path, data: tuple[str, ...], out: Path | None, sites: int | None,
-                fuse_detection: bool, second_scale: float | None, threads: int, quiet: bool) -> None:
+                fuse_detection: bool, second_scale: float | None, second_sites: int | None, threads: int,
+                quiet: bool) -> None:
     """Refit a type reader's temperature and card metrics behind another detector (no training).
 
     Needed whenever the detector in front of a reader changes (a new run, or real weights trained elsewhere):
@@ -225,12 +229,14 @@ def recalibrate(reader: Path, detector: Path, data: tuple[str, ...], out: Path |
 
     if second_scale is not None and not fuse_detection:
         raise click.UsageError("--second-scale belongs to the detection fusion: give --fuse-detection too")
+    if second_sites is not None and second_scale is None:
+        raise click.UsageError("--second-scale-sites belongs to the second look: give --second-scale too")
     torch.set_num_threads(threads)
     try:
         records = [r for src in data for r in load_records(src)]
         written = recalibrate_type_reader(reader, detector, records, out or reader, ", ".join(data),
                                           show=not quiet, sites=sites, fuse_detection=fuse_detection,
-                                          second_scale=second_scale)
+                                          second_scale=second_scale, second_sites=second_sites)
     except (DatasetError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     card = read_card(written)

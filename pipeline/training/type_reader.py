@@ -507,13 +507,17 @@ def calibrate_reader(model: TypeReader, held: list[Record], long_side: int, patc
 def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: int, detector: Bundle,
                          records: list[Record], data: str, show: bool = False,
                          known: dict[Path, tuple[float, float]] | None = None,
-                         second_scale: float | None = None) -> dict[str, Any]:
+                         second_scale: float | None = None, second_sites: int | None = None) -> dict[str, Any]:
     """Fit the detection fusion (:func:`pipeline.run.fused_detection_logit`) of this reader behind
     ``detector`` on labelled radiographs ``records`` (fractured and intact): a logistic regression of the label
     on the detector's logit and the reader's strongest evidence over its ``sites``, then the operating point and
     indeterminate band on the fused probability by the detector's own rule. The card entry it returns records
     the fit and, on the same images, the detector alone against the fusion. ``known``: inputs already measured
-    for some images (by :func:`read_types` with the same detector, reader and sites), not measured again."""
+    for some images (by :func:`read_types` with the same detector, reader and sites), not measured again.
+    With ``second_scale`` (a factor above 1) the call also takes a second, coarser look
+    (:func:`pipeline.run.coarse_fused_logit`, the reader at ``second_sites`` there, default ``sites``): the same
+    weights, a Platt scaling of the two fused logits' mean fitted on the same images, and the operating point
+    refitted on that probability."""
     labelled = [r for r in records if r.is_radiograph and r.fracture is not None]
     truth = np.array([bool(r.fracture) for r in labelled])
     if len(labelled) < 20 or truth.all() or not truth.any():
@@ -540,14 +544,16 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
         if not second_scale > 1.0:
             raise ValueError("the second scale is a factor above 1 (the image shown that many times smaller)")
         weights = {"weights": dict(zip(FUSION_FEATURES, map(float, w), strict=True)), "bias": b}
+        n_second = second_sites or sites
         coarse = np.array([coarse_fused_logit(read_gray(rec.path), det_engine, det_long, reader_engine, long_side,
-                                              patch, sites, weights, second_scale)
+                                              patch, n_second, weights, second_scale)
                            for rec in tqdm(labelled, desc="detection fusion, coarser pass", leave=False,
                                            disable=not show)])
         mean = 0.5 * (x @ w + b + coarse)
         (scale,), bias = fit_logistic(mean[:, None], truth)
         fused = sigmoid(scale * mean + bias)
-        second = {"factor": float(second_scale), "platt": {"scale": float(scale), "bias": float(bias)},
+        second = {"factor": float(second_scale), "sites": n_second,
+                  "platt": {"scale": float(scale), "bias": float(bias)},
                   "rule": f"a second pass with the image shown {second_scale:g} times smaller to both networks "
                           "(each long side divided by the factor), fused with the same weights; probability = "
                           "sigmoid(platt.scale * the mean of the two fused logits + platt.bias)"}
@@ -576,12 +582,14 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
 
 def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: list[Record], out: Path,
                             calibration_data: str, show: bool = True, sites: int | None = None,
-                            fuse_detection: bool = False, second_scale: float | None = None) -> Path:
+                            fuse_detection: bool = False, second_scale: float | None = None,
+                            second_sites: int | None = None) -> Path:
     """A trained reader behind another detector: its patches move with that detector's peaks, so refit the
     temperature and the card's metrics there. The weights are the same file (same SHA-256); the card keeps
     its training record and lists the recalibration with the values it replaced. ``sites`` sets how many of the
     detector's peaks inference weighs (default: as the card says); with ``fuse_detection``, ``second_scale``
-    adds the coarser pass to the fusion (:func:`fit_detection_fusion`). Written to ``out`` (may be
+    adds the coarser pass to the fusion, reading ``second_sites`` there (:func:`fit_detection_fusion`). Written
+    to ``out`` (may be
     ``reader_dir`` itself)."""
     reader = load_bundle(reader_dir, expected_task="classify")
     if not isinstance(reader.model, TypeReader):
@@ -608,7 +616,8 @@ def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: l
     if fuse_detection:
         fields["detection_fusion"] = fit_detection_fusion(reader.model, int(spec["long_side"]), int(spec["patch"]),
                                                           n_sites, detector, calibration, calibration_data, show,
-                                                          known=seen, second_scale=second_scale)
+                                                          known=seen, second_scale=second_scale,
+                                                          second_sites=second_sites)
     elif isinstance(previous, dict) and (previous.get("detector_sha256") != detector.identity.sha256
                                          or previous.get("fitted_on", {}).get("sites") != n_sites):
         fields["detection_fusion"] = None  # fitted for another pairing: the detector's own probability stands
