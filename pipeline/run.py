@@ -262,16 +262,17 @@ def scaled_long_side(long_side: int, factor: float) -> int:
     return max(32, int(round(long_side / factor)))
 
 
-def coarse_fused_logit(pixels: np.ndarray, detector: Engine, det_long: int, reader: Engine, reader_long: int,
-                       patch: int, sites: int, fusion: dict[str, Any], factor: float) -> float:
-    """The detection fusion's logit from a second pass with the image shown ``factor`` times smaller to both
-    networks (the detector at ``det_long / factor``, the reader's patches at ``reader_long / factor``), the same
-    weights. On two independently written simulators' images this coarser look found fractures the native one
-    missed, at almost no cost on the generator's (docs/MODELS.md, "A second, coarser look")."""
+def coarse_inputs(pixels: np.ndarray, detector: Engine, det_long: int, reader: Engine, reader_long: int,
+                  patch: int, sites: int, factor: float) -> tuple[float, float]:
+    """The detection fusion's two inputs (detector logit, reader evidence) from a second pass with the image shown
+    ``factor`` times smaller to both networks: the detector at ``det_long / factor``, the reader's ``sites``
+    patches at ``reader_long / factor``. On two independently written simulators' images this coarser look
+    found fractures the native one missed, at a small cost on the generator's (docs/MODELS.md, "A second,
+    coarser look")."""
     x, geom = fracture_input(pixels, scaled_long_side(det_long, factor))
     fp = detector.forward(x, cams=False)
     found = read_type_sites(pixels, fp.seg, geom, reader, scaled_long_side(reader_long, factor), patch, sites)
-    return fused_detection_logit(fp.detect_logit, reader_evidence(found), fusion)
+    return fp.detect_logit, reader_evidence(found)
 
 
 def two_scale_logit(native: float, coarse: float, second: dict[str, Any]) -> float:
@@ -321,10 +322,9 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
             z = fused_detection_logit(logit, evidence, fusion)
             second = second_scale(fusion)
             if second is not None:
-                coarse = coarse_fused_logit(radiograph.pixels, detector, long_side, cls_b.engine,
-                                            int(spec["long_side"]), int(spec["patch"]),
-                                            int(second.get("sites", type_sites(cls_b))), fusion,
-                                            float(second["factor"]))
+                coarse = fused_detection_logit(*coarse_inputs(
+                    radiograph.pixels, detector, long_side, cls_b.engine, int(spec["long_side"]), int(spec["patch"]),
+                    int(second.get("sites", type_sites(cls_b))), float(second["factor"])), fusion)
                 z = two_scale_logit(z, coarse, second)
             p = calibrated_probability(z, 1.0)
         probs = tempered_softmax(site.type_logits, cls_b.temperature)

@@ -56,7 +56,7 @@ from pipeline.run import (
     TYPE_SITES,
     calibrated_probability,
     choose_site,
-    coarse_fused_logit,
+    coarse_inputs,
     read_type_sites,
     reader_evidence,
     type_sites,
@@ -515,7 +515,7 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
     the fit and, on the same images, the detector alone against the fusion. ``known``: inputs already measured
     for some images (by :func:`read_types` with the same detector, reader and sites), not measured again.
     With ``second_scale`` (a factor above 1) the call also takes a second, coarser look
-    (:func:`pipeline.run.coarse_fused_logit`, the reader at ``second_sites`` there, default ``sites``): the same
+    (:func:`pipeline.run.coarse_inputs`, the reader at ``second_sites`` there, default ``sites``): the same
     weights, a Platt scaling of the two fused logits' mean fitted on the same images, and the operating point
     refitted on that probability."""
     labelled = [r for r in records if r.is_radiograph and r.fracture is not None]
@@ -528,28 +528,28 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
         raise ValueError(f"{detector.path} is not a FractureNet detector bundle")
     det_engine, reader_engine = TorchFractureNet(det_net), TorchTypeReader(reader)
     det_long = int(detector.input_spec.get("long_side", 512))
+    if second_scale is not None and not second_scale > 1.0:
+        raise ValueError("the second scale is a factor above 1 (the image shown that many times smaller)")
+    n_second = second_sites or sites
     known = known or {}
-    feats = []
+    feats, coarse_feats = [], []
     for rec in tqdm(labelled, desc="detection fusion", leave=False, disable=not show):
-        if rec.path not in known:
-            logit, found = _placed(read_gray(rec.path), det_engine, det_long, reader_engine, long_side, patch, sites)
+        pixels = None if rec.path in known else read_gray(rec.path)
+        if pixels is not None:
+            logit, found = _placed(pixels, det_engine, det_long, reader_engine, long_side, patch, sites)
             known[rec.path] = (logit, reader_evidence(found))
         feats.append(known[rec.path])
+        if second_scale is not None:  # the same image, decoded once, shown second_scale times smaller
+            pixels = read_gray(rec.path) if pixels is None else pixels
+            coarse_feats.append(coarse_inputs(pixels, det_engine, det_long, reader_engine, long_side, patch,
+                                              n_second, second_scale))
     x = np.array(feats, dtype=np.float64)
     w, b = fit_logistic(x, truth)
     fused = sigmoid(x @ w + b)
     one_scale = fused
     second: dict[str, Any] | None = None
     if second_scale is not None:
-        if not second_scale > 1.0:
-            raise ValueError("the second scale is a factor above 1 (the image shown that many times smaller)")
-        weights = {"weights": dict(zip(FUSION_FEATURES, map(float, w), strict=True)), "bias": b}
-        n_second = second_sites or sites
-        coarse = np.array([coarse_fused_logit(read_gray(rec.path), det_engine, det_long, reader_engine, long_side,
-                                              patch, n_second, weights, second_scale)
-                           for rec in tqdm(labelled, desc="detection fusion, coarser pass", leave=False,
-                                           disable=not show)])
-        mean = 0.5 * (x @ w + b + coarse)
+        mean = 0.5 * (x @ w + b + np.array(coarse_feats, dtype=np.float64) @ w + b)
         (scale,), bias = fit_logistic(mean[:, None], truth)
         fused = sigmoid(scale * mean + bias)
         second = {"factor": float(second_scale), "sites": n_second,
@@ -589,8 +589,7 @@ def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: l
     its training record and lists the recalibration with the values it replaced. ``sites`` sets how many of the
     detector's peaks inference weighs (default: as the card says); with ``fuse_detection``, ``second_scale``
     adds the coarser pass to the fusion, reading ``second_sites`` there (:func:`fit_detection_fusion`). Written
-    to ``out`` (may be
-    ``reader_dir`` itself)."""
+    to ``out`` (may be ``reader_dir`` itself)."""
     reader = load_bundle(reader_dir, expected_task="classify")
     if not isinstance(reader.model, TypeReader):
         raise ValueError(f"{reader_dir} is not a TypeReader bundle (a FractureNet classifier shares the "
