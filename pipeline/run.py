@@ -158,6 +158,7 @@ class FractureOutputs:
     reader_evidence: float | None = None  # a TypeReader's strongest evidence over its sites (fusion's input)
     fused: bool = False  # the probability is the detector's logit fused with the reader's evidence
     coarse_logit: float | None = None  # the fused logit of the second, coarser pass (fusion's second_scale)
+    type_scale: float = 1.0  # 1: the type was read at the native look; the second look's factor: read there
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -262,17 +263,33 @@ def scaled_long_side(long_side: int, factor: float) -> int:
     return max(32, int(round(long_side / factor)))
 
 
-def coarse_inputs(pixels: np.ndarray, detector: Engine, det_long: int, reader: Engine, reader_long: int,
-                  patch: int, sites: int, factor: float) -> tuple[float, float]:
-    """The detection fusion's two inputs (detector logit, reader evidence) from a second pass with the image shown
-    ``factor`` times smaller to both networks: the detector at ``det_long / factor``, the reader's ``sites``
-    patches at ``reader_long / factor``. On two independently written simulators' images this coarser look
-    found fractures the native one missed, at a small cost on the generator's (docs/MODELS.md, "A second,
-    coarser look")."""
+def coarse_look(pixels: np.ndarray, detector: Engine, det_long: int, reader: Engine, reader_long: int, patch: int,
+                sites: int, factor: float, cams: bool = False) -> tuple[float, list[TypeSite]]:
+    """A second pass with the image shown ``factor`` times smaller to both networks: the detector at
+    ``det_long / factor``, the reader's ``sites`` patches cut at ``reader_long / factor``. Returns the detector's
+    logit and the reader's sites (their patches in original pixels, as the native look's). On two independently
+    written simulators' images this coarser look found fractures the native one missed, at a small cost on the
+    generator's (docs/MODELS.md, "A second, coarser look")."""
     x, geom = fracture_input(pixels, scaled_long_side(det_long, factor))
     fp = detector.forward(x, cams=False)
-    found = read_type_sites(pixels, fp.seg, geom, reader, scaled_long_side(reader_long, factor), patch, sites)
-    return fp.detect_logit, reader_evidence(found)
+    found = read_type_sites(pixels, fp.seg, geom, reader, scaled_long_side(reader_long, factor), patch, sites,
+                            cams=cams)
+    return fp.detect_logit, found
+
+
+def coarse_inputs(pixels: np.ndarray, detector: Engine, det_long: int, reader: Engine, reader_long: int,
+                  patch: int, sites: int, factor: float) -> tuple[float, float]:
+    """The detection fusion's two inputs (detector logit, reader evidence) from :func:`coarse_look`."""
+    logit, found = coarse_look(pixels, detector, det_long, reader, reader_long, patch, sites, factor)
+    return logit, reader_evidence(found)
+
+
+def type_margin(second: dict[str, Any] | None) -> float | None:
+    """The second look's ``type_margin``: by how much its fused logit must exceed the native look's before the
+    type, its site and the reader's part of the call's map come from the coarser look (None: always the native
+    look's, as cards without it)."""
+    margin = (second or {}).get("type_margin")
+    return None if margin is None else float(margin)
 
 
 def two_scale_logit(native: float, coarse: float, second: dict[str, Any]) -> float:
@@ -308,6 +325,7 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
     evidence: float | None = None
     coarse: float | None = None
     strongest: TypeSite | None = None
+    type_scale = 1.0
     fusion = models.fusion
     if cls_b.architecture == "TypeReader":
         # Second stage: read the type from a patch around the fracture's likeliest site.
@@ -322,9 +340,16 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
             z = fused_detection_logit(logit, evidence, fusion)
             second = second_scale(fusion)
             if second is not None:
-                coarse = fused_detection_logit(*coarse_inputs(
+                margin = type_margin(second)
+                coarse_det, coarse_found = coarse_look(
                     radiograph.pixels, detector, long_side, cls_b.engine, int(spec["long_side"]), int(spec["patch"]),
-                    int(second.get("sites", type_sites(cls_b))), float(second["factor"])), fusion)
+                    int(second.get("sites", type_sites(cls_b))), float(second["factor"]),
+                    cams=type_cam and margin is not None)
+                coarse = fused_detection_logit(coarse_det, reader_evidence(coarse_found), fusion)
+                if margin is not None and coarse > z + margin:
+                    # The coarser look is surer of a fracture: read the type where it placed it.
+                    site, strongest = choose_site(coarse_found), evidence_site(coarse_found)
+                    centre, type_scale = site.centre, float(second["factor"])
                 z = two_scale_logit(z, coarse, second)
             p = calibrated_probability(z, 1.0)
         probs = tempered_softmax(site.type_logits, cls_b.temperature)
@@ -357,6 +382,7 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
         reader_evidence=evidence,
         fused=bool(fusion) and evidence is not None,
         coarse_logit=coarse,
+        type_scale=type_scale,
     )
 
 

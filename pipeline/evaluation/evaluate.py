@@ -60,6 +60,9 @@ def _probability_note(models: ModelSet) -> str:
     if second is not None:
         note += (f", at the native scale and with the image shown {float(second['factor']):g} times smaller, the two "
                  "fused logits averaged and Platt-scaled")
+        if second.get("type_margin") is not None:
+            note += (f"; the type read at the smaller scale where its fused logit is {float(second['type_margin']):g} "
+                     "or more above the native one's (classification.read_at_second_look: how often)")
     return note
 
 
@@ -81,6 +84,7 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
     band = models.indeterminate_band
     probs, alone, labels = [], [], []
     type_true, type_pred = [], []
+    type_at_second: list[bool] = []  # per typed fractured image: the type read at the second, coarser look
     pointing_hits, pointing_total, pointing_tol, detector_hits = 0, 0, 0, 0
     validity_ok: dict[str, list[bool]] = {}
     t_inference = 0.0
@@ -101,6 +105,7 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         if rec.fracture and rec.type:
             type_true.append(FRACTURE_TYPES.index(rec.type))
             type_pred.append(int(np.argmax(outs.type_probs)))
+            type_at_second.append(outs.type_scale != 1.0)
         if rec.fracture and box is not None and outs.heatmap is not None and outs.detector_peak is not None:
             px, py = peak_point(outs.heatmap)
             x0, y0, x1, y1 = box
@@ -148,6 +153,7 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
             "labels": list(FRACTURE_TYPES),
             "confusion": cm.tolist(),
             "note": "over every fractured test image with a type label (rows: truth, columns: prediction)",
+            "read_at_second_look": _rnd(float(np.mean(type_at_second))) if type_at_second else None,
         },
         "calibration": {"ece": _rnd(ece), "bins": 15, "reliability": bins},
         "localization": {
@@ -194,7 +200,7 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
 
 PER_IMAGE_FIELDS = ("file", "kind", "accepted", "check_score", "check_reason", "fracture", "type", "probability",
                     "detector_probability", "predicted_type", "type_probability", "peak_x", "peak_y",
-                    "peak_in_box")
+                    "peak_in_box", "type_scale")
 
 
 def _image_row(rec: Record, box: tuple[int, int, int, int] | None, verdict: Any, outs: Any,
@@ -210,6 +216,7 @@ def _image_row(rec: Record, box: tuple[int, int, int, int] | None, verdict: Any,
         "peak_x": "" if peak is None else int(peak[0]), "peak_y": "" if peak is None else int(peak[1]),
         "peak_in_box": "" if peak is None or box is None else int(
             box[0] <= peak[0] < box[2] and box[1] <= peak[1] < box[3]),
+        "type_scale": outs.type_scale,
     }
 
 

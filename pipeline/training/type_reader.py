@@ -507,7 +507,8 @@ def calibrate_reader(model: TypeReader, held: list[Record], long_side: int, patc
 def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: int, detector: Bundle,
                          records: list[Record], data: str, show: bool = False,
                          known: dict[Path, tuple[float, float]] | None = None,
-                         second_scale: float | None = None, second_sites: int | None = None) -> dict[str, Any]:
+                         second_scale: float | None = None, second_sites: int | None = None,
+                         type_margin: float | None = None) -> dict[str, Any]:
     """Fit the detection fusion (:func:`pipeline.run.fused_detection_logit`) of this reader behind
     ``detector`` on labelled radiographs ``records`` (fractured and intact): a logistic regression of the label
     on the detector's logit and the reader's strongest evidence over its ``sites``, then the operating point and
@@ -517,7 +518,9 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
     With ``second_scale`` (a factor above 1) the call also takes a second, coarser look
     (:func:`pipeline.run.coarse_inputs`, the reader at ``second_sites`` there, default ``sites``): the same
     weights, a Platt scaling of the two fused logits' mean fitted on the same images, and the operating point
-    refitted on that probability."""
+    refitted on that probability. ``type_margin`` (no fitted value depends on it) is stored with the second look:
+    the type is read there when its fused logit exceeds the native look's by more than it
+    (:func:`pipeline.run.type_margin`)."""
     labelled = [r for r in records if r.is_radiograph and r.fracture is not None]
     truth = np.array([bool(r.fracture) for r in labelled])
     if len(labelled) < 20 or truth.all() or not truth.any():
@@ -530,6 +533,8 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
     det_long = int(detector.input_spec.get("long_side", 512))
     if second_scale is not None and not second_scale > 1.0:
         raise ValueError("the second scale is a factor above 1 (the image shown that many times smaller)")
+    if type_margin is not None and (second_scale is None or not type_margin >= 0):
+        raise ValueError("the type margin is a logit margin of 0 or more, and belongs to a second look")
     n_second = second_sites or sites
     known = known or {}
     feats, coarse_feats = [], []
@@ -557,6 +562,10 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
                   "rule": f"a second pass with the image shown {second_scale:g} times smaller to both networks "
                           "(each long side divided by the factor), fused with the same weights; probability = "
                           "sigmoid(platt.scale * the mean of the two fused logits + platt.bias)"}
+        if type_margin is not None:
+            second["type_margin"] = float(type_margin)
+            second["rule"] += ("; the type, its site and the reader's part of the call's map come from the second "
+                               f"look when its fused logit exceeds the native look's by more than {type_margin:g}")
     alone = np.array([calibrated_probability(v, detector.temperature) for v in x[:, 0]])
 
     def figures(p: np.ndarray) -> dict[str, float]:
@@ -583,12 +592,13 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
 def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: list[Record], out: Path,
                             calibration_data: str, show: bool = True, sites: int | None = None,
                             fuse_detection: bool = False, second_scale: float | None = None,
-                            second_sites: int | None = None) -> Path:
+                            second_sites: int | None = None, type_margin: float | None = None) -> Path:
     """A trained reader behind another detector: its patches move with that detector's peaks, so refit the
     temperature and the card's metrics there. The weights are the same file (same SHA-256); the card keeps
     its training record and lists the recalibration with the values it replaced. ``sites`` sets how many of the
     detector's peaks inference weighs (default: as the card says); with ``fuse_detection``, ``second_scale``
-    adds the coarser pass to the fusion, reading ``second_sites`` there (:func:`fit_detection_fusion`). Written
+    adds the coarser pass to the fusion, reading ``second_sites`` there and the type there past ``type_margin``
+    (:func:`fit_detection_fusion`). Written
     to ``out`` (may be ``reader_dir`` itself)."""
     reader = load_bundle(reader_dir, expected_task="classify")
     if not isinstance(reader.model, TypeReader):
@@ -616,7 +626,7 @@ def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: l
         fields["detection_fusion"] = fit_detection_fusion(reader.model, int(spec["long_side"]), int(spec["patch"]),
                                                           n_sites, detector, calibration, calibration_data, show,
                                                           known=seen, second_scale=second_scale,
-                                                          second_sites=second_sites)
+                                                          second_sites=second_sites, type_margin=type_margin)
     elif isinstance(previous, dict) and (previous.get("detector_sha256") != detector.identity.sha256
                                          or previous.get("fitted_on", {}).get("sites") != n_sites):
         fields["detection_fusion"] = None  # fitted for another pairing: the detector's own probability stands
