@@ -29,6 +29,11 @@ _SPEC = importlib.util.spec_from_file_location(
 assert _SPEC is not None and _SPEC.loader is not None
 per_image_breakdown = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(per_image_breakdown)
+_LOOKS_SPEC = importlib.util.spec_from_file_location("looks",
+                                                     Path(__file__).resolve().parents[1] / "bench" / "looks.py")
+assert _LOOKS_SPEC is not None and _LOOKS_SPEC.loader is not None
+looks = importlib.util.module_from_spec(_LOOKS_SPEC)
+_LOOKS_SPEC.loader.exec_module(looks)
 
 
 def test_auc_known_values() -> None:
@@ -135,6 +140,46 @@ def test_evaluate_scores_the_fused_call_and_keeps_the_detector_alone_apart(tmp_p
     reader_card = json.loads((models / "classifier" / "model.json").read_text())["metrics"]["test"]
     assert reader_card["detection_fusion"]["auc"] == 0.5 and reader_card["macro_f1"] is not None
     assert reader_card["detection_fusion"]["pointing_game"] == loc["pointing_game"]
+
+
+def test_looks_bench_scores_what_evaluate_scores(tmp_path: Path) -> None:
+    """bench/looks.py measures every look in one pass; the combination a card asks for (a second look at 2.0 with
+    one site, the type read there past a margin of 0) scores what `fracture-node evaluate` scores with that card."""
+    from pipeline.models.bundle import load_bundle, update_card
+
+    data = write_toy_dataset(tmp_path / "data", count=16, seed=7, negatives=0)
+    models = write_untrained_bundles(tmp_path / "models", reader=True)
+    detector = load_bundle(models / "detector", expected_task="detect")
+    update_card(models / "classifier", input={"long_side": 256, "patch": 64, "sites": 3})
+    fusion = {"detector_sha256": detector.identity.sha256, "weights": {"detector_logit": 1.0, "reader_evidence": 0.5},
+              "bias": 0.0, "operating_point": {"threshold": 0.5, "indeterminate_band": [0.4, 0.6]},
+              "second_scale": {"factor": 2.0, "sites": 1, "platt": {"scale": 1.0, "bias": 0.0}, "type_margin": 0.0}}
+    update_card(models / "classifier", detection_fusion=fusion)
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(evaluate, ["--models", str(models), "--data", str(data), "--json", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(out.read_text())
+    rows = tmp_path / "looks.jsonl"
+    assert looks.measure(data, rows, str(models), [1.5, 2.0], 3) == 16
+    figures = looks.report(rows, [0.0, 1.0])
+    assert figures["images"] == 16 and figures["fractured"] == scored["fractured"]
+    assert set(figures["detection"]) >= {"native", "mean 1.5 s1", "mean 1.5 s3", "mean 2 s1", "1.5 alone s1"}
+    assert figures["detection"]["mean 2 s1"]["auc"] == pytest.approx(scored["detection"]["auc"], abs=1e-4)
+    card_combination = figures["type"]["2 s1 m0"]
+    assert card_combination["read_there"] > 0  # the toy set reads some types at the coarser look
+    assert card_combination["macro_f1"] == pytest.approx(scored["classification"]["macro_f1"], abs=1e-4)
+    assert card_combination["pointing_game"] == pytest.approx(scored["localization"]["pointing_game"], abs=1e-4)
+    assert card_combination["read_there"] == pytest.approx(scored["classification"]["read_at_second_look"], abs=1e-4)
+    # Without the margin entry evaluate reads the type at the native look: the report's "native" row.
+    update_card(models / "classifier", detection_fusion={**fusion, "second_scale": {
+        k: v for k, v in fusion["second_scale"].items() if k != "type_margin"}})
+    result = CliRunner().invoke(evaluate, ["--models", str(models), "--data", str(data), "--json", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    native = json.loads(out.read_text())
+    assert native["classification"]["read_at_second_look"] == 0.0
+    assert figures["type"]["native"]["macro_f1"] == pytest.approx(native["classification"]["macro_f1"], abs=1e-4)
+    assert figures["type"]["native"]["pointing_game"] == pytest.approx(native["localization"]["pointing_game"],
+                                                                       abs=1e-4)
 
 
 def test_evaluate_under_a_shift_moves_the_boxes_and_refuses_to_write_cards(tmp_path: Path) -> None:

@@ -85,28 +85,12 @@ def _png(path: Path) -> None:
     cv2.imwrite(str(path), np.full((32, 32), 100, np.uint8))
 
 
-def _coarse_fused_logit_by_hand(img: np.ndarray, models: ModelSet, fusion: dict, factor: float,
-                                sites: int | None = None) -> float:
-    """The second pass recomputed with the torch modules: the detector at its long side / factor, the reader at
-    each of its sites' patches cut at its long side / factor, the strongest cell of its map, the same weights."""
-    det_long = round(int(models.detector.input_spec["long_side"]) / factor)
-    spec = models.classifier.input_spec
-    long_side, size = round(int(spec["long_side"]) / factor), int(spec["patch"])
-    x, geom = prepare_fracture_input(img, det_long)
-    with torch.no_grad():
-        out = models.detector.model(x)
-        evidence = max(float(models.classifier.model(standardise_patch(cut_patch(img, (px, py), long_side, size)[0]))
-                             .seg.max())
-                       for px, py, _v in seg_peaks(out.seg[0, 0].numpy(), geom, SEG_STRIDE, sites or int(spec["sites"]),
-                                                   size * max(img.shape) / long_side / 2))
-    w = fusion["weights"]
-    return float(w["detector_logit"] * float(out.detect[0]) + w["reader_evidence"] * evidence + fusion["bias"])
-
-
-def _coarse_chosen_site_by_hand(img: np.ndarray, models: ModelSet, factor: float, sites: int) -> tuple[
-        tuple[float, float], np.ndarray]:
-    """The second look's chosen type site recomputed with the torch modules: the centre (x, y) and the type logits
-    of the patch where the detector's segmentation logit plus the reader's strongest cell is largest."""
+def _coarse_look_by_hand(img: np.ndarray, models: ModelSet, factor: float, sites: int) -> tuple[float, list[tuple[
+        float, float, tuple[float, float], np.ndarray]]]:
+    """The second look recomputed with the torch modules: the detector at its long side / factor, then the reader
+    at each of its ``sites`` peaks' patches cut at its long side / factor. Returns the detection logit and, per
+    site, (the detector's segmentation logit there, the strongest cell of the reader's map, the centre (x, y), the
+    type logits)."""
     det_long = round(int(models.detector.input_spec["long_side"]) / factor)
     spec = models.classifier.input_spec
     long_side, size = round(int(spec["long_side"]) / factor), int(spec["patch"])
@@ -117,8 +101,25 @@ def _coarse_chosen_site_by_hand(img: np.ndarray, models: ModelSet, factor: float
         for px, py, value in seg_peaks(out.seg[0, 0].numpy(), geom, SEG_STRIDE, sites,
                                        size * max(img.shape) / long_side / 2):
             r = models.classifier.model(standardise_patch(cut_patch(img, (px, py), long_side, size)[0]))
-            read.append((value + float(r.seg.max()), (px, py), r.types[0].numpy()))
-    _score, centre, logits = max(read, key=lambda t: t[0])
+            read.append((value, float(r.seg.max()), (px, py), r.types[0].numpy()))
+    return float(out.detect[0]), read
+
+
+def _coarse_fused_logit_by_hand(img: np.ndarray, models: ModelSet, fusion: dict, factor: float,
+                                sites: int | None = None) -> float:
+    """The second look's fused logit by hand: the strongest reader evidence over its sites, the same weights."""
+    logit, read = _coarse_look_by_hand(img, models, factor, sites or int(models.classifier.input_spec["sites"]))
+    w = fusion["weights"]
+    evidence = max(r[1] for r in read)
+    return float(w["detector_logit"] * logit + w["reader_evidence"] * evidence + fusion["bias"])
+
+
+def _coarse_chosen_site_by_hand(img: np.ndarray, models: ModelSet, factor: float, sites: int) -> tuple[
+        tuple[float, float], np.ndarray]:
+    """The second look's chosen type site by hand: the centre (x, y) and the type logits of the patch where the
+    detector's segmentation logit plus the reader's strongest cell is largest."""
+    _logit, read = _coarse_look_by_hand(img, models, factor, sites)
+    _value, _evidence, centre, logits = max(read, key=lambda r: r[0] + r[1])
     return centre, logits
 
 
@@ -414,7 +415,8 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
                                               "--quiet"])
     assert result.exit_code == 0, result.output
     margin_card = load_bundle(margin_dir, expected_task="classify").card["detection_fusion"]
-    assert margin_card["second_scale"]["type_margin"] == 1e6 and "more than 1e+06" in margin_card["second_scale"]["rule"]
+    second = margin_card["second_scale"]
+    assert second["type_margin"] == 1e6 and "more than 1e+06" in second["rule"]
     assert margin_card["weights"] == one_site_card["weights"]
     assert margin_card["second_scale"]["platt"] == pytest.approx(one_site_card["second_scale"]["platt"])
     update_card(models_dir / "classifier", detection_fusion=margin_card)
