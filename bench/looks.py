@@ -50,6 +50,7 @@ from pipeline.run import (  # noqa: E402
     call_heatmap,
     coarse_look,
     evidence_site,
+    fused_detection_logit,
     load_models,
     read_type_sites,
     type_sites,
@@ -113,9 +114,8 @@ def measure(data: Path, rows: Path, models_dir: str | None, factors: list[float]
 
 
 def _fused(look: dict[str, Any], k: int | None, fusion: dict[str, Any]) -> float:
-    w = fusion["weights"]
-    evidence = max(s["reader"] for s in look["sites"][:k])
-    return float(w["detector_logit"] * look["logit"] + w["reader_evidence"] * evidence + fusion["bias"])
+    """A look's fused logit with its first ``k`` sites (all with None), as inference fuses it."""
+    return fused_detection_logit(look["logit"], max(s["reader"] for s in look["sites"][:k]), fusion)
 
 
 def _chosen_type(look: dict[str, Any], k: int | None) -> int:

@@ -153,12 +153,15 @@ def test_looks_bench_scores_what_evaluate_scores(tmp_path: Path) -> None:
     update_card(models / "classifier", input={"long_side": 256, "patch": 64, "sites": 3})
     fusion = {"detector_sha256": detector.identity.sha256, "weights": {"detector_logit": 1.0, "reader_evidence": 0.5},
               "bias": 0.0, "operating_point": {"threshold": 0.5, "indeterminate_band": [0.4, 0.6]},
-              "second_scale": {"factor": 2.0, "sites": 1, "platt": {"scale": 1.0, "bias": 0.0}, "type_margin": 0.0}}
+              "second_scale": {"factor": 2.0, "sites": 1, "platt": {"scale": 1.0, "bias": 0.0}, "type_margin": 0.0,
+                               "rule": "the image shown 2 times smaller; the type read there past 0"}}
     update_card(models / "classifier", detection_fusion=fusion)
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(evaluate, ["--models", str(models), "--data", str(data), "--json", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     scored = json.loads(out.read_text())
+    assert scored["detection"]["probability"].endswith("second look (second_scale): the image shown 2 times smaller; "
+                                                       "the type read there past 0")  # the card's own words
     rows = tmp_path / "looks.jsonl"
     assert looks.measure(data, rows, str(models), [1.5, 2.0], 3) == 16
     figures = looks.report(rows, [0.0, 1.0])

@@ -52,17 +52,15 @@ def _detection_figures(p: np.ndarray, y: np.ndarray, threshold: float, band: tup
 
 
 def _probability_note(models: ModelSet) -> str:
-    """What the scored probability is, in words (the call's, as inference makes it)."""
+    """What the scored probability is, in words (the call's, as inference makes it): for a second look, the rule
+    its card entry states."""
     if not models.fusion:
         return "the detector's calibrated probability"
     note = "the detector's logit fused with the type reader's evidence (the reader card's detection_fusion)"
     second = second_scale(models.fusion)
     if second is not None:
-        note += (f", at the native scale and with the image shown {float(second['factor']):g} times smaller, the two "
-                 "fused logits averaged and Platt-scaled")
-        if second.get("type_margin") is not None:
-            note += (f"; the type read at the smaller scale where its fused logit is {float(second['type_margin']):g} "
-                     "or more above the native one's (classification.read_at_second_look: how often)")
+        rule = second.get("rule") or f"factor {float(second['factor']):g}"
+        note += f"; a second look (second_scale): {rule}"
     return note
 
 
