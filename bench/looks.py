@@ -12,7 +12,8 @@ measures every variant, so choosing among them costs no further inference.
 must carry a detection fusion) on every radiograph of the folder: the native look as inference makes it (the
 reader at the card's sites), and a coarser look at each ``--factors`` (:func:`pipeline.run.coarse_look`, the
 reader at ``--sites`` of that look's peaks). Per look it writes the detection logit and, per site, the detector's
-segmentation logit there, the reader's evidence, its top type and whether the site lies in the true box; for each
+segmentation logit there, the reader's evidence, its top type and whether the site lies in the true box, and which
+site :func:`pipeline.run.choose_site` picks among the first k (k = 1 and every site: where the type is read); for each
 fractured image with a box, whether the call's map (:func:`pipeline.run.call_heatmap`: the native detector's
 Grad-CAM with the reader's half from a look's strongest-evidence site among its first k) peaks inside the box.
 One JSON line per image, after a first line that records the data, the models and their fusion.
@@ -48,6 +49,7 @@ from pipeline.models.preprocess import fracture_input  # noqa: E402
 from pipeline.run import (  # noqa: E402
     TypeSite,
     call_heatmap,
+    choose_site,
     coarse_look,
     evidence_site,
     fused_detection_logit,
@@ -69,9 +71,13 @@ def _inside(point: tuple[float, float], box: tuple[int, int, int, int] | None) -
 
 
 def _look(logit: float, found: list[TypeSite], box: tuple[int, int, int, int] | None) -> dict[str, Any]:
-    return {"logit": logit, "sites": [{"detector": s.detector_evidence, "reader": s.read.evidence,
-                                       "type": int(np.argmax(s.type_logits)), "inside": _inside(s.centre, box)}
-                                      for s in found]}
+    chosen = {}
+    for k in sorted({1, len(found)}):
+        pick = choose_site(found[:k])
+        chosen[str(k)] = next(i for i, site in enumerate(found) if site is pick)
+    return {"logit": logit, "chosen": chosen,
+            "sites": [{"detector": s.detector_evidence, "reader": s.read.evidence,
+                       "type": int(np.argmax(s.type_logits)), "inside": _inside(s.centre, box)} for s in found]}
 
 
 def measure(data: Path, rows: Path, models_dir: str | None, factors: list[float], sites: int) -> int:
@@ -119,7 +125,9 @@ def _fused(look: dict[str, Any], k: int | None, fusion: dict[str, Any]) -> float
 
 
 def _chosen_type(look: dict[str, Any], k: int | None) -> int:
-    return int(max(look["sites"][:k], key=lambda s: s["detector"] + s["reader"])["type"])
+    """The type at the site :func:`pipeline.run.choose_site` picked among a look's first ``k`` sites (all with
+    None), as ``measure`` recorded it."""
+    return int(look["sites"][look["chosen"][str(k or len(look["sites"]))]]["type"])
 
 
 def _detection(z: list[float], y: np.ndarray) -> dict[str, float]:
