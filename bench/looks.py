@@ -20,10 +20,11 @@ One JSON line per image, after a first line that records the data, the models an
 
 ``report`` scores the rows with the card's fusion weights (as ``measure`` recorded them):
 
-* ``detection``: the AUC and the sensitivity at specificity 0.90 of the native fused logit, of each coarser look
-  alone (k = 1), and of the mean of the native and each coarser look's fused logits with k = 1 and with every
-  site measured (``mean 1.5 s1`` ...). A card's Platt scaling of that mean is monotone, so the mean's AUC is the
-  card's (``fracture-node evaluate`` gives the same figure);
+* ``detection``: the AUC and the sensitivity at specificity 0.90 of the native fused logit, of its two inputs alone
+  (``native detector alone``, ``native reader alone``: the reader's evidence over the card's sites), of each coarser
+  look alone (k = 1) and its reader's evidence alone, and of the mean of the native and each coarser look's fused
+  logits with k = 1 and with every site measured (``mean 1.5 s1`` ...). A card's Platt scaling of that mean is
+  monotone, so the mean's AUC is the card's (``fracture-node evaluate`` gives the same figure);
 * ``type``: the macro-F1 and the pointing game with the type and the reader's half of the map read at the
   native look, and, for each coarser look, k and ``--margins`` m, read at the coarser look when its fused logit
   exceeds the native one's by more than m (``1.5 s1 m1``: the card entry ``second_scale.type_margin``), with the
@@ -119,9 +120,14 @@ def measure(data: Path, rows: Path, models_dir: str | None, factors: list[float]
     return len(records)
 
 
+def _evidence(look: dict[str, Any], k: int | None) -> float:
+    """The reader's evidence over a look's first ``k`` sites (all with None): the fusion's second input."""
+    return max(s["reader"] for s in look["sites"][:k])
+
+
 def _fused(look: dict[str, Any], k: int | None, fusion: dict[str, Any]) -> float:
     """A look's fused logit with its first ``k`` sites (all with None), as inference fuses it."""
-    return fused_detection_logit(look["logit"], max(s["reader"] for s in look["sites"][:k]), fusion)
+    return fused_detection_logit(look["logit"], _evidence(look, k), fusion)
 
 
 def _chosen_type(look: dict[str, Any], k: int | None) -> int:
@@ -145,9 +151,12 @@ def report(rows_path: Path, margins: list[float]) -> dict[str, Any]:
     measured = len(rows[0]["looks"][coarse[0]]["sites"]) if coarse else 1
     ks = sorted({1, measured})
     native = [_fused(r["looks"][NATIVE], None, fusion) for r in rows]
-    detection = {"native": _detection(native, y)}
+    detection = {"native": _detection(native, y),
+                 "native detector alone": _detection([r["looks"][NATIVE]["logit"] for r in rows], y),
+                 "native reader alone": _detection([_evidence(r["looks"][NATIVE], None) for r in rows], y)}
     for name in coarse:
         detection[f"{name} alone s1"] = _detection([_fused(r["looks"][name], 1, fusion) for r in rows], y)
+        detection[f"{name} reader alone s1"] = _detection([_evidence(r["looks"][name], 1) for r in rows], y)
         for k in ks:
             detection[f"mean {name} s{k}"] = _detection(
                 [0.5 * (n + _fused(r["looks"][name], k, fusion)) for n, r in zip(native, rows, strict=True)], y)

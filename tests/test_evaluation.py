@@ -168,6 +168,8 @@ def test_looks_bench_scores_what_evaluate_scores(tmp_path: Path) -> None:
     assert figures["images"] == 16 and figures["fractured"] == scored["fractured"]
     assert set(figures["detection"]) >= {"native", "mean 1.5 s1", "mean 1.5 s3", "mean 2 s1", "1.5 alone s1"}
     assert figures["detection"]["mean 2 s1"]["auc"] == pytest.approx(scored["detection"]["auc"], abs=1e-4)
+    assert figures["detection"]["native detector alone"]["auc"] == pytest.approx(
+        scored["detection"]["detector_alone"]["auc"], abs=1e-4)  # the fusion's first input, scored by evaluate too
     card_combination = figures["type"]["2 s1 m0"]
     assert card_combination["read_there"] > 0  # the toy set reads some types at the coarser look
     assert card_combination["macro_f1"] == pytest.approx(scored["classification"]["macro_f1"], abs=1e-4)
