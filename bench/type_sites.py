@@ -39,7 +39,8 @@ from pipeline.models.runtime import TorchFractureNet  # noqa: E402
 from pipeline.run import TYPE_SITES  # noqa: E402
 from pipeline.taxonomy import FRACTURE_TYPES  # noqa: E402
 from pipeline.training.datasets import load_records  # noqa: E402
-from pipeline.training.type_reader import _box_centre, _inside, _patch_at, typed_fractures  # noqa: E402
+from pipeline.training.peaks import inside_box  # noqa: E402
+from pipeline.training.type_reader import _box_centre, _patch_at, typed_fractures  # noqa: E402
 
 BUNDLED = Path(__file__).resolve().parents[1] / "pipeline" / "models" / "bundled"
 OFFSETS = (0.0, 0.125, 0.25, 0.375, 0.5)
@@ -89,10 +90,10 @@ def collect(data: str, detector_dir: Path, reader_dir: Path) -> dict[str, np.nda
                 site["det"].append(value)
                 site["rev"].append(float(seg.max()))
                 site["pred"].append(int(out.types[0].argmax()))
-                site["inside"].append(_inside(rec, (px, py)))
+                site["inside"].append(inside_box(rec, (px, py)))
                 site["distance"].append(float(np.hypot(px - cx, py - cy) / side))
                 site["rc_pred"].append(int(again.types[0].argmax()))
-                site["rc_inside"].append(_inside(rec, (rx, ry)))
+                site["rc_inside"].append(inside_box(rec, (rx, ry)))
             for k, v in site.items():
                 rows[k].append(v)
     return {k: np.array(v) for k, v in rows.items()}

@@ -46,12 +46,15 @@ from pipeline.training.calibration import fit_logistic, fit_platt, fit_temperatu
 from pipeline.training.cli import recalibrate, train
 from pipeline.training.datasets import (
     DatasetError,
+    Record,
     load_records,
     read_folder_per_class,
     read_generator_layout,
     read_mura_csv,
     split_records,
 )
+from pipeline.training.loop import PEAK_CACHE as CROP_PEAK_CACHE
+from pipeline.training.loop import SITE_PEAKS as CROP_SITE_PEAKS
 from pipeline.training.loop import (
     CropBank,
     FractureCrops,
@@ -516,6 +519,77 @@ def test_forked_workers_draw_the_same_crops_and_patches(toy: Path) -> None:
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(ctx1, ctx2, strict=True))
 
 
+def test_crop_sites_are_the_detector_peaks_off_the_fracture_and_cached(toy: Path, model_dir: Path,
+                                                                        tmp_path: Path) -> None:
+    """Fracture task, --site-share: the detector's peaks outside the fracture's box, in fractured and intact
+    images, at most CROP_SITE_PEAKS per image; a second search with the same detector reads them from the cache."""
+    from pipeline.training.peaks import inside_box
+
+    records = [r for r in read_generator_layout(toy) if r.is_radiograph][:10]
+    cfg = TrainConfig(long_side=96, crop=64, seed=5, num_workers=0, site_share=0.5)
+    cache = tmp_path / CROP_PEAK_CACHE
+    crops = FractureCrops(records, cfg)
+    found = crops.find_sites(model_dir / "detector", cache, workers=1, show=False)
+    assert found["peaks_from_cache"] == 0 and cache.is_file()
+    assert found["images_with_sites"] == len(crops.sites) > 0
+    assert any(records[i].fracture for i in crops.sites) and any(not records[i].fracture for i in crops.sites)
+    for i, peaks in crops.sites.items():
+        assert 1 <= len(peaks) <= CROP_SITE_PEAKS
+        h, w = cv2.imread(str(records[i].path), cv2.IMREAD_UNCHANGED).shape[:2]
+        assert not any(inside_box(records[i], (fx * w, fy * h)) for fx, fy in peaks)
+    again = FractureCrops(records, cfg)
+    assert again.find_sites(model_dir / "detector", cache, workers=2, show=False)["peaks_from_cache"] == len(records)
+    assert again.sites == crops.sites
+
+
+def test_a_site_crop_holds_its_site_through_every_augmentation(tmp_path: Path) -> None:
+    """The site follows the image through flips, turns, rotation, scale and a wider field: a crop drawn at it
+    holds it in its central half. A closer field may cut the site out of view; the crops still find it far
+    more often than crops drawn without it. Without sites the crops are drawn exactly as before."""
+    img = np.zeros((300, 240), np.uint16)
+    img[200:206, 60:66] = 65535  # the only bright thing: where the site is
+    path = tmp_path / "site.png"
+    cv2.imwrite(str(path), img)
+    mask = tmp_path / "mask.png"
+    cv2.imwrite(str(mask), np.zeros((300, 240), np.uint8))
+    rec = Record(path=path, fracture=False, mask=mask)
+
+    def crops(sites: bool, **kw: float) -> FractureCrops:
+        made = FractureCrops([rec], TrainConfig(long_side=120, crop=48, seed=3, num_workers=0, augment=1.0,
+                                                site_share=1.0 if sites else 0.0, **kw))  # type: ignore[arg-type]
+        made.sites = {0: [(63 / 240, 203 / 300)]} if sites else {}
+        return made
+
+    def centred(made: FractureCrops, k: int, slack: int) -> bool:
+        x = made.sample(0, keyed_rng(3, k, 0, 7))["x"][0].numpy()
+        y, xx = np.unravel_index(int(np.argmax(x)), x.shape)
+        return bool(x.max() > 5 and 12 - slack <= y < 36 + slack and 12 - slack <= xx < 36 + slack)
+
+    wide = crops(True, zoom_out=0.5, rotate=0.5)
+    assert all(centred(wide, k, slack=6) for k in range(40))
+    closer, plain = crops(True, zoom_in=1.0), crops(False, zoom_in=1.0)
+    hits, chance = sum(centred(closer, k, 6) for k in range(100)), sum(centred(plain, k, 6) for k in range(100))
+    assert hits >= 50 and chance <= 25, (hits, chance)
+    # No sites found: the same draws as a run without the option.
+    kw = {"zoom_out": 0.5, "zoom_in": 0.3, "rotate": 0.5}
+    without, never = crops(True, **kw), crops(False, **kw)
+    without.sites = {}
+    for k in range(5):
+        assert torch.equal(without.sample(0, keyed_rng(3, k, 0, 7))["x"], never.sample(0, keyed_rng(3, k, 0, 7))["x"])
+
+
+def test_training_with_crop_sites_records_them_in_the_card(toy: Path, model_dir: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    out, ckpt = tmp_path / "bundles", tmp_path / "ckpt"
+    args = [*_train_args(toy, out, ckpt, 1), "--site-share", "0.5", "--detector", str(model_dir / "detector"),
+            "--head-images", "0"]
+    result = CliRunner().invoke(train, args)
+    assert result.exit_code == 0, result.output
+    sites = load_bundle(out / "detector", expected_task="detect").card["training"]["site_crops"]
+    assert sites["share"] == 0.5 and sites["images_with_sites"] > 0 and sites["peaks_from_cache"] == 0
+    assert (ckpt / CROP_PEAK_CACHE).is_file()
+
+
 def test_site_patches_sit_on_detector_peaks_off_the_fracture(toy: Path, model_dir: Path) -> None:
     """--site-share: patches at the detector's peaks outside the fracture's box, in fractured and intact images;
     where the fracture does not reach the patch's centre the type is not taught (only the empty map is)."""
@@ -554,7 +628,7 @@ def test_site_peaks_are_cached_for_a_resumed_run(toy: Path, model_dir: Path, tmp
     with other weights or another patch size is not used."""
     import os
 
-    from pipeline.training.type_reader import _file_key
+    from pipeline.training.peaks import file_key
 
     records = [r for r in read_generator_layout(toy) if r.is_radiograph][:8]
     cfg = TrainConfig(long_side=192, patch=64, seed=2, num_workers=0, site_share=0.5, augment=0.5)
@@ -562,7 +636,7 @@ def test_site_peaks_are_cached_for_a_resumed_run(toy: Path, model_dir: Path, tmp
     first = TypePatches(records, cfg, detector=model_dir / "detector", peak_cache=cache)
     assert first.peaks_reused == 0 and cache.is_file()
     stored = json.loads(cache.read_text())
-    assert set(stored["peaks"]) == {_file_key(r.path) for r in records}
+    assert set(stored["peaks"]) == {file_key(r.path) for r in records}
     second = TypePatches(records, cfg, detector=model_dir / "detector", peak_cache=cache)
     assert second.peaks_reused == len(records) and len(second.sites) == len(first.sites) > 0
     for (img_a, mask_a, kind_a), (img_b, mask_b, kind_b) in zip(first.sites, second.sites, strict=True):

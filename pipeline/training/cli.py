@@ -68,7 +68,9 @@ def _command_line() -> str:
               help="Classify task: side of the square patch (px at --long-side scale) the type reader reads.")
 @click.option("--detector", "detector", type=click.Path(path_type=Path, exists=True, file_okay=False),
               default=None, help="Classify task: detector bundle that places the patches for calibration and "
-                                 "the card's metrics (default: the bundled detector).")
+                                 "the card's metrics (default: the bundled detector). Fracture and detect tasks "
+                                 "with --site-share: the detector whose peaks place the site crops (default: "
+                                 "--init, else the bundled detector).")
 @click.option("--crop", type=int, default=320, show_default=True, help="Training crop side (px, at input scale).")
 @click.option("--width", type=int, default=16, show_default=True, help="Backbone base width.")
 @click.option("--max-minutes", type=float, default=None,
@@ -110,7 +112,9 @@ def _command_line() -> str:
 @click.option("--site-share", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
               help="Classify task: share of the training patches centred on the detector's strongest peaks away "
                    "from the fracture (fractured and intact images), where the reader learns to say 'no "
-                   "fracture here'; the detector bundle is run once over every training image to find them.")
+                   "fracture here'. Fracture and detect tasks (since session 21): share of the crops not centred "
+                   "on the fracture that are centred on those peaks instead, the detector's hardest negatives. "
+                   "The detector bundle (--detector) is run once over every training image to find them.")
 @click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes.")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
 @click.option("--val-limit", type=int, default=400, show_default=True, help="Images used for per-epoch validation.")
@@ -184,8 +188,11 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
                 train_recs, val_recs, cfg, out, ckpt, detector or BUNDLED_MODEL_DIR / BUNDLE_NAMES["detect"],
                 resume=resume, init=init, show=show, calibration=calib_recs)
         else:
+            from pipeline.run import BUNDLE_NAMES, BUNDLED_MODEL_DIR
+
             written = train_fracture(train_recs, val_recs, cfg, out, ckpt, resume=resume, init=init, show=show,
-                                     calibration=calib_recs)
+                                     calibration=calib_recs,
+                                     detector=detector or init or BUNDLED_MODEL_DIR / BUNDLE_NAMES["detect"])
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({k: str(v) for k, v in written.items()}))

@@ -8,6 +8,7 @@ A time budget (``max_minutes``) stops early but always finishes with calibration
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -56,6 +57,7 @@ from pipeline.training.augment import (
 )
 from pipeline.training.calibration import fit_platt, fit_temperature, operating_point, sigmoid
 from pipeline.training.datasets import Record
+from pipeline.training.peaks import detector_peaks, file_key, inside_box, read_peak_cache, write_peak_cache
 
 ProgressFn = Callable[[dict[str, Any]], None]
 SCHEDULE_PROBE_STEPS = 60
@@ -150,8 +152,18 @@ def _rotation_range(cfg: TrainConfig, rng: np.random.Generator, usual: float = 1
     return WIDE_ROTATION if cfg.rotate and rng.random() < cfg.rotate else usual
 
 
+SITE_PEAKS = 2  # fracture task with site_share > 0: the detector's peaks away from the fracture kept per image
+PEAK_CACHE = "crop_site_peaks.json"  # in the checkpoint folder (train_fracture)
+
+
 class FractureCrops(Dataset[dict[str, Any]]):
-    """Augmented square crops with detection label, type label and a 1/16 segmentation target."""
+    """Augmented square crops with detection label, type label and a 1/16 segmentation target.
+
+    With ``cfg.site_share`` > 0 and :meth:`find_sites` called, that share of the crops that are not centred on
+    the fracture is centred instead on one of the detector's own strongest segmentation peaks away from the
+    fracture (:data:`SITE_PEAKS` per image, fractured and intact images alike): the look-alikes that the
+    detector's call and its heatmap pick up, its hardest negatives. The labels there are the usual ones (the
+    segmentation target is the fracture mask as it falls in the crop, usually empty)."""
 
     def __init__(self, records: list[Record], cfg: TrainConfig) -> None:
         self.records = records
@@ -160,6 +172,58 @@ class FractureCrops(Dataset[dict[str, Any]]):
         self.cache_long = int(round(cfg.long_side * 1.2 * (CLOSER_FIELD[1] if cfg.zoom_in else 1.0)))
         self.cache = _Cache(cfg.cache_mb)
         self.has_masks = any(r.mask is not None for r in records)
+        self.sites: dict[int, list[tuple[float, float]]] = {}  # image -> peaks as fractions of (width, height)
+        self.peaks_reused = 0
+
+    def find_sites(self, detector: Path, cache: Path | None, workers: int, show: bool) -> dict[str, Any]:
+        """Run ``detector`` once over every training image (or read its peaks from ``cache``) and keep up to
+        :data:`SITE_PEAKS` of its strongest segmentation peaks outside the fracture's box per image; peaks at
+        least half a crop apart. Returns what the card records."""
+        bundle = load_bundle(detector, expected_task="detect", runtime="numpy")
+        header = {"detector_sha256": bundle.identity.sha256, "long_side": self.cfg.long_side,
+                  "crop": self.cfg.crop, "peaks": SITE_PEAKS + 1}
+        known = read_peak_cache(cache, header) if cache is not None else {}
+        self.peaks_reused = sum(file_key(r.path) in known for r in self.records)
+
+        def peaks_of(i: int) -> tuple[str, list[list[float]], tuple[int, int]]:
+            rec = self.records[i]
+            key = file_key(rec.path)
+            img = read_gray(rec.path)
+            found = known.get(key)
+            if found is None:
+                spacing = self.cfg.crop / 2 * max(img.shape) / self.cfg.long_side
+                found = detector_peaks(bundle, img, SITE_PEAKS + 1, spacing)
+            return key, found, (img.shape[1], img.shape[0])
+
+        got = list(fork_map(peaks_of, list(range(len(self.records))), max(1, workers), "crop sites: peaks", show,
+                            chunksize=8))
+        self.sites = {}
+        for i, (_key, found, (w, h)) in enumerate(got):
+            rec = self.records[i]
+            off = [(px / w, py / h) for px, py in found
+                   if not (rec.fracture and (rec.box is None or inside_box(rec, (px, py))))][:SITE_PEAKS]
+            if off:
+                self.sites[i] = off
+        if cache is not None:
+            write_peak_cache(cache, header, {key: found for key, found, _size in got})
+        return {"share": self.cfg.site_share, "peaks_per_image": SITE_PEAKS,
+                "images_with_sites": len(self.sites), "sites": sum(len(v) for v in self.sites.values()),
+                "detector_sha256": bundle.identity.sha256, "peaks_from_cache": self.peaks_reused,
+                "rule": "a share of the crops not centred on the fracture is centred on one of the detector's "
+                        "strongest segmentation peaks outside the fracture's box (at least half a crop apart, "
+                        "found once at inference geometry), the peak inside the crop's central half"}
+
+    def _site_map(self, i: int, shape: tuple[int, int]) -> np.ndarray | None:
+        """The image's sites as small discs (uint8) at the decoded image's size, to follow its augmentation."""
+        peaks = self.sites.get(i) if self.cfg.site_share else None
+        if not peaks:
+            return None
+        h, w = shape
+        smap = np.zeros((h, w), np.uint8)
+        radius = max(2, int(round(0.01 * max(h, w))))
+        for fx, fy in peaks:
+            cv2.circle(smap, (int(fx * w), int(fy * h)), radius, 255, -1)
+        return smap
 
     def __len__(self) -> int:
         return len(self.records)
@@ -194,14 +258,26 @@ class FractureCrops(Dataset[dict[str, Any]]):
         img16, mask0 = loaded if loaded is not None else self._load(i)
         img: np.ndarray = img16.astype(np.float32) / 65535.0
         mask: np.ndarray | None = mask0
+        # The detector's peaks (site_share > 0) follow every geometric step of the image: each step is repeated
+        # on their map with a copy of the generator, so the main stream draws exactly what it draws without them.
+        smap = self._site_map(i, img.shape)
         closer = bool(cfg.zoom_in) and rng.random() < cfg.zoom_in
         if closer:
             # A closer field of view: a window holding the fracture (or, for an intact image, some bone) becomes
             # the whole image, so at the network's scale the bone is larger and the statistics are the window's.
             # Rotated first, so that the window rarely reaches the corners the rotation leaves empty.
             if cfg.augment:
-                img, mask = random_geometry(img, mask, rng, max_rotation=_rotation_range(cfg, rng))
-            img, mask = closer_field(img, mask, closer_field_factor(rng), rng, _focus_box(img, mask, rng))
+                rotation = _rotation_range(cfg, rng)
+                twin = copy.deepcopy(rng) if smap is not None else None
+                img, mask = random_geometry(img, mask, rng, max_rotation=rotation)
+                if twin is not None:
+                    smap = random_geometry(smap, None, twin, max_rotation=rotation)[0]
+            factor = closer_field_factor(rng)
+            focus_box = _focus_box(img, mask, rng)
+            twin = copy.deepcopy(rng) if smap is not None else None
+            img, mask = closer_field(img, mask, factor, rng, focus_box)
+            if twin is not None:
+                smap = closer_field(smap, None, factor, twin, focus_box)[0]
         h, w = img.shape
         crop = cfg.crop if self.has_masks else cfg.long_side
         scale = cfg.long_side / max(h, w) * (float(np.exp(rng.uniform(np.log(0.8), np.log(1.2))))
@@ -215,10 +291,20 @@ class FractureCrops(Dataset[dict[str, Any]]):
         if mask is not None:
             mask = cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_AREA)
             mask = (mask > 0).astype(np.uint8)
+        if smap is not None:
+            smap = cv2.resize(smap, (nw, nh), interpolation=cv2.INTER_AREA)
         if field > 1.0:
-            img, mask, _ = wider_field(img, mask, field, rng)
+            img, mask, (top, left) = wider_field(img, mask, field, rng)
+            if smap is not None:
+                placed = np.zeros(img.shape, np.uint8)
+                placed[top:top + smap.shape[0], left:left + smap.shape[1]] = smap
+                smap = placed
         if cfg.augment and not closer:
-            img, mask = random_geometry(img, mask, rng, max_rotation=_rotation_range(cfg, rng))
+            rotation = _rotation_range(cfg, rng)
+            twin = copy.deepcopy(rng) if smap is not None else None
+            img, mask = random_geometry(img, mask, rng, max_rotation=rotation)
+            if twin is not None:
+                smap = random_geometry(smap, None, twin, max_rotation=rotation)[0]
         if cfg.processing:  # a vendor's post-processing of the whole image, before the statistics are taken
             img = random_processing(img, rng, cfg.processing)
         # Intensity: the point-wise transform is drawn once for the image; the statistics used for the
@@ -233,6 +319,13 @@ class FractureCrops(Dataset[dict[str, Any]]):
         focus = None
         if mask is not None and frac_total > 0 and rng.random() < 0.7:
             focus = mask_box(mask)
+        if focus is None and smap is not None and rng.random() < cfg.site_share:
+            # One of the detector's own peaks away from the fracture, inside the crop's central half.
+            ys, xs = np.nonzero(smap)
+            if len(ys):
+                k = int(rng.integers(0, len(ys)))
+                focus = (int(xs[k]) - crop // 4, int(ys[k]) - crop // 4, int(xs[k]) + crop // 4,
+                         int(ys[k]) + crop // 4)
         if focus is None and rng.random() < 0.85:
             # Centre the crop on bone for normals too, so "bone in view" is no shortcut for "fracture".
             sy, sx = _bone_point(small, rng)
@@ -749,12 +842,13 @@ def fit_whole_image_heads(model: FractureNet, train: list[Record], val: list[Rec
 
 def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out: Path, ckpt_dir: Path,
                    resume: bool = False, init: Path | None = None, show: bool = True,
-                   calibration: list[Record] | None = None) -> dict[str, Path]:
+                   calibration: list[Record] | None = None, detector: Path | None = None) -> dict[str, Path]:
     """Train the multi-head network; write the detector and/or classifier bundle(s).
 
     ``cfg.task`` "fracture" writes ``out/detector`` and ``out/classifier``; "detect"/"classify" write ``out``.
     ``val`` is monitored each epoch; temperature and operating point are fitted on ``calibration`` (default:
-    ``val``).
+    ``val``). With ``cfg.site_share`` > 0, ``detector`` (a detector bundle) finds the crop sites at its peaks
+    away from the fracture (see :class:`FractureCrops`); its peaks are cached in ``ckpt_dir``.
     """
     torch.manual_seed(cfg.seed)
     model = FractureNet(width=cfg.width)
@@ -763,6 +857,13 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
     train = [r for r in train if r.is_radiograph and r.fracture is not None]
     val = [r for r in val if r.is_radiograph and r.fracture is not None]
     crops = FractureCrops(train, cfg)
+    site_record: dict[str, Any] | None = None
+    if cfg.site_share > 0:
+        if detector is None:
+            raise ValueError("crops at the detector's peaks (site share above 0) need a detector bundle")
+        if not crops.has_masks:
+            raise ValueError("crops at the detector's peaks (site share above 0) need training images with masks")
+        site_record = crops.find_sites(detector, ckpt_dir / PEAK_CACHE, max(2, cfg.num_workers), show)
     dataset: FractureCrops | CropBank = crops
     if crops.has_masks and cfg.bank_per_image > 0:
         crops.cache = _Cache(0)  # each round decodes every image once anyway
@@ -825,6 +926,7 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
                   "(pos_weight 4; training-only supervision) + cross-entropy over the 11 types (label smoothing "
                   f"0.05) weighted {cfg.type_loss_weight:g}",
         "crops_per_image_and_round": cfg.bank_per_image, "epochs_per_round": cfg.bank_epochs,
+        **({"site_crops": site_record} if site_record is not None else {}),
         **{k: v for k, v in summary.items() if k != "history"},
         "history": summary["history"],
         "parameters": count_parameters(model),

@@ -25,7 +25,6 @@ detector's call.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -45,11 +44,10 @@ from pipeline.evaluation.metrics import (
     roc_auc,
     sensitivity_at_specificity,
 )
-from pipeline.models.architecture import SEG_STRIDE
 from pipeline.models.bundle import Bundle, load_bundle, make_card, read_card, save_bundle, update_card
 from pipeline.models.imageio import read_gray
 from pipeline.models.nets import FractureNet, TypeOutput, TypeReader, count_parameters
-from pipeline.models.preprocess import cut_patch, fracture_input, resize_long_side, seg_peaks, standardise_patch
+from pipeline.models.preprocess import cut_patch, fracture_input, resize_long_side, standardise_patch
 from pipeline.models.runtime import TorchFractureNet, TorchTypeReader
 from pipeline.run import (
     FUSION_FEATURES,
@@ -82,6 +80,7 @@ from pipeline.training.loop import (
     keyed_rng,
     run_training_loop,
 )
+from pipeline.training.peaks import detector_peaks, file_key, inside_box, read_peak_cache, write_peak_cache
 
 READER_STRIDE = 16  # the reader's segmentation map is at 1/16 of the patch
 SINGLE_SITE_RULE = "the strongest cell of the detector's segmentation map (pipeline.models.preprocess.seg_peak)"
@@ -119,30 +118,6 @@ def _window16(img: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
     return (np.clip(crop_padded(img.astype(np.float32), top, left, size, 0.0), 0, 1) * 65535 + 0.5).astype(np.uint16)
 
 
-def _file_key(path: Path) -> str:
-    """An image's key in the peak cache: its path, size and modification time (a changed file is not reused)."""
-    stat = Path(path).stat()
-    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
-
-
-def _read_peak_cache(path: Path, header: dict[str, Any]) -> dict[str, list[list[float]]]:
-    """The cached peaks per image key, if ``path`` holds peaks found with the same ``header``; else none."""
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(cached, dict) or cached.get("header") != header or not isinstance(cached.get("peaks"), dict):
-        return {}
-    return cached["peaks"]
-
-
-def _write_peak_cache(path: Path, header: dict[str, Any], peaks: dict[str, list[list[float]]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"header": header, "peaks": peaks}))
-    tmp.replace(path)  # a run killed mid-write leaves the old cache or none, never half a file
-
-
 class TypePatches(Dataset[dict[str, Any]]):
     """Augmented patches around each fracture, with its type label; with ``cfg.site_share`` > 0 and a
     ``detector``, also patches at the detector's peaks away from the fracture (see the module's docstring)."""
@@ -173,14 +148,14 @@ class TypePatches(Dataset[dict[str, Any]]):
             rads = [r for r in records if r.is_radiograph and r.fracture is not None]
             self._site_records = rads
             header = self._peak_cache_header()
-            self._known = _read_peak_cache(peak_cache, header) if peak_cache is not None else {}
-            self.peaks_reused = sum(_file_key(r.path) in self._known for r in rads)
+            self._known = read_peak_cache(peak_cache, header) if peak_cache is not None else {}
+            self.peaks_reused = sum(file_key(r.path) in self._known for r in rads)
             found = list(fork_map(self.peak_windows, list(range(len(rads))), max(2, cfg.num_workers),
                                   "type patches: peaks", show, chunksize=8))
             self.sites = [w for _key, _peaks, ws in found for w in ws]
             self.site_images = len(rads)
             if peak_cache is not None:
-                _write_peak_cache(peak_cache, header, {key: peaks for key, peaks, _ws in found})
+                write_peak_cache(peak_cache, header, {key: peaks for key, peaks, _ws in found})
             del self._detector, self._site_records, self._known
         share = cfg.site_share if self.sites else 0.0
         self.n_sites = int(round(len(self.records) * share / (1 - share))) if share else 0
@@ -213,20 +188,18 @@ class TypePatches(Dataset[dict[str, Any]]):
         from the peak cache instead when it holds this image: the detector's pass is most of the cost)."""
         rec = self._site_records[i]
         img = read_gray(rec.path)
-        key = _file_key(rec.path)
+        key = file_key(rec.path)
         peaks = self._known.get(key)
         if peaks is None:
-            x, geom = fracture_input(img, int(self._detector.input_spec.get("long_side", 512)))
-            seg = self._detector.engine.forward(x).seg
             side = self.patch * max(img.shape) / self.cfg.long_side
-            peaks = [[px, py] for px, py, _value in seg_peaks(seg, geom, SEG_STRIDE, SITE_PEAKS + 1, side / 2)]
+            peaks = detector_peaks(self._detector, img, SITE_PEAKS + 1, side / 2)
         small = resize_long_side(img, self.cfg.long_side)
         scale = small.shape[0] / img.shape[0]
         mask = _fracture_pixels(rec, small.shape, scale) if rec.fracture else None
         kind = FRACTURE_TYPES.index(rec.type) if rec.fracture and rec.type else -1
         out: list[tuple[np.ndarray, np.ndarray | None, int]] = []
         for px, py in peaks:
-            if rec.fracture and (rec.box is None or _inside(rec, (px, py))):
+            if rec.fracture and (rec.box is None or inside_box(rec, (px, py))):
                 continue  # the fracture's own patches come from the main stream
             w = self.site_window
             top, left = int(round(py * scale)) - w // 2, int(round(px * scale)) - w // 2
@@ -338,13 +311,6 @@ def _box_centre(rec: Record, pixels: np.ndarray) -> tuple[float, float]:
     return (float(xs.mean()), float(ys.mean())) if len(ys) else (pixels.shape[1] / 2, pixels.shape[0] / 2)
 
 
-def _inside(rec: Record, point: tuple[float, float]) -> bool:
-    if rec.box is None:
-        return False
-    x0, y0, x1, y1 = rec.box
-    return x0 <= point[0] < x1 and y0 <= point[1] < y1
-
-
 def _patch_at(pixels: np.ndarray, centre: tuple[float, float], long_side: int, patch: int) -> torch.Tensor:
     """The reader's input (1, 1, patch, patch) around ``centre``, exactly as at inference."""
     return standardise_patch(cut_patch(pixels, centre, long_side, patch)[0])
@@ -381,7 +347,7 @@ def read_types(reader: TypeReader, records: list[Record], long_side: int, patch:
             logit, found = _placed(pixels, det_engine, det_long, reader_engine, long_side, patch, sites)
             features[rec.path] = (logit, reader_evidence(found))
             site = choose_site(found)
-            hits.append(_inside(rec, site.centre))
+            hits.append(inside_box(rec, site.centre))
             at_peak.append(site.type_logits.astype(np.float32))
     empty = np.zeros((0, len(FRACTURE_TYPES)), np.float32)
     return {"truth": np.array(truth, dtype=int), "at_truth": np.stack(at_truth) if at_truth else empty,
