@@ -34,6 +34,11 @@ _LOOKS_SPEC = importlib.util.spec_from_file_location("looks",
 assert _LOOKS_SPEC is not None and _LOOKS_SPEC.loader is not None
 looks = importlib.util.module_from_spec(_LOOKS_SPEC)
 _LOOKS_SPEC.loader.exec_module(looks)
+_PAIRED_SPEC = importlib.util.spec_from_file_location("paired",
+                                                      Path(__file__).resolve().parents[1] / "bench" / "paired.py")
+assert _PAIRED_SPEC is not None and _PAIRED_SPEC.loader is not None
+paired = importlib.util.module_from_spec(_PAIRED_SPEC)
+_PAIRED_SPEC.loader.exec_module(paired)
 
 
 def test_auc_known_values() -> None:
@@ -63,6 +68,40 @@ def test_confusion_and_f1() -> None:
     assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
     assert accuracy(cm) == pytest.approx(0.75)
     assert macro_f1(cm) == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def _per_image_rows(path: Path, labels: np.ndarray, call: np.ndarray, alone: np.ndarray) -> Path:
+    with open(path, "w", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(["file", "kind", "fracture", "probability", "detector_probability"])
+        out.writerow(["neg.png", "photo", "", "0.99", "0.99"])  # a negative: not scored
+        for i, (y, p, q) in enumerate(zip(labels, call, alone, strict=True)):
+            out.writerow([f"{i}.png", "radiograph", int(y), f"{p:.5f}", f"{q:.5f}"])
+    return path
+
+
+def test_paired_bootstrap_scores_the_difference_on_the_same_images(tmp_path: Path) -> None:
+    """bench/paired.py: each set's AUC as evaluate scores it, the difference and its paired interval; the same
+    rows twice differ by exactly 0; rows that label an image differently are not the same data."""
+    rng = np.random.default_rng(4)
+    y = rng.random(300) < 0.5
+    noise = rng.normal(0, 1, 300)
+    base = _per_image_rows(tmp_path / "a.csv", y, 1 / (1 + np.exp(-(noise + 0.8 * y))), rng.random(300))
+    new = _per_image_rows(tmp_path / "b.csv", y, 1 / (1 + np.exp(-(noise + 1.6 * y))), rng.random(300))
+    got = paired.paired(base, new, boot=300, seed=2)
+    assert got["images"] == 300 and got["fractured"] == int(y.sum())
+    call = got["probability"]
+    expected = roc_auc(1 / (1 + np.exp(-(noise + 1.6 * y))), y.astype(int))
+    assert call["new_auc"] == pytest.approx(expected, abs=1e-4)
+    assert call["difference"] == pytest.approx(call["new_auc"] - call["base_auc"], abs=2e-4)
+    assert call["difference"] > 0.05
+    lo, hi = call["interval_95"]
+    assert 0 < lo < call["difference"] < hi and call["new_ahead_share"] == 1.0
+    same = paired.paired(base, base, boot=50)["detector_probability"]
+    assert same["difference"] == 0 and same["interval_95"] == [0, 0] and same["new_ahead_share"] == 0
+    _per_image_rows(tmp_path / "c.csv", ~y, rng.random(300), rng.random(300))
+    with pytest.raises(ValueError, match="label the same image differently"):
+        paired.paired(base, tmp_path / "c.csv", boot=10)
 
 
 def test_evaluate_command(tmp_path: Path) -> None:

@@ -270,13 +270,13 @@ class FractureCrops(Dataset[dict[str, Any]]):
                 rotation = _rotation_range(cfg, rng)
                 twin = copy.deepcopy(rng) if smap is not None else None
                 img, mask = random_geometry(img, mask, rng, max_rotation=rotation)
-                if twin is not None:
+                if twin is not None and smap is not None:
                     smap = random_geometry(smap, None, twin, max_rotation=rotation)[0]
             factor = closer_field_factor(rng)
             focus_box = _focus_box(img, mask, rng)
             twin = copy.deepcopy(rng) if smap is not None else None
             img, mask = closer_field(img, mask, factor, rng, focus_box)
-            if twin is not None:
+            if twin is not None and smap is not None:
                 smap = closer_field(smap, None, factor, twin, focus_box)[0]
         h, w = img.shape
         crop = cfg.crop if self.has_masks else cfg.long_side
@@ -303,7 +303,7 @@ class FractureCrops(Dataset[dict[str, Any]]):
             rotation = _rotation_range(cfg, rng)
             twin = copy.deepcopy(rng) if smap is not None else None
             img, mask = random_geometry(img, mask, rng, max_rotation=rotation)
-            if twin is not None:
+            if twin is not None and smap is not None:
                 smap = random_geometry(smap, None, twin, max_rotation=rotation)[0]
         if cfg.processing:  # a vendor's post-processing of the whole image, before the statistics are taken
             img = random_processing(img, rng, cfg.processing)
