@@ -588,6 +588,8 @@ def test_training_with_crop_sites_records_them_in_the_card(toy: Path, model_dir:
     sites = load_bundle(out / "detector", expected_task="detect").card["training"]["site_crops"]
     assert sites["share"] == 0.5 and sites["images_with_sites"] > 0 and sites["peaks_from_cache"] == 0
     assert (ckpt / CROP_PEAK_CACHE).is_file()
+    refused = CliRunner().invoke(train, ["--task", "validity", "--data", str(toy), "--site-share", "0.5"])
+    assert refused.exit_code != 0 and "--site-share applies to" in refused.output
 
 
 def test_site_patches_sit_on_detector_peaks_off_the_fracture(toy: Path, model_dir: Path) -> None:

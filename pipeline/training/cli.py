@@ -144,6 +144,9 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
     if task == "classify" and rotate:
         raise click.ClickException("--rotate applies to the validity and fracture tasks: the type reader's patches "
                                    "already take any angle")
+    if task == "validity" and site_share:
+        raise click.ClickException("--site-share applies to the fracture, detect and classify tasks: the radiograph "
+                                   "check has no detector peaks to learn from")
     torch.set_num_threads(threads)
     try:
         records = [r for src in data for r in load_records(src)]
