@@ -152,6 +152,20 @@ def _rotation_range(cfg: TrainConfig, rng: np.random.Generator, usual: float = 1
     return WIDE_ROTATION if cfg.rotate and rng.random() < cfg.rotate else usual
 
 
+GeometricStep = Callable[[np.ndarray, np.ndarray | None, np.random.Generator], tuple[np.ndarray, np.ndarray | None]]
+
+
+def _with_sites(step: GeometricStep, img: np.ndarray, mask: np.ndarray | None, smap: np.ndarray | None,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One geometric ``step`` of the image and its mask, and the same step on the site map ``smap`` (if any),
+    drawn from a copy of ``rng`` taken before the image's draw: the same draws, and the image's stream unchanged."""
+    twin = copy.deepcopy(rng) if smap is not None else None
+    img, mask = step(img, mask, rng)
+    if smap is not None and twin is not None:
+        smap = step(smap, None, twin)[0]
+    return img, mask, smap
+
+
 SITE_PEAKS = 2  # fracture task with site_share > 0: the detector's peaks away from the fracture kept per image
 PEAK_CACHE = "crop_site_peaks.json"  # in the checkpoint folder (train_fracture)
 
@@ -268,16 +282,12 @@ class FractureCrops(Dataset[dict[str, Any]]):
             # Rotated first, so that the window rarely reaches the corners the rotation leaves empty.
             if cfg.augment:
                 rotation = _rotation_range(cfg, rng)
-                twin = copy.deepcopy(rng) if smap is not None else None
-                img, mask = random_geometry(img, mask, rng, max_rotation=rotation)
-                if twin is not None and smap is not None:
-                    smap = random_geometry(smap, None, twin, max_rotation=rotation)[0]
+                img, mask, smap = _with_sites(
+                    lambda a, m, r: random_geometry(a, m, r, max_rotation=rotation), img, mask, smap, rng)
             factor = closer_field_factor(rng)
             focus_box = _focus_box(img, mask, rng)
-            twin = copy.deepcopy(rng) if smap is not None else None
-            img, mask = closer_field(img, mask, factor, rng, focus_box)
-            if twin is not None and smap is not None:
-                smap = closer_field(smap, None, factor, twin, focus_box)[0]
+            img, mask, smap = _with_sites(lambda a, m, r: closer_field(a, m, factor, r, focus_box), img, mask, smap,
+                                          rng)
         h, w = img.shape
         crop = cfg.crop if self.has_masks else cfg.long_side
         scale = cfg.long_side / max(h, w) * (float(np.exp(rng.uniform(np.log(0.8), np.log(1.2))))
@@ -301,10 +311,8 @@ class FractureCrops(Dataset[dict[str, Any]]):
                 smap = placed
         if cfg.augment and not closer:
             rotation = _rotation_range(cfg, rng)
-            twin = copy.deepcopy(rng) if smap is not None else None
-            img, mask = random_geometry(img, mask, rng, max_rotation=rotation)
-            if twin is not None and smap is not None:
-                smap = random_geometry(smap, None, twin, max_rotation=rotation)[0]
+            img, mask, smap = _with_sites(lambda a, m, r: random_geometry(a, m, r, max_rotation=rotation), img,
+                                          mask, smap, rng)
         if cfg.processing:  # a vendor's post-processing of the whole image, before the statistics are taken
             img = random_processing(img, rng, cfg.processing)
         # Intensity: the point-wise transform is drawn once for the image; the statistics used for the
