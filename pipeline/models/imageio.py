@@ -43,6 +43,19 @@ def read_gray(path: str | Path) -> np.ndarray:
     return to_unit_float(img)
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of a PNG/JPEG/TIFF file as :func:`read_gray` would decode it, from its header when Pillow
+    can read one (no pixels decoded), else by decoding."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return int(img.size[0]), int(img.size[1])
+    except (OSError, ValueError):
+        h, w = read_gray(path).shape[:2]
+        return w, h
+
+
 def radiograph_from_array(img: np.ndarray, source: str = "array") -> Radiograph:
     """Wrap a decoded array (gray uint8/uint16/float, or RGB uint8) in a Radiograph."""
     if img.ndim == 3:

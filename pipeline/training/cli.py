@@ -181,21 +181,18 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
                **({"calibration_data": ", ".join(calibration_data)} if calibration_data else {})},
     )
     show = not quiet
+    from pipeline.run import BUNDLE_NAMES, BUNDLED_MODEL_DIR
+
+    bundled_detector = BUNDLED_MODEL_DIR / BUNDLE_NAMES["detect"]
     try:
         if task == "validity":
             written = train_validity(train_recs, val_recs, cfg, out, ckpt, resume=resume, show=show)
         elif task == "classify":
-            from pipeline.run import BUNDLE_NAMES, BUNDLED_MODEL_DIR
-
-            written = train_type_reader(
-                train_recs, val_recs, cfg, out, ckpt, detector or BUNDLED_MODEL_DIR / BUNDLE_NAMES["detect"],
-                resume=resume, init=init, show=show, calibration=calib_recs)
+            written = train_type_reader(train_recs, val_recs, cfg, out, ckpt, detector or bundled_detector,
+                                        resume=resume, init=init, show=show, calibration=calib_recs)
         else:
-            from pipeline.run import BUNDLE_NAMES, BUNDLED_MODEL_DIR
-
             written = train_fracture(train_recs, val_recs, cfg, out, ckpt, resume=resume, init=init, show=show,
-                                     calibration=calib_recs,
-                                     detector=detector or init or BUNDLED_MODEL_DIR / BUNDLE_NAMES["detect"])
+                                     calibration=calib_recs, detector=detector or init or bundled_detector)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({k: str(v) for k, v in written.items()}))

@@ -34,7 +34,7 @@ from pipeline.evaluation.metrics import (
     sens_spec,
 )
 from pipeline.models.bundle import load_bundle, make_card, save_bundle
-from pipeline.models.imageio import read_gray
+from pipeline.models.imageio import image_size, read_gray
 from pipeline.models.nets import SEG_STRIDE, FractureNet, ValidityNet, count_parameters
 from pipeline.models.preprocess import STRIDE, letterbox, prepare_fracture_input, resize_long_side
 from pipeline.taxonomy import FRACTURE_TYPES
@@ -202,12 +202,12 @@ class FractureCrops(Dataset[dict[str, Any]]):
         def peaks_of(i: int) -> tuple[str, list[list[float]], tuple[int, int]]:
             rec = self.records[i]
             key = file_key(rec.path)
-            img = read_gray(rec.path)
             found = known.get(key)
-            if found is None:
-                spacing = self.cfg.crop / 2 * max(img.shape) / self.cfg.long_side
-                found = detector_peaks(bundle, img, SITE_PEAKS + 1, spacing)
-            return key, found, (img.shape[1], img.shape[0])
+            if found is not None:  # only the size is needed: from the file's header, no decoding
+                return key, found, image_size(rec.path)
+            img = read_gray(rec.path)
+            spacing = self.cfg.crop / 2 * max(img.shape) / self.cfg.long_side
+            return key, detector_peaks(bundle, img, SITE_PEAKS + 1, spacing), (img.shape[1], img.shape[0])
 
         got = list(fork_map(peaks_of, list(range(len(self.records))), max(1, workers), "crop sites: peaks", show,
                             chunksize=8))
