@@ -2,12 +2,13 @@
 classification + Grad-CAM (maps at the original geometry). Explanation images (edges, hybrid) are timed
 separately.
 
-    .venv/bin/python bench/bench_inference.py [--models DIR] [--runs 20] [--size 2000] [--runtime numpy|torch]
+    .venv/bin/python bench/bench_inference.py [--models DIR] [--runs 20] [--size 2000] [--runtime onnx|numpy|torch]
 
-``--runtime numpy`` (the job workers' default) makes the detector's Grad-CAM only: the NumPy type reader has
-none, and a worker's results carry none. ``--runtime torch`` makes the type reader's map too, as
-``fracture-node analyze`` does. ``--threads`` sets PyTorch's threads; NumPy's BLAS uses every core unless
-``OPENBLAS_NUM_THREADS`` says otherwise.
+``--runtime onnx`` (the job workers' default: convolutions in ONNX Runtime, the rest in NumPy) and ``--runtime
+numpy`` make the detector's Grad-CAM only: their type reader has none, and a worker's results carry none.
+``--runtime torch`` makes the type reader's map too, as ``fracture-node analyze`` does. ``--threads`` sets
+PyTorch's threads or each ONNX Runtime session's; NumPy's BLAS uses every core unless ``OPENBLAS_NUM_THREADS``
+says otherwise.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--size", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runtime", choices=("numpy", "torch"), default="numpy")
+    ap.add_argument("--runtime", choices=("onnx", "numpy", "torch"), default="onnx")
     args = ap.parse_args()
     models = load_models(args.models, num_threads=args.threads, runtime=args.runtime)
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +77,7 @@ def main() -> None:
     result = {
         "image": f"{w}x{h} 16-bit PNG",
         "runtime": args.runtime,
-        "threads": args.threads if args.runtime == "torch" else "BLAS default",
+        "threads": args.threads if args.runtime != "numpy" else "BLAS default",
         "runs": args.runs,
         "core_ms_median": round(statistics.median(core), 1),
         "core_ms_p90": round(sorted(core)[int(0.9 * (len(core) - 1))], 1),

@@ -34,9 +34,10 @@ def _write_rgb(path: Path, rgb: Any) -> str:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to write results and images (default: next to each input file).")
 @click.option("--no-images", is_flag=True, help="Skip the explanation images.")
-@click.option("--threads", type=int, default=2, show_default=True, help="PyTorch threads (the torch runtime).")
+@click.option("--threads", type=int, default=2, show_default=True,
+              help="Threads of PyTorch (torch runtime) or of each ONNX Runtime session (onnx runtime).")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default="torch", show_default=True,
-              help="PyTorch (needed for the type map) or NumPy (then no type map is written).")
+              help="PyTorch (needed for the type map), or onnx / numpy (then no type map is written).")
 def analyze(files: tuple[Path, ...], as_json: bool, models_dir: Path | None, out_dir: Path | None,
             no_images: bool, threads: int, runtime: str) -> None:
     """Run the whole pipeline on local files (research use only, not for diagnostic use)."""

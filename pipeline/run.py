@@ -50,7 +50,7 @@ from pipeline.types import (
 from pipeline.validation import RadiographCheck
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "bundled"
-DEFAULT_RUNTIME = "numpy"
+DEFAULT_RUNTIME = "onnx"
 
 
 @dataclass
@@ -100,7 +100,8 @@ class ModelSet:
 def load_models(model_dir: str | Path | None = None, num_threads: int | None = None,
                 runtime: str = DEFAULT_RUNTIME) -> ModelSet:
     """Load ``validity/``, ``detector/`` and ``classifier/`` from ``model_dir`` (default: the bundled ones) into
-    ``runtime`` (``numpy`` or ``torch``; ``num_threads`` sets torch's threads).
+    ``runtime`` (``onnx``, ``numpy`` or ``torch``; ``num_threads`` sets torch's threads, or each ONNX Runtime
+    session's; NumPy's BLAS reads ``OPENBLAS_NUM_THREADS``).
 
     Raises :class:`~pipeline.models.bundle.BundleError` if a bundle is missing, corrupted or off-contract.
     """
@@ -113,9 +114,12 @@ def load_models(model_dir: str | Path | None = None, num_threads: int | None = N
         import torch
 
         torch.set_num_threads(num_threads)
-    validity = load_bundle(root / BUNDLE_NAMES["validity"], expected_task="validity", runtime=runtime)
-    detector = load_bundle(root / BUNDLE_NAMES["detect"], expected_task="detect", runtime=runtime)
-    classifier = load_bundle(root / BUNDLE_NAMES["classify"], expected_task="classify", runtime=runtime)
+    threads = num_threads if runtime == "onnx" else None
+    validity = load_bundle(root / BUNDLE_NAMES["validity"], expected_task="validity", runtime=runtime,
+                           threads=threads)
+    detector = load_bundle(root / BUNDLE_NAMES["detect"], expected_task="detect", runtime=runtime, threads=threads)
+    classifier = load_bundle(root / BUNDLE_NAMES["classify"], expected_task="classify", runtime=runtime,
+                             threads=threads)
     if detector.architecture != "FractureNet":
         raise BundleError(f"{detector.path}: expected a FractureNet bundle")
     if classifier.architecture not in ("FractureNet", "TypeReader"):

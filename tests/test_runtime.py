@@ -1,4 +1,5 @@
-"""The NumPy runtime (what a job worker runs) against the PyTorch networks it re-implements."""
+"""The NumPy runtime, and the ONNX runtime that runs its trunks in ONNX Runtime (what a job worker runs), against
+the PyTorch networks they re-implement."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pipeline.cli_analyze import analyze as analyze_cmd
 from pipeline.models.bundle import BundleError, load_bundle, make_card, read_card, save_bundle, update_card
 from pipeline.models.nets import FractureNet, TypeReader, ValidityNet
 from pipeline.models.numpy_nets import Conv, NumpyFractureNet, NumpyTypeReader, NumpyValidityNet
+from pipeline.models.onnx_trunks import OrtTrunk, accelerate
 from pipeline.models.runtime import engine_for
 from pipeline.run import BUNDLED_MODEL_DIR, analyze, load_models, run_fracture_models
 from pipeline.training.toydata import toy_radiograph, write_untrained_bundles
@@ -47,6 +49,15 @@ def _numpy_state(net: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.numpy().copy() for k, v in net.state_dict().items()}
 
 
+def _ported(cls: type, net: torch.nn.Module, runtime: str, width: int = 4):  # type: ignore[no-untyped-def]
+    """``net`` in the NumPy runtime, with its trunk in ONNX Runtime for ``runtime == "onnx"``."""
+    mine = cls(_numpy_state(net), width=width)
+    if runtime == "onnx":
+        accelerate(mine, threads=1)
+        assert isinstance(mine.trunk, OrtTrunk)
+    return mine
+
+
 @pytest.mark.parametrize(("c", "h", "w", "k", "stride", "pad"), [
     (3, 17, 23, 3, 1, 1), (4, 16, 16, 3, 2, 1), (4, 15, 9, 3, 2, 1), (2, 9, 10, 5, 2, 2), (5, 31, 8, 7, 2, 3),
     (3, 12, 13, 3, 1, 0), (2, 11, 11, 5, 3, 2), (2, 2, 3, 5, 1, 2)])  # (2, 3) with k 5: every tap partly outside
@@ -63,10 +74,12 @@ def test_convolution_matches_torch_at_every_border(c: int, h: int, w: int, k: in
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
+@pytest.mark.parametrize("runtime", ["numpy", "onnx"])
 @pytest.mark.parametrize("shape", [(64, 96), (37, 53), (8, 70)])  # (8, 70): smaller than the blur's radius
-def test_detector_forward_and_grad_cam_match_torch(shape: tuple[int, int]) -> None:
+def test_detector_forward_and_grad_cam_match_torch(shape: tuple[int, int], runtime: str) -> None:
+    """(37, 53): the pyramid's upsampling from sizes that are not halves of each other (3 x 4 from 2 x 2)."""
     net = _randomised(FractureNet(width=4), 1)
-    mine = NumpyFractureNet(_numpy_state(net), width=4)
+    mine = _ported(NumpyFractureNet, net, runtime)
     torch_engine = engine_for(net)
     x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
     ours, theirs = mine.forward(x), torch_engine.forward(x, cams=True)
@@ -79,18 +92,18 @@ def test_detector_forward_and_grad_cam_match_torch(shape: tuple[int, int]) -> No
         np.testing.assert_allclose(cam, torch_engine.cam(theirs, target), atol=1e-4)
 
 
-def test_type_reader_and_radiograph_check_match_torch() -> None:
+@pytest.mark.parametrize("runtime", ["numpy", "onnx"])
+def test_type_reader_and_radiograph_check_match_torch(runtime: str) -> None:
     reader = _randomised(TypeReader(width=4), 3)
     patch = np.random.default_rng(4).standard_normal((64, 64)).astype(np.float32)
-    mine, theirs = NumpyTypeReader(_numpy_state(reader), width=4).classify(patch), engine_for(reader).classify(patch)
+    mine, theirs = _ported(NumpyTypeReader, reader, runtime).classify(patch), engine_for(reader).classify(patch)
     np.testing.assert_allclose(mine.type_logits, theirs.type_logits, atol=1e-4)
     assert np.isfinite(mine.evidence) and mine.evidence == pytest.approx(theirs.evidence, abs=1e-4)
     assert mine.evidence_cam is not None and theirs.evidence_cam is not None
     np.testing.assert_allclose(mine.evidence_cam, theirs.evidence_cam, atol=1e-4)
     check = _randomised(ValidityNet(width=4), 5)
     x = np.random.default_rng(6).standard_normal((64, 64)).astype(np.float32)
-    assert NumpyValidityNet(_numpy_state(check), width=4).logit(x) == pytest.approx(engine_for(check).logit(x),
-                                                                                     abs=1e-4)
+    assert _ported(NumpyValidityNet, check, runtime).logit(x) == pytest.approx(engine_for(check).logit(x), abs=1e-4)
 
 
 def test_reader_evidence_cam_is_the_grad_cam_of_its_evidence() -> None:
@@ -111,8 +124,9 @@ def test_reader_evidence_cam_is_the_grad_cam_of_its_evidence() -> None:
     assert maps >= 3  # random weights can leave every cell below the bias (an all-zero map): most must not
 
 
+@pytest.mark.parametrize("runtime", ["numpy", "onnx"])
 @pytest.mark.parametrize("layout", ["shared", "reader", "reader-3-sites", "reader-fused", "separate"])
-def test_the_pipeline_gives_the_same_results_in_both_runtimes(layout: str, tmp_path: Path) -> None:
+def test_the_pipeline_gives_the_same_results_in_every_runtime(layout: str, runtime: str, tmp_path: Path) -> None:
     root = write_untrained_bundles(tmp_path, reader=layout.startswith("reader"),
                                    classifier_long_side=200 if layout == "separate" else None)
     if layout in ("reader-3-sites", "reader-fused"):
@@ -122,8 +136,10 @@ def test_the_pipeline_gives_the_same_results_in_both_runtimes(layout: str, tmp_p
         update_card(root / "classifier", detection_fusion={
             "detector_sha256": sha, "weights": {"detector_logit": 0.8, "reader_evidence": 0.5}, "bias": -0.2,
             "operating_point": {"threshold": 0.5, "indeterminate_band": [0.4, 0.6]}})
-    reference, mine = load_models(root, runtime="torch"), load_models(root, runtime="numpy")
-    assert mine.detector.runtime == "numpy" and mine.shared_backbone == reference.shared_backbone
+    reference, mine = load_models(root, runtime="torch"), load_models(root, runtime=runtime, num_threads=1)
+    assert mine.detector.runtime == runtime and mine.shared_backbone == reference.shared_backbone
+    assert all((bundle.model.trunk is not None) == (runtime == "onnx")
+               for bundle in (mine.validity.bundle, mine.detector, mine.classifier))
     type_cam = not layout.startswith("reader")  # the NumPy type reader has no Grad-CAM
     for seed, (h, w) in enumerate([(300, 200), (180, 260)]):
         img, _m, _b = toy_radiograph(np.random.default_rng(seed), True, 1, h=h, w=w)
@@ -141,9 +157,10 @@ def test_the_pipeline_gives_the_same_results_in_both_runtimes(layout: str, tmp_p
 
 
 @pytest.mark.skipif(not (BUNDLED_MODEL_DIR / "detector" / "model.json").exists(), reason="no bundled models")
-def test_bundled_models_give_the_same_analysis_in_both_runtimes() -> None:
+@pytest.mark.parametrize("runtime", ["numpy", "onnx"])
+def test_bundled_models_give_the_same_analysis_in_every_runtime(runtime: str) -> None:
     synth = pytest.importorskip("pipeline.synth")
-    reference, mine = load_models(runtime="torch"), load_models(runtime="numpy")
+    reference, mine = load_models(runtime="torch"), load_models(runtime=runtime)
     for seed, fracture in ((11, True), (12, False), (13, True)):
         pixels = synth.display_image(synth.render_sample(seed, fracture=fracture, long_side=900))
         ref, out = analyze(Radiograph(pixels=pixels), reference), analyze(Radiograph(pixels=pixels), mine)
@@ -200,16 +217,17 @@ def test_numpy_loader_refuses_weights_that_do_not_fit(tmp_path: Path) -> None:
                 tmp_path / "extra")
     with pytest.raises(BundleError, match="unexpected tensors \\['stray'\\]"):
         load_bundle(tmp_path / "extra", runtime="numpy")
-    with pytest.raises(BundleError, match="unknown model runtime 'onnx'"):
-        load_models(tmp_path, runtime="onnx")
+    with pytest.raises(BundleError, match="unknown model runtime 'tensorflow'"):
+        load_models(tmp_path, runtime="tensorflow")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("runtime", ["numpy", "torch"])
+@pytest.mark.parametrize("runtime", ["onnx", "numpy", "torch"])
 def test_a_worker_on_the_numpy_runtime_never_loads_torch(runtime: str, worker_settings: Settings, db: Database,
                                                          make_dicom, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """``fracture-node work`` processes a study; with the default runtime PyTorch is not in its memory map (the
-    torch run shows the check can see it)."""
+    """``fracture-node work`` processes a study; on the onnx (default) and numpy runtimes PyTorch is not in its
+    memory map, and ONNX Runtime is there on the onnx runtime only (the torch run shows the check can see a
+    library)."""
     settings = worker_settings
     result = ingest(db, settings, make_dicom("DX").read_bytes())
     env = {**os.environ, "FRACTURE_DATA_DIR": str(settings.data_dir), "FRACTURE_DATABASE_URL": settings.database_url,
@@ -236,6 +254,7 @@ def test_a_worker_on_the_numpy_runtime_never_loads_torch(runtime: str, worker_se
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert ("libtorch" in mapped) == (runtime == "torch"), log.read_text()
+    assert ("onnxruntime" in mapped) == (runtime == "onnx"), log.read_text()
 
 
 def test_both_runtimes_blur_the_high_pass_input_with_the_same_taps() -> None:

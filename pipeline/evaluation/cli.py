@@ -48,9 +48,11 @@ def check_targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 @click.option("--figures", type=click.Path(path_type=Path), default=None,
               help="Folder for reliability.png and confusion.png (default: next to the JSON).")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N images (and N negatives).")
-@click.option("--threads", type=int, default=2, show_default=True, help="PyTorch threads (the torch runtime).")
+@click.option("--threads", type=int, default=2, show_default=True,
+              help="Threads of PyTorch (torch runtime) or of each ONNX Runtime session (onnx runtime).")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=DEFAULT_RUNTIME, show_default=True,
-              help="Run the networks in NumPy (as job workers do by default) or PyTorch.")
+              help="Run the networks as job workers do by default (onnx: convolutions in ONNX Runtime, the rest in "
+                   "NumPy), in NumPy only, or in PyTorch.")
 @click.option("--shift", type=click.Choice(list(SHIFTS)), default=None,
               help="Apply this acquisition shift to every radiograph first (pipeline/evaluation/shifts.py; "
                    "bench/robustness.py runs them all).")

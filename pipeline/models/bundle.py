@@ -10,10 +10,11 @@ Real weights trained elsewhere drop in through the same format: save a ``Fractur
 state dict with :func:`save_bundle` (or write ``weights.safetensors`` yourself and put its SHA-256 in the
 card); see ``docs/MODELS.md``.
 
-A bundle loads into either runtime (:data:`RUNTIMES`): ``torch`` builds the :mod:`pipeline.models.nets`
+A bundle loads into any of three runtimes (:data:`RUNTIMES`): ``torch`` builds the :mod:`pipeline.models.nets`
 module (training, and the type reader's Grad-CAM), ``numpy`` the same network in
-:mod:`pipeline.models.numpy_nets` (what a job worker runs: no PyTorch in its process). Both read the same
-verified weights file; :attr:`Bundle.engine` gives the pipeline one interface to either.
+:mod:`pipeline.models.numpy_nets` (no PyTorch in the process), and ``onnx`` (what a job worker runs) that NumPy
+network with its convolutional trunk run by ONNX Runtime (:mod:`pipeline.models.onnx_trunks`). All read the
+same verified weights file; :attr:`Bundle.engine` gives the pipeline one interface to each.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ TASKS = ("validity", "detect", "classify")
 BUNDLE_NAMES = {"validity": "validity", "detect": "detector", "classify": "classifier"}  # task -> folder
 VALIDITY_CLASSES: tuple[str, ...] = ("not_radiograph", "radiograph")
 ARCHITECTURES: tuple[str, ...] = ("FractureNet", "TypeReader", "ValidityNet")  # classes of pipeline.models.nets
-RUNTIMES: tuple[str, ...] = ("numpy", "torch")
+RUNTIMES: tuple[str, ...] = ("onnx", "numpy", "torch")
 EXPECTED_CLASSES: dict[str, tuple[str, ...]] = {
     "validity": VALIDITY_CLASSES,
     "detect": DETECTION_CLASSES,
@@ -275,15 +276,24 @@ def verify_model_dir(model_dir: str | Path, cached: bool = False) -> None:
         verify_bundle(root / name, expected_task=task, cached=cached)
 
 
-def load_bundle(bundle_dir: str | Path, expected_task: str | None = None, runtime: str = "torch") -> Bundle:
-    """Load and verify a bundle into ``runtime`` (``torch`` or ``numpy``); raise :class:`BundleError` with a
-    precise message if anything is off."""
+def load_bundle(bundle_dir: str | Path, expected_task: str | None = None, runtime: str = "torch",
+                threads: int | None = None) -> Bundle:
+    """Load and verify a bundle into ``runtime`` (one of :data:`RUNTIMES`); raise :class:`BundleError` with a
+    precise message if anything is off. ``threads``: the ``onnx`` runtime's threads per network (None: ONNX
+    Runtime's default, one per physical core)."""
     if runtime not in RUNTIMES:
         raise BundleError(f"unknown model runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
     path = Path(bundle_dir)
     card, weights = verify_bundle(path, expected_task)
     arch, config = card["architecture"]["class"], card["architecture"].get("config", {})
-    model = _load_numpy(weights, arch, config) if runtime == "numpy" else _load_torch(weights, arch, config)
+    if runtime == "torch":
+        model = _load_torch(weights, arch, config)
+    else:
+        model = _load_numpy(weights, arch, config)
+        if runtime == "onnx":
+            from pipeline.models.onnx_trunks import accelerate
+
+            accelerate(model, threads)
     return Bundle(path=path, card=card, model=model, runtime=runtime)
 
 

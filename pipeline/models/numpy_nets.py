@@ -176,8 +176,19 @@ def softmax(v: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+class Trunk:
+    """Another executor of a network's trunk (its convolutions from the prepared input to the features its heads
+    read): called with the trunk's (C, H, W) input, it returns the trunk's outputs as (C', h, w) arrays. The
+    ``onnx`` runtime sets one (:class:`pipeline.models.onnx_trunks.OrtTrunk`); without one, NumPy runs it."""
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
 class _Backbone:
     """High-pass input, stem and stages 1-4 (:class:`pipeline.models.nets.ResidualBackbone`)."""
+
+    trunk: Trunk | None = None
 
     def __init__(self, wts: _Weights, width: int) -> None:
         w = width
@@ -188,10 +199,15 @@ class _Backbone:
         self.stage3 = _stage(wts, "stage3", c3, c4)
         self.stage4 = _stage(wts, "stage4", c4, c5)
 
-    def to_stage2(self, x: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def trunk_input(x: np.ndarray) -> np.ndarray:
+        """The (H, W) prepared input -> (2, H, W): the image and its high-pass."""
         if x.ndim != 2:
             raise ValueError(f"expected one (H, W) image, got shape {x.shape}")
-        return _run(self.stage2, _run(self.stage1, relu(self.stem(highpass(x)))))
+        return highpass(x)
+
+    def to_stage2(self, x: np.ndarray) -> np.ndarray:
+        return _run(self.stage2, _run(self.stage1, relu(self.stem(self.trunk_input(x)))))
 
 
 @dataclass
@@ -227,6 +243,8 @@ class NumpyFractureNet(_Backbone):
 
     def backbone(self, x: np.ndarray) -> np.ndarray:
         """(H, W) standardised, padded input -> fused pyramid features (C, H/8, W/8)."""
+        if self.trunk is not None:
+            return self.trunk(self.trunk_input(x))[0]
         f2 = self.to_stage2(x)
         f3 = _run(self.stage3, f2)
         f4 = _run(self.stage4, f3)
@@ -335,8 +353,11 @@ class NumpyTypeReader(_Backbone):
 
     def read_map(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The eleven type logits and the segmentation map (h, w) of logits at 1/16 of the patch."""
-        f = _run(self.stage3, self.to_stage2(x))
-        t = _run(self.stage4, f)
+        if self.trunk is not None:
+            f, t = self.trunk(self.trunk_input(x))
+        else:
+            f = _run(self.stage3, self.to_stage2(x))
+            t = _run(self.stage4, f)
         c, h, w = f.shape
         flat_f = f.reshape(c, h * w).astype(np.float64)
         seg = self.seg_w @ flat_f + self.seg_b
@@ -349,6 +370,8 @@ class NumpyTypeReader(_Backbone):
 class NumpyValidityNet:
     """:class:`pipeline.models.nets.ValidityNet`, forward only."""
 
+    trunk: Trunk | None = None
+
     def __init__(self, state: Mapping[str, np.ndarray], width: int = 16) -> None:
         wts = _Weights(state)
         w = width
@@ -360,7 +383,8 @@ class NumpyValidityNet:
 
     def logit(self, x: np.ndarray) -> float:
         """(S, S) prepared input -> the "bone radiograph" logit."""
-        f = _run(self.blocks, relu(self.stem(x[None].astype(np.float32, copy=False))))
+        prepared = x[None].astype(np.float32, copy=False)
+        f = self.trunk(prepared)[0] if self.trunk is not None else _run(self.blocks, relu(self.stem(prepared)))
         flat = f.reshape(f.shape[0], -1).astype(np.float64)
         pooled = np.concatenate([flat.mean(axis=1), flat.max(axis=1)])
         return float(self.fc_w[0] @ pooled + self.fc_b[0])
