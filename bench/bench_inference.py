@@ -4,8 +4,8 @@ separately.
 
     .venv/bin/python bench/bench_inference.py [--models DIR] [--runs 20] [--size 2000] [--runtime onnx|numpy|torch]
 
-``--runtime onnx`` (the job workers' default: convolutions in ONNX Runtime, the rest in NumPy) and ``--runtime
-numpy`` make the detector's Grad-CAM only: their type reader has none, and a worker's results carry none.
+``--runtime onnx`` (convolutions in ONNX Runtime, the rest in NumPy: the command line's default) and ``--runtime
+numpy`` (the job workers' default) make the detector's Grad-CAM only: their type reader has none, and a worker's results carry none.
 ``--runtime torch`` makes the type reader's map too, as ``fracture-node analyze`` does. ``--threads`` sets
 PyTorch's threads or each ONNX Runtime session's; NumPy's BLAS uses every core unless ``OPENBLAS_NUM_THREADS``
 says otherwise.

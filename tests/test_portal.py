@@ -413,3 +413,19 @@ def test_admin_audit_log_destinations_and_job_queue(portal: Portal) -> None:
     with portal.db.session() as s:
         assert s.get(Job, job_id).state == "queued"
     assert audit_rows(portal, "admin.job.retry") and audit_rows(portal, "admin.job.retry_failed")
+
+
+def test_the_web_app_leaves_the_networks_and_the_pdf_library_to_whoever_needs_them(tmp_path: Any) -> None:
+    """A web process only serves pages, the API and uploads (the workers run the models): building the WSGI app
+    imports no network runtime, and fpdf2 only comes with the first PDF report (the node's memory budget)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, service.wsgi; assert service.wsgi.app is not None; "
+            "print(sorted(m for m in ('fpdf', 'torch', 'onnxruntime') if m in sys.modules))")
+    env = {**os.environ, "FRACTURE_DATA_DIR": str(tmp_path)}
+    env.pop("FRACTURE_DATABASE_URL", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -284,7 +284,7 @@ def test_default_is_bundled_models() -> None:
     models = load_models()
     assert models.model_dir == BUNDLED_MODEL_DIR and not models.shared_backbone
     assert models.classifier.architecture == "TypeReader"  # the second-stage type reader
-    assert models.detector.runtime == "onnx"  # what a worker runs by default
+    assert models.detector.runtime == "onnx"  # the library's and the command line's default
     synth = pytest.importorskip("pipeline.synth")
     pixels = synth.display_image(synth.render_sample(77, fracture=True, long_side=600))
     a = analyze(Radiograph(pixels=pixels), models)

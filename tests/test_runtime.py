@@ -1,5 +1,5 @@
-"""The NumPy runtime, and the ONNX runtime that runs its trunks in ONNX Runtime (what a job worker runs), against
-the PyTorch networks they re-implement."""
+"""The NumPy runtime (what a job worker runs by default), and the onnx runtime that runs its trunks in ONNX
+Runtime, against the PyTorch networks they re-implement."""
 
 from __future__ import annotations
 
@@ -225,7 +225,7 @@ def test_numpy_loader_refuses_weights_that_do_not_fit(tmp_path: Path) -> None:
 @pytest.mark.parametrize("runtime", ["onnx", "numpy", "torch"])
 def test_a_worker_on_the_numpy_runtime_never_loads_torch(runtime: str, worker_settings: Settings, db: Database,
                                                          make_dicom, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """``fracture-node work`` processes a study; on the onnx (default) and numpy runtimes PyTorch is not in its
+    """``fracture-node work`` processes a study; on the numpy (default) and onnx runtimes PyTorch is not in its
     memory map, and ONNX Runtime is there on the onnx runtime only (the torch run shows the check can see a
     library)."""
     settings = worker_settings
@@ -273,3 +273,30 @@ def test_both_runtimes_blur_the_high_pass_input_with_the_same_taps() -> None:
         with torch.no_grad():
             expected = HighPass()(torch.from_numpy(img)[None, None])[0].numpy()
         np.testing.assert_allclose(highpass(img), expected, atol=2e-6)
+
+
+def test_the_onnx_trunks_are_valid_onnx_models_that_hold_the_folded_weights() -> None:
+    """The graphs are written in protobuf's wire format by hand (no ``onnx`` in a worker): ONNX's own checker, with
+    shape inference, must accept them, and the weights they carry must be the NumPy network's, bit for bit."""
+    import onnx
+    from onnx import numpy_helper
+
+    from pipeline.models.onnx_trunks import detector_graph, reader_graph, validity_graph
+
+    nets = [(detector_graph, NumpyFractureNet, FractureNet, 2), (reader_graph, NumpyTypeReader, TypeReader, 2),
+            (validity_graph, NumpyValidityNet, ValidityNet, 1)]
+    for seed, (graph, numpy_cls, torch_cls, channels) in enumerate(nets):
+        mine = numpy_cls(_numpy_state(_randomised(torch_cls(width=4), seed)), width=4)
+        model = onnx.load_from_string(graph(mine))
+        onnx.checker.check_model(model, full_check=True)
+        assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [
+            "n", channels, "h", "w"]
+        convs = [n for n in model.graph.node if n.op_type == "Conv"]
+        weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        stem = convs[0]
+        np.testing.assert_array_equal(weights[stem.input[1]].reshape(mine.stem.weight.shape), mine.stem.weight)
+        np.testing.assert_array_equal(weights[stem.input[2]], mine.stem.bias)
+        attrs = {a.name: list(a.ints) for a in stem.attribute}
+        assert attrs == {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+        blocks = len(mine.blocks) if numpy_cls is NumpyValidityNet else (10 if numpy_cls is NumpyFractureNet else 8)
+        assert len(convs) >= 1 + 2 * blocks

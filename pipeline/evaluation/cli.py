@@ -51,8 +51,8 @@ def check_targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 @click.option("--threads", type=int, default=2, show_default=True,
               help="Threads of PyTorch (torch runtime) or of each ONNX Runtime session (onnx runtime).")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=DEFAULT_RUNTIME, show_default=True,
-              help="Run the networks as job workers do by default (onnx: convolutions in ONNX Runtime, the rest in "
-                   "NumPy), in NumPy only, or in PyTorch.")
+              help="Run the networks with their convolutions in ONNX Runtime and the rest in NumPy (onnx), in NumPy "
+                   "only (numpy: the job workers' default) or in PyTorch; all give the same results.")
 @click.option("--shift", type=click.Choice(list(SHIFTS)), default=None,
               help="Apply this acquisition shift to every radiograph first (pipeline/evaluation/shifts.py; "
                    "bench/robustness.py runs them all).")

@@ -12,8 +12,9 @@ card); see ``docs/MODELS.md``.
 
 A bundle loads into any of three runtimes (:data:`RUNTIMES`): ``torch`` builds the :mod:`pipeline.models.nets`
 module (training, and the type reader's Grad-CAM), ``numpy`` the same network in
-:mod:`pipeline.models.numpy_nets` (no PyTorch in the process), and ``onnx`` (what a job worker runs) that NumPy
-network with its convolutional trunk run by ONNX Runtime (:mod:`pipeline.models.onnx_trunks`). All read the
+:mod:`pipeline.models.numpy_nets` (what a job worker runs by default: no PyTorch in its process, the least
+memory), and ``onnx`` that NumPy network with its convolutional trunk run by ONNX Runtime
+(:mod:`pipeline.models.onnx_trunks`: the fastest, the command line's default). All read the
 same verified weights file; :attr:`Bundle.engine` gives the pipeline one interface to each.
 """
 

@@ -185,10 +185,25 @@ class Trunk:
         raise NotImplementedError
 
 
-class _Backbone:
-    """High-pass input, stem and stages 1-4 (:class:`pipeline.models.nets.ResidualBackbone`)."""
+class _TrunkHolder:
+    """A network whose trunk (the attributes named in ``TRUNK_PARTS``) another executor may take over."""
 
     trunk: Trunk | None = None
+    TRUNK_PARTS: tuple[str, ...] = ()
+
+    def hand_over_trunk(self, trunk: Trunk) -> None:
+        """Run the trunk on ``trunk`` from now on, and let go of NumPy's copy of its weights (``trunk`` holds its
+        own)."""
+        self.trunk = trunk
+        for name in self.TRUNK_PARTS:
+            if name in vars(self):
+                delattr(self, name)
+
+
+class _Backbone(_TrunkHolder):
+    """High-pass input, stem and stages 1-4 (:class:`pipeline.models.nets.ResidualBackbone`)."""
+
+    TRUNK_PARTS: tuple[str, ...] = ("stem", "stage1", "stage2", "stage3", "stage4")
 
     def __init__(self, wts: _Weights, width: int) -> None:
         w = width
@@ -223,6 +238,8 @@ class FracturePass:
 
 class NumpyFractureNet(_Backbone):
     """:class:`pipeline.models.nets.FractureNet`, forward only, plus its Grad-CAM in closed form."""
+
+    TRUNK_PARTS = (*_Backbone.TRUNK_PARTS, "lat2", "lat3", "lat4", "fuse")
 
     def __init__(self, state: Mapping[str, np.ndarray], width: int = 16, num_types: int = 11) -> None:
         wts = _Weights(state)
@@ -367,10 +384,10 @@ class NumpyTypeReader(_Backbone):
         return self.fc_w @ pooled + self.fc_b, seg.reshape(h, w)
 
 
-class NumpyValidityNet:
+class NumpyValidityNet(_TrunkHolder):
     """:class:`pipeline.models.nets.ValidityNet`, forward only."""
 
-    trunk: Trunk | None = None
+    TRUNK_PARTS = ("stem", "blocks")
 
     def __init__(self, state: Mapping[str, np.ndarray], width: int = 16) -> None:
         wts = _Weights(state)

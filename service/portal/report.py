@@ -7,14 +7,14 @@ and the not-for-diagnostic-use statement in every page's footer.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Response, abort, render_template, send_file
 from flask_login import login_required
-from fpdf import FPDF
 from sqlalchemy import select
 from werkzeug.exceptions import HTTPException
 
@@ -34,6 +34,9 @@ from service.portal.common import (
 )
 from service.portal.views import image_bytes, load_study
 from service.presenters import DISCLAIMER
+
+if TYPE_CHECKING:
+    from fpdf import FPDF
 
 log = logging.getLogger(__name__)
 ARTIFACT_NAMES = {"sc": "secondary-capture", "sr": "structured-report"}
@@ -56,27 +59,36 @@ def _latin1(text: Any) -> str:
     return value.encode("latin-1", "replace").decode("latin-1")
 
 
-class _ReportPDF(FPDF):
-    title_text = "FractureNode study report"
+@functools.cache
+def _report_pdf_class() -> type[FPDF]:
+    """The report's page layout, an fpdf2 document class. fpdf2 is imported on the first report rather than with
+    the web app: it is about 19 MiB of a web process that may never draw a PDF (the node's memory budget,
+    README "Performance")."""
+    from fpdf import FPDF
 
-    def header(self) -> None:
-        self.set_font("Helvetica", "B", 13)
-        self.set_text_color(20, 40, 70)
-        self.cell(0, 8, self.title_text, new_x="LMARGIN", new_y="NEXT")
-        self.set_draw_color(20, 90, 160)
-        self.line(self.l_margin, self.get_y(), self.w - self.r_margin, self.get_y())
-        self.ln(3)
-        self.set_text_color(0, 0, 0)
+    class ReportPDF(FPDF):
+        title_text = "FractureNode study report"
 
-    def footer(self) -> None:
-        self.set_y(-15)
-        self.set_font("Helvetica", "B", 8)
-        self.set_text_color(170, 30, 30)
-        self.cell(0, 5, _latin1(f"{DISCLAIMER} Results of AI models trained on synthetic radiographs; "
-                                "not cleared by any regulator."), align="C", new_x="LMARGIN", new_y="NEXT")
-        self.set_font("Helvetica", "", 8)
-        self.set_text_color(90, 90, 90)
-        self.cell(0, 4, f"Page {self.page_no()}/{{nb}}", align="C")
+        def header(self) -> None:
+            self.set_font("Helvetica", "B", 13)
+            self.set_text_color(20, 40, 70)
+            self.cell(0, 8, self.title_text, new_x="LMARGIN", new_y="NEXT")
+            self.set_draw_color(20, 90, 160)
+            self.line(self.l_margin, self.get_y(), self.w - self.r_margin, self.get_y())
+            self.ln(3)
+            self.set_text_color(0, 0, 0)
+
+        def footer(self) -> None:
+            self.set_y(-15)
+            self.set_font("Helvetica", "B", 8)
+            self.set_text_color(170, 30, 30)
+            self.cell(0, 5, _latin1(f"{DISCLAIMER} Results of AI models trained on synthetic radiographs; "
+                                    "not cleared by any regulator."), align="C", new_x="LMARGIN", new_y="NEXT")
+            self.set_font("Helvetica", "", 8)
+            self.set_text_color(90, 90, 90)
+            self.cell(0, 4, f"Page {self.page_no()}/{{nb}}", align="C")
+
+    return ReportPDF
 
 
 def _kv(pdf: FPDF, key: str, value: Any) -> None:
@@ -88,7 +100,7 @@ def _kv(pdf: FPDF, key: str, value: Any) -> None:
 
 def build_pdf(detail: dict[str, Any], images: dict[int, dict[str, bytes]]) -> bytes:
     """The report as PDF bytes. ``images`` maps instance id -> {"original": png, "hybrid": png}."""
-    pdf = _ReportPDF(format="A4")
+    pdf = _report_pdf_class()(format="A4")
     pdf.set_auto_page_break(auto=True, margin=20)
     pdf.set_title(f"FractureNode report, study {detail['id']}")
     pdf.set_creator("FractureNode")
