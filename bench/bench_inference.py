@@ -3,12 +3,14 @@ classification + Grad-CAM (maps at the original geometry). Explanation images (e
 separately.
 
     .venv/bin/python bench/bench_inference.py [--models DIR] [--runs 20] [--size 2000] [--runtime onnx|numpy|torch]
+                                              [--format png|dicom]
 
-``--runtime onnx`` (convolutions in ONNX Runtime, the rest in NumPy: the command line's default) and ``--runtime
-numpy`` (the job workers' default) make the detector's Grad-CAM only: their type reader has none, and a worker's results carry none.
-``--runtime torch`` makes the type reader's map too, as ``fracture-node analyze`` does. ``--threads`` sets
-PyTorch's threads or each ONNX Runtime session's; NumPy's BLAS uses every core unless ``OPENBLAS_NUM_THREADS``
-says otherwise.
+``--runtime onnx`` (convolutions in ONNX Runtime, the rest in NumPy: the command line's default) and
+``--runtime numpy`` (the job workers' default) make the detector's Grad-CAM only: their type reader has none,
+and a worker's results carry none. ``--runtime torch`` makes the type reader's map too, as ``fracture-node
+analyze`` does. ``--threads`` sets PyTorch's threads or each ONNX Runtime session's; NumPy's BLAS uses every
+core unless ``OPENBLAS_NUM_THREADS`` says otherwise. ``--format dicom`` decodes an uncompressed DX DICOM (what
+a modality pushes) instead of a 16-bit PNG (an upload).
 """
 
 from __future__ import annotations
@@ -32,14 +34,17 @@ from pipeline.run import load_models, run_fracture_models  # noqa: E402
 
 
 def make_image(path: Path, size: int) -> None:
-    try:
-        from pipeline.synth import display_image, render_sample
+    """A 16-bit PNG (``path`` ending .png) or an uncompressed DX DICOM (.dcm) of a generated fractured radiograph
+    with a long side of ``size`` px."""
+    from pipeline.synth import display_image, render_sample
 
-        img = display_image(render_sample(4242, fracture=True, long_side=size))
-    except Exception:  # generator unavailable: a smooth synthetic stand-in of the same size
-        yy, xx = np.mgrid[0:size, 0:int(size * 0.8)]
-        img = 0.2 + 0.6 * (np.abs(xx - xx.mean()) < size * 0.08) + 0.05 * np.sin(yy / 30.0)
-    cv2.imwrite(str(path), (np.clip(img, 0, 1) * 65535).astype(np.uint16))
+    sample = render_sample(4242, fracture=True, long_side=size)
+    if path.suffix == ".dcm":
+        from pipeline.synth.dataset import sample_to_dicom
+
+        sample_to_dicom(sample, modality="DX").save_as(path, enforce_file_format=True)
+        return
+    cv2.imwrite(str(path), (np.clip(display_image(sample), 0, 1) * 65535).astype(np.uint16))
 
 
 def main() -> None:
@@ -49,10 +54,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runtime", choices=("onnx", "numpy", "torch"), default="onnx")
+    ap.add_argument("--format", choices=("png", "dicom"), default="png",
+                    help="the file decoded: a 16-bit PNG (an upload) or an uncompressed DX DICOM (what a modality "
+                         "pushes)")
     args = ap.parse_args()
     models = load_models(args.models, num_threads=args.threads, runtime=args.runtime)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bench.png"
+        path = Path(tmp) / ("bench.png" if args.format == "png" else "bench.dcm")
         make_image(path, args.size)
         core, explain = [], []
         stages: dict[str, list[float]] = {"decode": [], "radiograph_check": [], "fracture_models": []}
@@ -75,7 +83,7 @@ def main() -> None:
                     stages[name].append(1000 * ms)
         h, w = rad.pixels.shape
     result = {
-        "image": f"{w}x{h} 16-bit PNG",
+        "image": f"{w}x{h} " + ("16-bit PNG" if args.format == "png" else "uncompressed DX DICOM"),
         "runtime": args.runtime,
         "threads": args.threads if args.runtime != "numpy" else "BLAS default",
         "runs": args.runs,

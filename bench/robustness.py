@@ -3,11 +3,11 @@
     .venv/bin/python bench/robustness.py --data var/data/sel [--models DIR] [--limit N] [--shifts a,b] [--json OUT]
 
 Not a speed benchmark: for each shift of ``pipeline.evaluation.shifts`` (default: all of them) it runs
-``fracture-node evaluate``'s stack (``evaluate_folder``, the onnx runtime by default, as ``fracture-node evaluate``) over the radiographs of a
-labelled folder with that shift applied, and prints one row per shift: the share of radiographs the radiograph
-check still accepts, detection AUC, sensitivity at specificity 0.90, sensitivity and specificity at the bundled
-operating point, ECE, the type's macro-F1 and the pointing game. The negatives are not shifted and not scored
-here (``evaluate`` scores them). Writes the full results as JSON with ``--json``.
+``fracture-node evaluate``'s stack (``evaluate_folder``, in the onnx runtime by default, as the command) over
+the radiographs of a labelled folder with that shift applied, and prints one row per shift: the share of
+radiographs the radiograph check still accepts, detection AUC, sensitivity at specificity 0.90, sensitivity and
+specificity at the bundled operating point, ECE, the type's macro-F1 and the pointing game. The negatives are not
+shifted and not scored here (``evaluate`` scores them). Writes the full results as JSON with ``--json``.
 
 ``--validity-only`` runs the radiograph check alone (a few ms an image), on the radiographs and on the
 negatives, both shifted: the share of radiographs it accepts and of negatives it still refuses, per shift and

@@ -13,7 +13,7 @@ ONNX Runtime is imported only when a bundle is loaded into this runtime.
 
 from __future__ import annotations
 
-from typing import Any
+import os
 
 import numpy as np
 
@@ -187,8 +187,8 @@ class OrtTrunk(Trunk):
     ``threads`` is the session's intra-op thread count (None: ONNX Runtime's default, one per physical core).
     Its threads sleep between runs rather than spin, so that a worker that waits for its next image does not
     hold the cores that the listener, the web server and the other workers need (spinning threads also made the
-    three sessions of one image slower: 114-132 ms for the networks against 66-80 ms, docs/MODELS.md). A session's ``run`` may be
-    called from several threads at once."""
+    three sessions of one image slower: 114-132 ms for the networks against 66-80 ms, docs/MODELS.md). A
+    session's ``run`` may be called from several threads at once."""
 
     def __init__(self, model: bytes, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -211,13 +211,28 @@ class OrtTrunk(Trunk):
         return [out[0] for out in self.session.run(None, {"x": batch})]
 
 
-def accelerate(net: NumpyFractureNet | NumpyTypeReader | NumpyValidityNet, threads: int | None = None) -> None:
-    """Give ``net`` an ONNX Runtime trunk in place: its forward passes then run the trunk there, and NumPy's copy
-    of the trunk's weights is let go (about 6 MiB for the bundled networks)."""
+def accelerate(net: NumpyFractureNet | NumpyTypeReader | NumpyValidityNet, threads: int | None = None,
+               release: bool = True) -> None:
+    """Give ``net`` an ONNX Runtime trunk in place: its forward passes then run the trunk there, and with
+    ``release`` NumPy's copy of the trunk's weights is let go (about 6 MiB for the bundled networks)."""
     if isinstance(net, NumpyFractureNet):
         model = detector_graph(net)
     elif isinstance(net, NumpyTypeReader):
         model = reader_graph(net)
     else:
         model = validity_graph(net)
-    net.hand_over_trunk(OrtTrunk(model, threads))
+    trunk = OrtTrunk(model, threads)
+    if release:
+        net.hand_over_trunk(trunk)
+    else:
+        net.trunk = trunk
+
+
+def accelerate_in_this_process(net: NumpyFractureNet | NumpyTypeReader | NumpyValidityNet) -> None:
+    """Give ``net`` (a NumPy network loaded before a fork) a one-thread ONNX Runtime trunk of this process's own,
+    once per process: an ONNX Runtime session is not carried safely across ``fork``, so each forked worker of a
+    training command's peak search builds its own, and NumPy's weights stay for the next fork."""
+    pid = os.getpid()
+    if getattr(net, "trunk_pid", None) != pid:
+        accelerate(net, threads=1, release=False)
+        net.trunk_pid = pid  # type: ignore[union-attr]

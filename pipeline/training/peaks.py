@@ -48,7 +48,15 @@ def write_peak_cache(path: Path, header: dict[str, Any], peaks: dict[str, list[l
 
 def detector_peaks(detector: Bundle, img: np.ndarray, count: int, min_distance: float) -> list[list[float]]:
     """The detector's ``count`` strongest segmentation peaks in ``img`` (float, original pixels), as at
-    inference: [x, y] in original pixels, strongest first, at least ``min_distance`` px apart per axis."""
+    inference: [x, y] in original pixels, strongest first, at least ``min_distance`` px apart per axis.
+
+    A detector loaded into the ``numpy`` runtime runs its trunk in ONNX Runtime here, one thread per process
+    (a peak search runs in forked workers, one per core): the same segmentation map to 1e-4, about 2.5 times
+    faster than NumPy's BLAS, whose threads the workers would otherwise oversubscribe."""
+    if detector.runtime == "numpy":
+        from pipeline.models.onnx_trunks import accelerate_in_this_process
+
+        accelerate_in_this_process(detector.model)
     x, geom = fracture_input(img, int(detector.input_spec.get("long_side", 512)))
     seg = detector.engine.forward(x).seg
     return [[px, py] for px, py, _value in seg_peaks(seg, geom, SEG_STRIDE, count, min_distance)]
