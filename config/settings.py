@@ -58,7 +58,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "RETURN_TO_SENDER": ("false", "Send results only to the destination whose AE title sent the study."),
     "MODEL_DIR": ("(bundled models)", "Folder of model bundles (validity/, detector/, classifier/)."),
     "MODEL_RUNTIME": ("numpy", "How workers run the networks: numpy (no PyTorch, least memory), onnx (convolutions "
-                               "in ONNX Runtime: no PyTorch, analysis about 1.7 times faster, about 40 MiB more "
+                               "in ONNX Runtime: no PyTorch, analysis about 1.6 times faster, about 40 MiB more "
                                "per worker) or torch."),
     "WORKERS": ("1", "Worker processes started by `fracture-node run`."),
     "SECRET_KEY": ("(generated, kept in <data dir>/secret_key)", "Flask session signing key."),
