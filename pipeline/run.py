@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline.explain import edge_view, heatmap_to_original, hybrid_overlay, peak_box, peak_point
 from pipeline.models.architecture import SEG_STRIDE
-from pipeline.models.bundle import BUNDLE_NAMES, RUNTIMES, Bundle, BundleError, load_bundle
+from pipeline.models.bundle import BUNDLE_NAMES, RUNTIMES, Bundle, BundleError, load_bundle, verify_bundle
 from pipeline.models.preprocess import (
     Geometry,
     Patch,
@@ -118,15 +118,17 @@ def load_models(model_dir: str | Path | None = None, num_threads: int | None = N
     validity = load_bundle(root / BUNDLE_NAMES["validity"], expected_task="validity", runtime=runtime,
                            threads=threads)
     detector = load_bundle(root / BUNDLE_NAMES["detect"], expected_task="detect", runtime=runtime, threads=threads)
-    classifier = load_bundle(root / BUNDLE_NAMES["classify"], expected_task="classify", runtime=runtime,
-                             threads=threads)
     if detector.architecture != "FractureNet":
         raise BundleError(f"{detector.path}: expected a FractureNet bundle")
+    cls_dir = root / BUNDLE_NAMES["classify"]
+    cls_card, _weights = verify_bundle(cls_dir, expected_task="classify")
+    if cls_card["weights"]["sha256"] == detector.identity.sha256:
+        # Same weights: share one network instance (one forward pass serves both), built once.
+        classifier = Bundle(path=cls_dir, card=cls_card, model=detector.model, runtime=runtime)
+    else:
+        classifier = load_bundle(cls_dir, expected_task="classify", runtime=runtime, threads=threads)
     if classifier.architecture not in ("FractureNet", "TypeReader"):
         raise BundleError(f"{classifier.path}: expected a FractureNet or TypeReader bundle")
-    if detector.identity.sha256 == classifier.identity.sha256:
-        # Same weights: share one network instance (one forward pass serves both).
-        classifier.model = detector.model
     return ModelSet(RadiographCheck(validity), detector, classifier, root)
 
 

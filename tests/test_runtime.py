@@ -140,6 +140,8 @@ def test_the_pipeline_gives_the_same_results_in_every_runtime(layout: str, runti
     assert mine.detector.runtime == runtime and mine.shared_backbone == reference.shared_backbone
     assert all((bundle.model.trunk is not None) == (runtime == "onnx")
                for bundle in (mine.validity.bundle, mine.detector, mine.classifier))
+    # The same weights in both bundles: one network, built once, serves both (one session in onnx).
+    assert (mine.classifier.model is mine.detector.model) == (layout == "shared") == mine.shared_backbone
     type_cam = not layout.startswith("reader")  # the NumPy type reader has no Grad-CAM
     for seed, (h, w) in enumerate([(300, 200), (180, 260)]):
         img, _m, _b = toy_radiograph(np.random.default_rng(seed), True, 1, h=h, w=w)
