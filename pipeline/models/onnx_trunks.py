@@ -1,7 +1,8 @@
 """The NumPy networks' convolutional trunks run by ONNX Runtime: the ``onnx`` model runtime.
 
-The convolutions are nearly all of a forward pass, and ONNX Runtime's CPU kernels run them about 2.5 times
-faster than im2col with NumPy's BLAS on the same two cores (docs/MODELS.md, "Inference speed"). This module
+The convolutions are nearly all of a forward pass, and ONNX Runtime's CPU kernels run them 2.2-2.5 times
+faster than im2col with NumPy's BLAS on the same two cores (``bench/bench_inference.py``'s fracture-models
+stage; docs/MODELS.md, "Inference speed"). This module
 writes each NumPy network's trunk (its folded convolutions, ReLUs, residual sums and the detector's
 top-down pyramid) as an ONNX graph, in memory, from the very arrays the NumPy network holds: the verified
 ``weights.safetensors`` stays the one source of the weights, and no file is added to a bundle. Everything else
@@ -201,7 +202,8 @@ class OrtTrunk(Trunk):
             options.intra_op_num_threads = int(threads)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # No arena: the memory of a pass goes back when it ends rather than being kept for the largest input seen
-        # (about 16 MiB less held by a worker between images, at no measurable cost in speed).
+        # (16 MiB less held after twelve images in a throw-away comparison on session 23's Xeon, with no speed
+        # difference beyond that machine's noise).
         options.enable_cpu_mem_arena = False
         options.log_severity_level = 3  # errors only: its optimiser's notes are not an operator's concern
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

@@ -51,8 +51,8 @@ def detector_peaks(detector: Bundle, img: np.ndarray, count: int, min_distance: 
     inference: [x, y] in original pixels, strongest first, at least ``min_distance`` px apart per axis.
 
     A detector loaded into the ``numpy`` runtime runs its trunk in ONNX Runtime here, one thread per process
-    (a peak search runs in forked workers, one per core): the same segmentation map to 1e-4, about 2.5 times
-    faster than NumPy's BLAS, whose threads the workers would otherwise oversubscribe."""
+    (a peak search runs in forked workers, one per core): the same segmentation map to 1e-4, and faster than NumPy's
+    BLAS, whose threads the workers would otherwise oversubscribe (docs/MODELS.md, "Three runtimes")."""
     if detector.runtime == "numpy":
         from pipeline.models.onnx_trunks import accelerate_in_this_process
 
