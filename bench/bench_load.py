@@ -34,11 +34,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from node_harness import (  # noqa: E402
+    MemorySampler,
     copies_with_new_uids,
+    format_parts,
     free_port,
     header,
     job_counts,
     load_average,
+    rss_by_part,
     running_node,
     synth_dicoms,
     wait_until,
@@ -162,14 +165,18 @@ def main() -> None:
                 for i in range(args.uploaders):
                     keys.append(create_api_key(session, users[i % 2], f"load {i}")[1])
             url = f"http://127.0.0.1:{node.http_port}"
+            idle = rss_by_part(node)
             started = time.perf_counter()
-            with ThreadPoolExecutor(max_workers=args.associations + args.uploaders) as pool:
+            with MemorySampler(node, interval=0.1) as memory, \
+                    ThreadPoolExecutor(max_workers=args.associations + args.uploaders) as pool:
                 stores = [pool.submit(send_association, node.dicom_port, files) for files in groups]
                 uploads = [pool.submit(upload_worker, url, key, files, deadline)
                            for key, files in zip(keys, upload_groups, strict=True)]
                 store_results = [f.result() for f in stores]
                 upload_results = [f.result() for f in uploads]
             elapsed = time.perf_counter() - started
+            time.sleep(3.0)
+            held = rss_by_part(node)
             acked: set[str] = set()
             failed_associations = []
             for files, (code, output) in zip(groups, store_results, strict=True):
@@ -192,6 +199,8 @@ def main() -> None:
                                   for o in refused_first)
                 print(f"associations that failed at first: {len(refused_first)}: {dict(reasons)}")
             print(f"API: {len(api_ok)} accepted, {api_refused} refused, {api_retried} retried after 429/503")
+            print(f"memory (RSS MiB per part): idle {format_parts(idle)}; peak while receiving "
+                  f"{format_parts(memory.peak_by_part)}; held 3 s after the last image {format_parts(held)}")
             expected = acked | api_ok
             with db.session() as session:
                 rows = session.execute(select(Instance.sop_instance_uid, Instance.id)).all()

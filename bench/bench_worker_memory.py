@@ -62,7 +62,7 @@ def main() -> None:
     header("worker memory by stage")
     files = synth_dicoms(args.cache, args.images, args.size, seed=21)
 
-    from service.worker import release_memory, tune_malloc
+    from service.malloc import release_memory, tune_malloc
 
     tune_malloc()  # as `fracture-node work` does before its threads start
     start = rss_mib()[0]

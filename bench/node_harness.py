@@ -335,6 +335,15 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
+def rss_by_part(node: Node) -> dict[str, int]:
+    """The resident set size of each part of ``node`` now, KiB (the parts' pids summed, as the sampler does)."""
+    return {part: sum(rss_kib(pid) for pid in pids) for part, pids in node.pids().items()}
+
+
+def format_parts(kib_by_part: dict[str, int]) -> str:
+    return ", ".join(f"{part} {kib / 1024:.0f}" for part, kib in sorted(kib_by_part.items()))
+
+
 class MemorySampler:
     """Samples the RSS and PSS of every process of a node every ``interval`` seconds; keeps the peaks."""
 
@@ -368,7 +377,7 @@ class MemorySampler:
         self._thread.join()
 
     def report(self) -> str:
-        parts = ", ".join(f"{part} {kib / 1024:.0f}" for part, kib in sorted(self.peak_by_part.items()))
+        parts = format_parts(self.peak_by_part)
         return (f"peak total RSS {self.peak_rss / 1024:.0f} MiB (PSS {self.peak_pss / 1024:.0f} MiB) over "
                 f"{self.samples} samples; per part peak RSS MiB: {parts}")
 

@@ -128,6 +128,10 @@ def serve_web(settings: Settings, *, threads: int = 8) -> None:
     touches, so copy-on-write does not keep them shared for long)."""
     from gunicorn.app.base import BaseApplication
 
+    from service.malloc import tune_malloc
+
+    tune_malloc()  # in the master before the fork, so in gunicorn's worker too: uploads go back once stored
+
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             self.cfg.set("bind", f"{settings.http_host}:{settings.http_port}")
@@ -151,7 +155,9 @@ def serve_web(settings: Settings, *, threads: int = 8) -> None:
 def serve_dicom(settings: Settings) -> None:
     """Run the DICOM listener until SIGINT/SIGTERM."""
     from dicom.listener import start_listener
+    from service.malloc import tune_malloc
 
+    tune_malloc()  # before the association threads: received instances go back to the system once stored
     stop = _Stop()
     stop.install()
     server = start_listener(settings, block=False)

@@ -43,6 +43,7 @@ from config import Settings
 from service import jobs
 from service.db import Database
 from service.jobs import Claim
+from service.malloc import release_memory, tune_malloc
 from service.models import AnalysisResult, Instance, Series, Study
 from service.storage import sha256_bytes, write_atomic
 
@@ -258,43 +259,6 @@ def _analyse_one(db: Database, settings: Settings, item: _Item, models: Any, ana
         _complete(db, settings, item, analysis)
     except Exception as exc:  # noqa: BLE001
         _transient(db, item, exc, retry_base)
-
-
-def _libc() -> Any:
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC: Any = None
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-
-
-def tune_malloc(mmap_threshold: int = 1 << 20, arena_max: int = 2) -> bool:
-    """glibc only (elsewhere a no-op): allocations of ``mmap_threshold`` bytes or more (decoded images, float
-    copies, activations) get their own mapping and go back to the system when freed, instead of glibc raising
-    the threshold after the first free and keeping later ones in its heap; at most ``arena_max`` malloc arenas
-    (the default is 8 per core, each keeping freed memory). What ``MALLOC_MMAP_THRESHOLD_`` and
-    ``MALLOC_ARENA_MAX`` would do, set from inside the process before the worker's threads start."""
-    global _LIBC
-    _LIBC = _LIBC or _libc()
-    mallopt = getattr(_LIBC, "mallopt", None)
-    if mallopt is None:
-        return False
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_ARENA_MAX, arena_max))
-    mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold)
-    return ok
-
-
-def release_memory() -> None:
-    """Hand freed heap memory back to the system after an image (glibc ``malloc_trim``; else nothing)."""
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
 
 
 @contextmanager
