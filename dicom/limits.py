@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import zlib
+from pathlib import Path
 
 from pydicom.dataset import FileDataset
 from pydicom.filereader import _read_command_set_elements, _read_file_meta_info, dcmread, read_preamble
@@ -139,3 +140,17 @@ def read_part10(data: bytes, *, force: bool = False, stop_before_pixels: bool = 
     if original is not None:
         ds.file_meta.TransferSyntaxUID = UID(original)
     return ds
+
+
+def read_part10_file(path: str | Path, *, stop_before_pixels: bool = False,
+                     limit: int = MAX_INFLATED_BYTES) -> FileDataset:
+    """:func:`read_part10` of a file on disk (what the listener receives to): pydicom reads it from the file, so
+    with ``stop_before_pixels`` the pixel data is never read. A deflated dataset is read into memory and
+    inflated by :func:`read_part10` within ``limit`` (callers bound the file's size first). Raises what
+    :func:`read_part10` raises, and ``OSError`` if the file cannot be read."""
+    with open(path, "rb") as fp:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return read_part10(Path(path).read_bytes(), stop_before_pixels=stop_before_pixels, limit=limit)
+    return dcmread(path, stop_before_pixels=stop_before_pixels)

@@ -2,9 +2,15 @@
 
 Handlers are bound as ``(event, handler, [args])`` so they get their dependencies passed in. The C-STORE
 handler is thin (PS3.4 B.2.3): it hands the encoded instance, exactly as received, to
-:func:`service.ingest.ingest` (store the file, record instance and job in one transaction) and returns a
+:func:`service.ingest.ingest_file` (store the file, record instance and job in one transaction) and returns a
 status. No decoding, no inference: the sender is waiting. Our exceptions become DIMSE statuses in
 :mod:`dicom.status`.
+
+Instances are received to disk, not to memory (:mod:`dicom.receive`): each dataset's fragments go to a file in
+``<storage dir>/.incoming/<host>-<pid>`` as they arrive, deleted once the handler has answered. So the listener's memory
+does not grow with the size of an instance or with the number of associations sending at once, an instance
+over ``FRACTURE_MAX_UPLOAD_MB`` costs disk until it is refused, not memory, and a disk that fills up while an
+instance arrives is answered 0xA700 (storage full), as when the store itself is full.
 
 Accepted: the radiography storage SOP classes (CR, DX and intra-oral X-ray for presentation and for
 processing, Secondary Capture) and, so that a PACS sending a whole study is not refused mid-way, the other
@@ -16,6 +22,7 @@ and RLE (decoded later by the workers with the pylibjpeg plugins).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
@@ -39,6 +46,7 @@ from pynetdicom import sop_class as sc
 from pynetdicom.transport import ThreadedAssociationServer
 
 from config import Settings
+from dicom import receive
 from dicom.net import set_tcp_nodelay, use_fast_recv
 from dicom.status import SUCCESS, store_failure_status
 
@@ -104,18 +112,41 @@ def _log_aborted(event: Any) -> None:
     log.warning("association from %s aborted; anything not completely received was not stored", _peer(event))
 
 
+def _discard_partial(event: Any) -> None:
+    """``EVT_CONN_CLOSE``: remove the file of an instance whose transfer the connection cut off, and any that a
+    killed listener left (see :mod:`dicom.receive`)."""
+    if receive.discard_partial(getattr(getattr(event.assoc, "dimse", None), "message", None)):
+        log.info("removed the partial instance of a transfer from %s that did not finish", _peer(event))
+    folder = receive.incoming_folder()
+    if folder is not None:
+        receive.sweep(folder.parent)
+
+
 def _handle_echo(event: Any) -> int:
     return SUCCESS
 
 
 def handle_store(event: Any, settings: Settings, db: Any) -> int | Dataset:
-    """``EVT_C_STORE``: hand the encoded instance to ``ingest`` and answer Success or a failure status."""
-    from service.ingest import ingest
+    """``EVT_C_STORE``: hand the received instance to ``ingest_file`` and answer Success or a failure status."""
+    from service.ingest import DiskFull, StorageUnavailable, ingest, ingest_file
+    from service.storage import StorageFull, translate_os_error
 
     try:
-        data = event.encoded_dataset(include_meta=True)
-        ingest(db, settings, data, source="dicom", calling_ae=event.assoc.requestor.ae_title.strip() or None,
-               peer_address=event.assoc.requestor.address)
+        calling_ae = event.assoc.requestor.ae_title.strip() or None
+        try:
+            path = event.dataset_path
+        except AttributeError:
+            path = None
+        if isinstance(path, Path):
+            error = receive.finish(path)
+            if error is not None:
+                failure = translate_os_error(error, "receiving the instance")
+                raise (DiskFull if isinstance(failure, StorageFull) else StorageUnavailable)(str(failure))
+            ingest_file(db, settings, path, source="dicom", calling_ae=calling_ae,
+                        peer_address=event.assoc.requestor.address)
+        else:  # received to memory: pynetdicom's default, where receive_to_disk() was not called
+            ingest(db, settings, event.encoded_dataset(include_meta=True), source="dicom", calling_ae=calling_ae,
+                   peer_address=event.assoc.requestor.address)
     except Exception as exc:  # noqa: BLE001 - every failure must become a failure status, never Success
         status = store_failure_status(exc)
         log.warning("C-STORE of %s from %s refused with 0x%04X: %s", event.request.AffectedSOPInstanceUID,
@@ -147,6 +178,7 @@ def handlers(settings: Settings, db: Any) -> list[Any]:
         (evt.EVT_CONN_OPEN, use_fast_recv),
         (evt.EVT_REQUESTED, _log_request, [settings]),
         (evt.EVT_ABORTED, _log_aborted),
+        (evt.EVT_CONN_CLOSE, _discard_partial),
         (evt.EVT_C_ECHO, _handle_echo),
         (evt.EVT_C_STORE, handle_store, [settings, db]),
     ]
@@ -162,6 +194,8 @@ def start_listener(settings: Settings, *, block: bool = False, db: Any = None) -
 
     settings.ensure_dirs()
     database = db if db is not None else Database.from_settings(settings)
+    receive.receive_to_disk(settings.storage_dir / receive.FOLDER)
+    receive.sweep(settings.storage_dir / receive.FOLDER)  # what a listener killed mid-transfer left
     ae = build_ae(settings)
     address = (settings.dicom_host, settings.dicom_port)
     log.info("DICOM listener %s on %s:%s", settings.ae_title, *address)

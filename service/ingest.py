@@ -45,12 +45,29 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from config import Settings
-from dicom.limits import MAX_DECODED_BYTES, MAX_IMAGE_PIXELS, MB, InputTooLarge, decoded_size_problem, read_part10
+from dicom.limits import (
+    MAX_DECODED_BYTES,
+    MAX_IMAGE_PIXELS,
+    MB,
+    InputTooLarge,
+    decoded_size_problem,
+    read_part10,
+    read_part10_file,
+)
 from service.db import Database
 from service.errors import ServiceError
 from service.jobs import QUEUED, RECEIVED
 from service.models import AuditEntry, Instance, Job, JobEvent, Patient, Series, Study, utcnow
-from service.storage import StorageFull, StoredFile, discard, path_for, sha256_bytes, store_bytes
+from service.storage import (
+    StorageFull,
+    StoredFile,
+    discard,
+    path_for,
+    sha256_bytes,
+    sha256_file,
+    store_bytes,
+    store_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,17 +199,21 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def read_header(data: bytes) -> _Header:
-    """Parse the header of an encoded Part 10 object (no pixel data); raise our errors on anything odd.
+def read_header(data: bytes | Path) -> _Header:
+    """Parse the header of an encoded Part 10 object, bytes or a file (no pixel data is read); raise our errors
+    on anything odd.
 
     A deflated dataset is inflated within ``dicom.limits.MAX_INFLATED_BYTES`` (never by pydicom, which has no
     limit): beyond it, :class:`InflatedTooLarge`."""
     try:
-        ds = read_part10(data, stop_before_pixels=True)
+        if isinstance(data, Path):
+            ds = read_part10_file(data, stop_before_pixels=True)
+        else:
+            ds = read_part10(data, stop_before_pixels=True)
     except InputTooLarge as exc:
         raise InflatedTooLarge(str(exc)) from None
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, NotImplementedError,
-            BytesLengthException, zlib.error, struct.error) as exc:
+            BytesLengthException, zlib.error, struct.error, OSError) as exc:
         raise UnreadableInstance(f"not a readable DICOM Part 10 object: {exc}") from None
     meta = getattr(ds, "file_meta", None)
     if len(ds) == 0:
@@ -342,12 +363,39 @@ def ingest(db: Database, settings: Settings, data: bytes, *, source: str = "dico
     if len(data) > settings.max_upload_bytes:
         raise InstanceTooLarge(f"instance of {len(data)} bytes exceeds the {settings.max_upload_mb} MB limit")
     header = read_header(data)
+    digest = sha256_bytes(data)
+    pending = _storage_pool().submit(store_bytes, settings.storage_dir, data, digest=digest)
+    return _record_when_stored(db, settings, header, digest, len(data), pending, source=source,
+                               calling_ae=calling_ae, peer_address=peer_address, uploaded_by_id=uploaded_by_id,
+                               original_filename=original_filename)
+
+
+def ingest_file(db: Database, settings: Settings, path: Path, *, source: str = "dicom",
+                calling_ae: str | None = None, peer_address: str | None = None) -> IngestResult:
+    """:func:`ingest` of an encoded Part 10 object in a file (where the listener receives each instance): the
+    header is read from the file, the hash and the copy into the store go through it in pieces, so the
+    instance is never held in memory whole. ``path`` is left where it is. Raises what :func:`ingest` raises."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise UnreadableInstance(f"the received instance cannot be read: {exc.strerror or exc}") from None
+    if size > settings.max_upload_bytes:
+        raise InstanceTooLarge(f"instance of {size} bytes exceeds the {settings.max_upload_mb} MB limit")
+    header = read_header(path)
+    digest = sha256_file(path)
+    pending = _storage_pool().submit(store_file, settings.storage_dir, path, digest=digest)
+    return _record_when_stored(db, settings, header, digest, size, pending, source=source, calling_ae=calling_ae,
+                               peer_address=peer_address)
+
+
+def _record_when_stored(db: Database, settings: Settings, header: _Header, digest: str, size: int,
+                        pending: Future[StoredFile], *, source: str, calling_ae: str | None,
+                        peer_address: str | None, uploaded_by_id: int | None = None,
+                        original_filename: str | None = None) -> IngestResult:
     # The file is written and fsynced (file and folder) by a storage thread while this thread runs the
     # database statements; the transaction commits only once the file is durable, so a committed row always
     # names a whole file and Success (after the commit) is never early. fsync releases the GIL: the two overlap.
-    digest = sha256_bytes(data)
-    pending = _storage_pool().submit(store_bytes, settings.storage_dir, data, digest=digest)
-    planned = StoredFile(path_for(settings.storage_dir, digest), digest, len(data), created=True)
+    planned = StoredFile(path_for(settings.storage_dir, digest), digest, size, created=True)
     stored: StoredFile | None = None
 
     def durable() -> StoredFile:
@@ -392,7 +440,7 @@ def ingest(db: Database, settings: Settings, data: bytes, *, source: str = "dico
                     result.sop_instance_uid, result.version, result.sha256[:16], result.job_pk)
     else:
         log.info("stored %s (%s, sha256 %s, %d bytes from %s), job %s", result.sop_instance_uid, source,
-                 result.sha256[:16], len(data), calling_ae or peer_address or "upload", result.job_pk)
+                 result.sha256[:16], size, calling_ae or peer_address or "upload", result.job_pk)
     return result
 
 

@@ -16,9 +16,12 @@ import errno
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,12 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def translate_os_error(exc: OSError, what: str) -> StorageError:
+    """``exc`` as :class:`StorageFull` (the disk or a quota is full) or :class:`StorageError`, saying ``what``
+    was being done."""
+    return _translate(exc, what)
+
+
 def _translate(exc: OSError, what: str) -> StorageError:
     if exc.errno in _FULL_ERRNOS:
         return StorageFull(exc.errno, f"storage full while {what}: {exc.strerror}")
@@ -80,15 +89,35 @@ def store_bytes(storage_dir: Path, data: bytes, suffix: str = ".dcm", *, digest:
     Identical bytes already in the store are not written again; their file and folder are fsynced all the
     same (cheap when already clean), as a concurrent call may have renamed it into place without having
     fsynced its folder yet, and the caller is about to rely on it being durable."""
-    digest = digest or sha256_bytes(data)
+    return _store(storage_dir, digest or sha256_bytes(data), len(data), suffix, lambda handle: handle.write(data))
+
+
+def store_file(storage_dir: Path, source: Path, suffix: str = ".dcm", *, digest: str | None = None) -> StoredFile:
+    """:func:`store_bytes` for a file already on disk (an instance the listener received to a temporary file):
+    copied into the store in 1 MiB pieces, never held in memory whole. ``source`` is left where it is. Raises
+    :class:`StorageError`, also when ``source`` cannot be read."""
+    try:
+        size = source.stat().st_size
+        digest = digest or sha256_file(source)
+    except OSError as exc:
+        raise _translate(exc, f"reading {source.name}") from exc
+
+    def copy(handle: BinaryIO) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, handle, 1 << 20)
+
+    return _store(storage_dir, digest, size, suffix, copy)
+
+
+def _store(storage_dir: Path, digest: str, size: int, suffix: str, write: Callable[[BinaryIO], object]) -> StoredFile:
     final = path_for(storage_dir, digest, suffix)
-    if final.is_file() and final.stat().st_size == len(data):
+    if final.is_file() and final.stat().st_size == size:
         try:
             _fsync_path(final)
             _fsync_path(final.parent)
         except OSError as exc:
             raise _translate(exc, f"syncing {final.name}") from exc
-        return StoredFile(final, digest, len(data), created=False)
+        return StoredFile(final, digest, size, created=False)
     tmp_dir = storage_dir / ".tmp"
     tmp_name: str | None = None
     try:
@@ -96,19 +125,19 @@ def store_bytes(storage_dir: Path, data: bytes, suffix: str = ".dcm", *, digest:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=digest[:16] + ".", suffix=".part")
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, final)
         tmp_name = None
         _fsync_path(final.parent)
     except OSError as exc:
-        raise _translate(exc, f"writing {len(data)} bytes") from exc
+        raise _translate(exc, f"writing {size} bytes") from exc
     finally:
         if tmp_name is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
-    return StoredFile(final, digest, len(data), created=True)
+    return StoredFile(final, digest, size, created=True)
 
 
 def discard(stored: StoredFile) -> None:

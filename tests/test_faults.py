@@ -125,7 +125,9 @@ def assert_store_is_whole(settings: Settings, db: Database) -> set[str]:
         ds = read_dataset(Path(path).read_bytes())
         assert len(ds.PixelData) == ds.Rows * ds.Columns * 2, f"{uid}: pixel data cut short"
     for stored in settings.storage_dir.rglob("*.dcm"):
-        if ".tmp" not in stored.parts:  # a killed writer may leave a .part file there; it is never promoted
+        # A killed writer may leave a .part file in .tmp, or a listener killed mid-transfer the instance it was
+        # receiving in .incoming: neither is ever promoted (the next listener removes the latter).
+        if ".tmp" not in stored.parts and ".incoming" not in stored.parts:
             assert stored.name == f"{sha256_file(stored)}.dcm", f"{stored} is not a whole file"
     return {uid for uid, *_ in rows}
 
@@ -178,6 +180,8 @@ def test_listener_killed_mid_association_records_no_partial_instance(settings: S
         listener.wait(30)
     assert again.returncode == 0, again.stderr
     assert assert_store_is_whole(settings, db) == sent_uids
+    # The killed listener's partial instance went when the new one started; the new one's files went as it answered.
+    assert list((settings.storage_dir / ".incoming").rglob("*.dcm")) == []
     assert count(db, Instance) == count(db, Job) == len(files)
 
 

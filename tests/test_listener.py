@@ -116,6 +116,9 @@ def test_c_store_stores_once_and_versions_changes(settings: Settings, db: Databa
 
 def test_aborted_association_mid_transfer_stores_nothing(settings: Settings, db: Database, listener,  # type: ignore[no-untyped-def]
                                                          make_dicom) -> None:
+    """A transfer cut off half-way: nothing recorded, nothing stored, and the half received to the incoming
+    folder is removed when the connection closes."""
+    incoming = settings.storage_dir / ".incoming"
     big = make_dicom("DX", rows=1024, cols=1024)
     assoc = _store_client(settings)
     assert assoc.is_established
@@ -143,6 +146,10 @@ def test_aborted_association_mid_transfer_stores_nothing(settings: Settings, db:
     client_socket.close()  # otherwise its ResourceWarning surfaces, as an error, in whichever test runs next
     assert _counts(db) == (0, 0)
     assert _stored_files(settings) == []
+    deadline = time.monotonic() + 5
+    while list(incoming.rglob("*.dcm")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(incoming.rglob("*.dcm")) == []
     ok = _store_client(settings)  # the listener is unharmed
     assert ok.send_c_store(dcmread(make_dicom("DX"))).Status == 0x0000
     ok.release()
