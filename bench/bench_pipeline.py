@@ -54,8 +54,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2000, help="long side, px")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--models", type=Path, default=None, help="model bundles (default: the bundled models)")
-    parser.add_argument("--runtime", choices=("onnx", "numpy", "torch"), default="numpy",
-                        help="FRACTURE_MODEL_RUNTIME of the workers (numpy is the default)")
+    parser.add_argument("--runtime", choices=("onnx", "numpy", "torch"), default="onnx",
+                        help="FRACTURE_MODEL_RUNTIME of the workers (onnx is the default)")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fn-bench-inputs")
     args = parser.parse_args()

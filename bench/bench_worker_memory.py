@@ -55,8 +55,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--size", type=int, default=2000, help="long side, px")
     parser.add_argument("--models", type=Path, default=None, help="model bundles (default: the bundled models)")
-    parser.add_argument("--runtime", choices=("onnx", "numpy", "torch"), default="numpy",
-                        help="how the networks run (FRACTURE_MODEL_RUNTIME; numpy is the workers' default)")
+    parser.add_argument("--runtime", choices=("onnx", "numpy", "torch"), default="onnx",
+                        help="how the networks run (FRACTURE_MODEL_RUNTIME; onnx is the workers' default)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fn-bench-inputs")
     args = parser.parse_args()
     header("worker memory by stage")
