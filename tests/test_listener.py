@@ -236,3 +236,22 @@ def test_disk_full_is_out_of_resources_never_success(settings: Settings, db: Dat
     assert too_big.Status == 0xA700 and "storage full" in too_big.ErrorComment
     assert _counts(db) == (1, 1)
     assert len(_stored_files(settings)) == 1  # no partial file left behind
+
+
+def test_received_to_disk_or_to_memory_the_stored_bytes_are_the_same(  # type: ignore[no-untyped-def]
+        settings: Settings, db: Database, listener, make_dicom, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listener receives to disk (dicom/receive.py); an instance received to memory, as before session 24
+    (and by the handler's fallback), is byte for byte the same file: re-sent after the change, it is a duplicate
+    of what is stored, not a new version."""
+    from pynetdicom import _config
+
+    path = make_dicom("DX", rows=300, cols=200)
+    for to_disk in (True, False):
+        monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", to_disk)
+        assoc = _store_client(settings)
+        assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+        assoc.release()
+    with db.session() as session:
+        rows = session.scalars(select(Instance)).all()
+    assert [(r.version, r.changed_from_previous) for r in rows] == [(1, False)]
+    assert _counts(db) == (1, 1) and len(_stored_files(settings)) == 1
