@@ -6,7 +6,9 @@ data's ``labels.csv`` (region, child, bits, type...).
 Prints JSON: over all radiographs the fused and detector-alone AUC, the mean call probability of intact
 images and the check's reasons; then for each value of each ``--by`` column the images, the share the
 radiograph check accepted, the fused and detector-alone AUC (where both classes occur) and the pointing game.
-The analysis behind docs/MODELS.md, "Out of family".
+A group with fractured images only (``--by type``) gets its AUC against every intact image of the set instead
+(``auc_vs_all_intact``, ``auc_detector_alone_vs_all_intact``): how well that kind of fracture is told from intact
+bone. The analysis behind docs/MODELS.md, "Out of family".
 """
 
 from __future__ import annotations
@@ -58,7 +60,14 @@ def breakdown(per_image: Path, data: Path, by: list[str]) -> dict[str, Any]:
         groups: dict[str, list[dict[str, str]]] = defaultdict(list)
         for row in rows:
             groups[row.get(f"label:{column}", "")].append(row)
-        out[column] = {value: _summary(group) for value, group in sorted(groups.items())}
+        intact_rows = [r for r in rows if r["fracture"] == "0"]
+        out[column] = {}
+        for value, group in sorted(groups.items()):
+            summary = _summary(group)
+            if intact_rows and all(r["fracture"] == "1" for r in group):
+                summary["auc_vs_all_intact"] = _auc(group + intact_rows, "probability")
+                summary["auc_detector_alone_vs_all_intact"] = _auc(group + intact_rows, "detector_probability")
+            out[column][value] = summary
     return out
 
 

@@ -135,6 +135,9 @@ def test_evaluate_command(tmp_path: Path) -> None:
     assert sum(g["images"] for g in by_region["region"].values()) == 12
     assert set(by_region["fracture"]) == {"0", "1"} and by_region["fracture"]["0"]["auc"] is None  # one class
     assert by_region["fracture"]["1"]["pointing_game"] == pytest.approx(sum(hits) / len(hits), abs=1e-4)
+    # a group of fractured images only is scored against every intact image: here, all of them, the overall AUC
+    assert by_region["fracture"]["1"]["auc_vs_all_intact"] == pytest.approx(auc, abs=1e-3)
+    assert "auc_vs_all_intact" not in by_region["fracture"]["0"]
     for section, key in [("detection", "auc"), ("detection", "sensitivity"), ("detection", "specificity"),
                          ("classification", "accuracy"), ("classification", "macro_f1"), ("calibration", "ece"),
                          ("localization", "pointing_game"), ("validity", "accuracy")]:
