@@ -11,7 +11,7 @@ Two things pynetdicom leaves to us, done here:
 
 * **Where.** Its temporary files are made by ``tempfile.NamedTemporaryFile`` in the system temporary folder,
   which may be a small RAM-backed ``tmpfs``. :func:`receive_to_disk` puts them in a folder of ours
-  (``<storage dir>/.incoming``, on the store's own file system) instead.
+  (``<storage dir>/.incoming/<host>-<pid>``, on the store's own file system) instead.
 * **A full disk.** pynetdicom writes in its network thread: a write that fails there (``ENOSPC``) breaks the
   association without a C-STORE response. :class:`IncomingFile` keeps the error and drops the rest of the
   dataset instead, so the transfer completes and the handler answers with a status (0xA700, storage full),

@@ -1,8 +1,9 @@
 """The one way a study enters FractureNode.
 
-:func:`ingest` is called by the DICOM listener's C-STORE handler and (through :func:`ingest_upload`) by
-the HTTP upload endpoint. It stores the encoded instance in the content-addressed store (temp file, fsync,
-atomic rename, folder fsync, named by its SHA-256) and records patient, study, series, instance, a queued job
+:func:`ingest` is called by the HTTP upload endpoint (through :func:`ingest_upload`), and :func:`ingest_file`,
+the same for an instance in a file, by the DICOM listener's C-STORE handler (which receives to disk). It
+stores the encoded instance in the content-addressed store (temp file, fsync, atomic rename, folder fsync,
+named by its SHA-256) and records patient, study, series, instance, a queued job
 and an audit row in ONE database transaction. The two overlap (a storage thread writes while this thread runs
 the statements), but the transaction commits only once the file is durable, and the caller answers only after
 the commit. Nothing is decoded here beyond the header: workers do the pixel work.
