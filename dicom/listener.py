@@ -113,13 +113,10 @@ def _log_aborted(event: Any) -> None:
 
 
 def _discard_partial(event: Any) -> None:
-    """``EVT_CONN_CLOSE``: remove the file of an instance whose transfer the connection cut off, and any that a
-    killed listener left (see :mod:`dicom.receive`)."""
+    """``EVT_CONN_CLOSE``: remove the file of an instance whose transfer the connection cut off (what a killed
+    listener left, the next one's start removes: see :mod:`dicom.receive`)."""
     if receive.discard_partial(getattr(getattr(event.assoc, "dimse", None), "message", None)):
         log.info("removed the partial instance of a transfer from %s that did not finish", _peer(event))
-    folder = receive.incoming_folder()
-    if folder is not None:
-        receive.sweep(folder.parent)
 
 
 def _handle_echo(event: Any) -> int:
@@ -128,20 +125,15 @@ def _handle_echo(event: Any) -> int:
 
 def handle_store(event: Any, settings: Settings, db: Any) -> int | Dataset:
     """``EVT_C_STORE``: hand the received instance to ``ingest_file`` and answer Success or a failure status."""
-    from service.ingest import DiskFull, StorageUnavailable, ingest, ingest_file
-    from service.storage import StorageFull, translate_os_error
+    from service.ingest import ingest, ingest_file, storage_failure
 
     try:
         calling_ae = event.assoc.requestor.ae_title.strip() or None
-        try:
-            path = event.dataset_path
-        except AttributeError:
-            path = None
+        path = event.dataset_path  # None where the dataset was received to memory
         if isinstance(path, Path):
             error = receive.finish(path)
             if error is not None:
-                failure = translate_os_error(error, "receiving the instance")
-                raise (DiskFull if isinstance(failure, StorageFull) else StorageUnavailable)(str(failure))
+                raise storage_failure(error, "receiving the instance")
             ingest_file(db, settings, path, source="dicom", calling_ae=calling_ae,
                         peer_address=event.assoc.requestor.address)
         else:  # received to memory: pynetdicom's default, where receive_to_disk() was not called

@@ -124,11 +124,6 @@ def receive_to_disk(base: Path | None = None) -> Path | None:
     return _folder
 
 
-def incoming_folder() -> Path | None:
-    """The folder set by :func:`receive_to_disk` (None: the system temporary folder)."""
-    return _folder
-
-
 def finish(path: Path) -> OSError | None:
     """For the C-STORE handler, once the dataset received to ``path`` is complete: its buffered tail written to
     the file, and the error that kept it from being written whole, if one did (None: the file is whole)."""

@@ -60,12 +60,14 @@ from service.errors import ServiceError
 from service.jobs import QUEUED, RECEIVED
 from service.models import AuditEntry, Instance, Job, JobEvent, Patient, Series, Study, utcnow
 from service.storage import (
+    StorageError,
     StorageFull,
     StoredFile,
     discard,
     path_for,
     sha256_bytes,
     sha256_file,
+    storage_error,
     store_bytes,
     store_file,
 )
@@ -371,6 +373,13 @@ def ingest(db: Database, settings: Settings, data: bytes, *, source: str = "dico
                                original_filename=original_filename)
 
 
+def storage_failure(exc: OSError, what: str) -> OutOfResources:
+    """A storage failure as what the sender is told: :class:`DiskFull` for a full disk or quota, else
+    :class:`StorageUnavailable`."""
+    failure = exc if isinstance(exc, StorageError) else storage_error(exc, what)
+    return (DiskFull if isinstance(failure, StorageFull) else StorageUnavailable)(str(failure))
+
+
 def ingest_file(db: Database, settings: Settings, path: Path, *, source: str = "dicom",
                 calling_ae: str | None = None, peer_address: str | None = None) -> IngestResult:
     """:func:`ingest` of an encoded Part 10 object in a file (where the listener receives each instance): the
@@ -404,12 +413,9 @@ def _record_when_stored(db: Database, settings: Settings, header: _Header, diges
         if stored is None:
             try:
                 stored = pending.result()
-            except StorageFull as exc:
-                log.error("cannot store instance %s: %s", header.sop_instance_uid, exc)
-                raise DiskFull(str(exc)) from exc
             except OSError as exc:
                 log.error("cannot store instance %s: %s", header.sop_instance_uid, exc)
-                raise StorageUnavailable(str(exc)) from exc
+                raise storage_failure(exc, "storing the instance") from exc
         return stored
 
     try:

@@ -70,13 +70,9 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def translate_os_error(exc: OSError, what: str) -> StorageError:
+def storage_error(exc: OSError, what: str) -> StorageError:
     """``exc`` as :class:`StorageFull` (the disk or a quota is full) or :class:`StorageError`, saying ``what``
     was being done."""
-    return _translate(exc, what)
-
-
-def _translate(exc: OSError, what: str) -> StorageError:
     if exc.errno in _FULL_ERRNOS:
         return StorageFull(exc.errno, f"storage full while {what}: {exc.strerror}")
     return StorageError(exc.errno, f"storage error while {what}: {exc.strerror or exc}")
@@ -100,7 +96,7 @@ def store_file(storage_dir: Path, source: Path, suffix: str = ".dcm", *, digest:
         size = source.stat().st_size
         digest = digest or sha256_file(source)
     except OSError as exc:
-        raise _translate(exc, f"reading {source.name}") from exc
+        raise storage_error(exc, f"reading {source.name}") from exc
 
     def copy(handle: BinaryIO) -> None:
         with open(source, "rb") as src:
@@ -116,7 +112,7 @@ def _store(storage_dir: Path, digest: str, size: int, suffix: str, write: Callab
             _fsync_path(final)
             _fsync_path(final.parent)
         except OSError as exc:
-            raise _translate(exc, f"syncing {final.name}") from exc
+            raise storage_error(exc, f"syncing {final.name}") from exc
         return StoredFile(final, digest, size, created=False)
     tmp_dir = storage_dir / ".tmp"
     tmp_name: str | None = None
@@ -132,7 +128,7 @@ def _store(storage_dir: Path, digest: str, size: int, suffix: str, write: Callab
         tmp_name = None
         _fsync_path(final.parent)
     except OSError as exc:
-        raise _translate(exc, f"writing {size} bytes") from exc
+        raise storage_error(exc, f"writing {size} bytes") from exc
     finally:
         if tmp_name is not None:
             with contextlib.suppress(OSError):
@@ -160,7 +156,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp_name, path)
         tmp_name = None
     except OSError as exc:
-        raise _translate(exc, f"writing {path.name}") from exc
+        raise storage_error(exc, f"writing {path.name}") from exc
     finally:
         if tmp_name is not None:
             with contextlib.suppress(OSError):
