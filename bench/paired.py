@@ -8,6 +8,10 @@ detector's alone (``detector_probability``), each set's AUC, the difference (new
 from resampling the images with replacement (the same draw for both sets, so the interval is that of the
 difference on these images, narrower than either AUC's own), and the share of draws where the new set is ahead.
 Session 21 added it to say how far a rule's margin stands from what 1 000 images resolve.
+
+Where both files carry the type columns (``type``, ``predicted_type``) and the map's (``peak_in_box``), the same
+draws also give the type's macro-F1 over the fractured images with a type (``type_macro_f1``) and the pointing
+game over the fractured images with a box (``pointing_game``), each with the same fields (session 25).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.evaluation.metrics import roc_auc  # noqa: E402
+from pipeline.evaluation.metrics import confusion_matrix, macro_f1, roc_auc  # noqa: E402
+from pipeline.taxonomy import FRACTURE_TYPES  # noqa: E402
 
 COLUMNS = ("probability", "detector_probability")
 
@@ -58,6 +63,46 @@ def paired(base: Path, new: Path, boot: int = 2000, seed: int = 1) -> dict[str, 
                        "difference": round(float(new_auc - base_auc), 4),
                        "interval_95": [round(float(np.percentile(d, 2.5)), 4), round(float(np.percentile(d, 97.5)), 4)],
                        "new_ahead_share": round(float(np.mean(d > 0)), 3)}
+    out.update(_paired_statistics(a, b, files, draws))
+    return out
+
+
+def _macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+    return macro_f1(confusion_matrix(truth, predicted, len(FRACTURE_TYPES)))
+
+
+def _paired_statistics(a: dict[str, dict[str, str]], b: dict[str, dict[str, str]], files: list[str],
+                       draws: list[np.ndarray]) -> dict[str, Any]:
+    """The type's macro-F1 and the pointing game of both sets on the same draws (where both files have them)."""
+    out: dict[str, Any] = {}
+    index = {f: i for i, f in enumerate(files)}
+    for name, keep, value in (
+            ("type_macro_f1", lambda r: r.get("fracture") == "1" and r.get("type") in FRACTURE_TYPES
+             and r.get("predicted_type") in FRACTURE_TYPES, lambda r: FRACTURE_TYPES.index(r["predicted_type"])),
+            ("pointing_game", lambda r: r.get("fracture") == "1" and r.get("peak_in_box") in ("0", "1"),
+             lambda r: int(r["peak_in_box"]))):
+        rows = [f for f in files if keep(a[f]) and keep(b[f])]
+        if not rows:
+            continue
+        pa = np.array([value(a[f]) for f in rows])
+        pb = np.array([value(b[f]) for f in rows])
+        truth = np.array([FRACTURE_TYPES.index(a[f]["type"]) if name == "type_macro_f1" else 1 for f in rows])
+        score = (lambda t, p: _macro_f1(t, p)) if name == "type_macro_f1" else (lambda t, p: float(np.mean(p)))
+        # the same image draws as the AUCs, restricted to these images
+        where = np.full(len(files), -1)
+        where[[index[f] for f in rows]] = np.arange(len(rows))
+        diffs = []
+        for idx in draws:
+            sub = where[idx]
+            sub = sub[sub >= 0]
+            if len(sub):
+                diffs.append(score(truth[sub], pb[sub]) - score(truth[sub], pa[sub]))
+        d = np.array(diffs)
+        base, new = score(truth, pa), score(truth, pb)
+        out[name] = {"images": len(rows), "base": round(float(base), 4), "new": round(float(new), 4),
+                     "difference": round(float(new - base), 4),
+                     "interval_95": [round(float(np.percentile(d, 2.5)), 4), round(float(np.percentile(d, 97.5)), 4)],
+                     "new_ahead_share": round(float(np.mean(d > 0)), 3)}
     return out
 
 

@@ -102,6 +102,44 @@ def test_paired_bootstrap_scores_the_difference_on_the_same_images(tmp_path: Pat
     _per_image_rows(tmp_path / "c.csv", ~y, rng.random(300), rng.random(300))
     with pytest.raises(ValueError, match="label the same image differently"):
         paired.paired(base, tmp_path / "c.csv", boot=10)
+    assert "type_macro_f1" not in got and "pointing_game" not in got  # rows without those columns
+
+
+def _typed_rows(path: Path, labels: np.ndarray, truth: np.ndarray, predicted: np.ndarray, hits: np.ndarray) -> Path:
+    with open(path, "w", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(["file", "kind", "fracture", "type", "probability", "detector_probability", "predicted_type",
+                      "peak_in_box"])
+        for i, (y, t, p, h) in enumerate(zip(labels, truth, predicted, hits, strict=True)):
+            out.writerow([f"{i}.png", "radiograph", int(y), FRACTURE_TYPES[t] if y else "", "0.5", "0.5",
+                          FRACTURE_TYPES[p], int(h) if y else ""])
+    return path
+
+
+def test_paired_bootstrap_scores_the_type_and_the_map_on_the_same_images(tmp_path: Path) -> None:
+    """bench/paired.py on rows with types and map hits: the macro-F1 and pointing game of each set over the
+    fractured images (intact ones do not count), the difference and its paired interval."""
+    rng = np.random.default_rng(7)
+    y = rng.random(400) < 0.5
+    truth = rng.integers(0, len(FRACTURE_TYPES), 400)
+    guess = rng.integers(0, len(FRACTURE_TYPES), 400)
+    better = np.where(rng.random(400) < 0.8, truth, guess)
+    hits_a, hits_b = rng.random(400) < 0.5, rng.random(400) < 0.9
+    base = _typed_rows(tmp_path / "a.csv", y, truth, guess, hits_a)
+    new = _typed_rows(tmp_path / "b.csv", y, truth, better, hits_b)
+    got = paired.paired(base, new, boot=200, seed=3)
+    f1 = got["type_macro_f1"]
+    assert f1["images"] == int(y.sum())
+    cm = confusion_matrix(truth[y], better[y], len(FRACTURE_TYPES))
+    assert f1["new"] == pytest.approx(macro_f1(cm), abs=1e-4)
+    assert f1["interval_95"][0] > 0.3 and f1["new_ahead_share"] == 1.0
+    point = got["pointing_game"]
+    assert point["base"] == pytest.approx(hits_a[y].mean(), abs=1e-4)
+    assert point["new"] == pytest.approx(hits_b[y].mean(), abs=1e-4)
+    lo, hi = point["interval_95"]
+    assert 0 < lo < point["difference"] < hi
+    same = paired.paired(new, new, boot=20)["type_macro_f1"]
+    assert same["difference"] == 0 and same["interval_95"] == [0, 0]
 
 
 def test_evaluate_command(tmp_path: Path) -> None:
