@@ -34,9 +34,6 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pynetdicom import _config as pynetdicom_config
-from pynetdicom import dimse_messages
-
 log = logging.getLogger(__name__)
 
 #: The folder, under the storage folder, that the listener receives to.
@@ -110,13 +107,22 @@ def _incoming_file(*_args: Any, **_kwargs: Any) -> IncomingFile:
     return IncomingFile(_folder or Path(tempfile.gettempdir()))
 
 
+def incoming_folder(base: Path) -> Path:
+    """This process's folder under ``base`` (``<host>-<pid>``: what :func:`sweep` removes once the process is
+    gone). Not created here."""
+    return base / f"{socket.gethostname()}-{os.getpid()}"
+
+
 def receive_to_disk(base: Path | None = None) -> Path | None:
     """From now on this process's Storage SCPs receive each dataset to a file in a folder of this process's own
     under ``base`` (``<host>-<pid>``; default: the system temporary folder itself, as read when each file is
     made), which it returns. Process-wide: pynetdicom's setting is global, so every SCP here then reads
     ``event.dataset_path`` (``event.dataset`` works too; ``event.encoded_dataset()`` does not)."""
+    from pynetdicom import _config as pynetdicom_config
+    from pynetdicom import dimse_messages
+
     global _folder
-    _folder = None if base is None else base / f"{socket.gethostname()}-{os.getpid()}"
+    _folder = None if base is None else incoming_folder(base)
     if _folder is not None:
         _folder.mkdir(parents=True, exist_ok=True)
     dimse_messages.NamedTemporaryFile = _incoming_file  # type: ignore[assignment]

@@ -417,13 +417,14 @@ def test_admin_audit_log_destinations_and_job_queue(portal: Portal) -> None:
 
 def test_the_web_app_leaves_the_networks_and_the_pdf_library_to_whoever_needs_them(tmp_path: Any) -> None:
     """A web process only serves pages, the API and uploads (the workers run the models): building the WSGI app
-    imports no network runtime, and fpdf2 only comes with the first PDF report (the node's memory budget)."""
+    imports no network runtime, nor pynetdicom (the listener's), and fpdf2 only comes with the first PDF report
+    (the node's memory budget)."""
     import os
     import subprocess
     import sys
 
     code = ("import sys, service.wsgi; assert service.wsgi.app is not None; "
-            "print(sorted(m for m in ('fpdf', 'torch', 'onnxruntime') if m in sys.modules))")
+            "print(sorted(m for m in ('fpdf', 'torch', 'onnxruntime', 'pynetdicom') if m in sys.modules))")
     env = {**os.environ, "FRACTURE_DATA_DIR": str(tmp_path)}
     env.pop("FRACTURE_DATABASE_URL", None)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
