@@ -19,6 +19,9 @@ Two things pynetdicom leaves to us, done here:
 
 A transfer cut off mid-way leaves its file behind in pynetdicom: :func:`discard_partial` removes it when the
 connection closes, and :func:`sweep` removes what a killed listener left, when the next one starts.
+
+The web server spools HTTP uploads to the same folders (:func:`incoming_folder`, ``service.ingest.spool_upload``),
+so one sweep covers both. pynetdicom is imported only by :func:`receive_to_disk`: the web process never loads it.
 """
 
 from __future__ import annotations
@@ -162,10 +165,11 @@ def _alive(pid: int) -> bool:
 
 
 def sweep(base: Path, older_than: float = 600.0) -> int:
-    """Remove what listeners killed mid-transfer left under ``base``: every file of a listener on this host
-    that is no longer running (and its folder), and elsewhere (a listener on another host sharing the store,
-    or a process that took a dead one's pid) only files not written to for ``older_than`` seconds (a transfer
-    in progress writes at least once per network timeout). Returns how many files were removed."""
+    """Remove what listeners (and web servers, which spool uploads here) killed mid-transfer left under
+    ``base``: every file of a process on this host that is no longer running (and its folder), and elsewhere (a
+    process on another host sharing the store, or one that took a dead one's pid) only files not written to for
+    ``older_than`` seconds (a transfer in progress writes at least once per network timeout; an upload is
+    spooled and stored within a request). Returns how many files were removed."""
     removed = 0
     cutoff = time.time() - older_than
     host = socket.gethostname()
@@ -181,6 +185,6 @@ def sweep(base: Path, older_than: float = 600.0) -> int:
             with contextlib.suppress(OSError):
                 folder.rmdir()
     if removed:
-        log.info("removed %d partial instance(s) left under %s by a listener that stopped mid-transfer",
-                 removed, base)
+        log.info("removed %d partial instance(s) left under %s by a listener or web server that stopped "
+                 "mid-transfer", removed, base)
     return removed

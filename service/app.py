@@ -7,6 +7,7 @@ import logging
 from flask import Flask, Response
 
 from config import Settings
+from dicom import receive
 from service.db import Database
 from service.errors import register_error_handlers
 
@@ -22,6 +23,9 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     """Build the web application. Tests pass their own ``settings`` (and may share a ``db``)."""
     settings = (settings or Settings.from_env()).with_secret_key()
     settings.ensure_dirs()
+    # Uploads are spooled to this process's folder of the listener's incoming area (service.ingest.spool_upload):
+    # what a web process killed mid-upload left there goes now, as a starting listener does for its own.
+    receive.sweep(settings.storage_dir / receive.FOLDER)
     app = Flask(__name__)
     app.config.update(
         SECRET_KEY=settings.secret_key,

@@ -1,19 +1,22 @@
 """The one way a study enters FractureNode.
 
-:func:`ingest` is called by the HTTP upload endpoint (through :func:`ingest_upload`), and :func:`ingest_file`,
-the same for an instance in a file, by the DICOM listener's C-STORE handler (which receives to disk). It
-stores the encoded instance in the content-addressed store (temp file, fsync, atomic rename, folder fsync,
-named by its SHA-256) and records patient, study, series, instance, a queued job
-and an audit row in ONE database transaction. The two overlap (a storage thread writes while this thread runs
-the statements), but the transaction commits only once the file is durable, and the caller answers only after
-the commit. Nothing is decoded here beyond the header: workers do the pixel work.
+:func:`ingest_file` is called by the DICOM listener's C-STORE handler (which receives to disk) and by the HTTP
+uploads (copied to disk first by :func:`spool_upload`, then :func:`ingest_spooled`); :func:`ingest` is the same
+for an instance already in memory (STOW-RS). It stores the encoded instance in the content-addressed store
+(temp file, fsync, atomic rename, folder fsync, named by its SHA-256) and records patient, study, series,
+instance, a queued job and an audit row in ONE database transaction. The two overlap (a storage thread writes
+while this thread runs the statements), but the transaction commits only once the file is durable, and the
+caller answers only after the commit. Nothing is decoded here beyond the header: workers do the pixel work.
 
 Idempotency: the same SOP Instance UID with the same bytes is stored once and processed once; different
 bytes under a known SOP Instance UID become a new ``version`` flagged ``changed_from_previous``, with a job
 of its own. The unique constraint ``(sop_instance_uid, version)`` settles races between concurrent senders.
 
 :func:`ingest_upload` adds the HTTP checks: size limit, content type against magic bytes, and for PNG/JPEG a
-decompression-bomb guard before the image is wrapped as a DICOM Secondary Capture with generated UIDs.
+decompression-bomb guard before the image is wrapped as a DICOM Secondary Capture with generated UIDs. An upload
+is never held in memory whole: it is copied in 1 MiB pieces to a file in the listener's incoming folder
+(``<storage dir>/.incoming/<host>-<pid>/``, :mod:`dicom.receive`), hashed and size-checked as it is copied, and
+that file is removed whatever the outcome.
 
 Every failure is one of our :class:`IngestError` subclasses; ``dicom.status`` turns them into DIMSE
 statuses and ``service.errors`` (they are :class:`~service.errors.ServiceError`) into HTTP responses.
@@ -21,18 +24,23 @@ statuses and ``service.errors`` (they are :class:`~service.errors.ServiceError`)
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import hashlib
 import io
 import logging
+import os
 import re
 import secrets
 import struct
+import tempfile
 import threading
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import IO, Any, cast
 
 import numpy as np
 from pydicom import Dataset
@@ -46,6 +54,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from config import Settings
+from dicom import receive
 from dicom.limits import (
     MAX_DECODED_BYTES,
     MAX_IMAGE_PIXELS,
@@ -381,10 +390,13 @@ def storage_failure(exc: OSError, what: str) -> OutOfResources:
 
 
 def ingest_file(db: Database, settings: Settings, path: Path, *, source: str = "dicom",
-                calling_ae: str | None = None, peer_address: str | None = None) -> IngestResult:
-    """:func:`ingest` of an encoded Part 10 object in a file (where the listener receives each instance): the
-    header is read from the file, the hash and the copy into the store go through it in pieces, so the
-    instance is never held in memory whole. ``path`` is left where it is. Raises what :func:`ingest` raises."""
+                calling_ae: str | None = None, peer_address: str | None = None, uploaded_by_id: int | None = None,
+                original_filename: str | None = None, sha256: str | None = None) -> IngestResult:
+    """:func:`ingest` of an encoded Part 10 object in a file (where the listener receives each instance, and an
+    upload is spooled): the header is read from the file, the hash and the copy into the store go through it in
+    pieces, so the instance is never held in memory whole. ``sha256``: the file's digest, where the caller
+    computed it while writing the file (not read again). ``path`` is left where it is. Raises what
+    :func:`ingest` raises."""
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -392,10 +404,11 @@ def ingest_file(db: Database, settings: Settings, path: Path, *, source: str = "
     if size > settings.max_upload_bytes:
         raise InstanceTooLarge(f"instance of {size} bytes exceeds the {settings.max_upload_mb} MB limit")
     header = read_header(path)
-    digest = sha256_file(path)
+    digest = sha256 or sha256_file(path)
     pending = _storage_pool().submit(store_file, settings.storage_dir, path, digest=digest)
     return _record_when_stored(db, settings, header, digest, size, pending, source=source, calling_ae=calling_ae,
-                               peer_address=peer_address)
+                               peer_address=peer_address, uploaded_by_id=uploaded_by_id,
+                               original_filename=original_filename)
 
 
 def _record_when_stored(db: Database, settings: Settings, header: _Header, digest: str, size: int,
@@ -476,8 +489,14 @@ def _discard_when_written(pending: Future[StoredFile]) -> None:
 # ------------------------------------------------------------------------------------------ uploads
 
 
+#: What :func:`sniff` looks at: the DICOM prefix ends at byte 132 (PS3.10 7.1), the PNG and JPEG ones before.
+SNIFF_BYTES = 132
+#: Uploads are copied to disk in pieces of this size (as the listener writes what it receives).
+CHUNK = receive.BUFFER
+
+
 def sniff(data: bytes) -> str | None:
-    """``dicom``, ``png``, ``jpeg`` from the magic bytes, else None."""
+    """``dicom``, ``png``, ``jpeg`` from the magic bytes (the first :data:`SNIFF_BYTES`), else None."""
     if len(data) >= 132 and data[128:132] == DICOM_MAGIC:
         return "dicom"
     if data.startswith(PNG_MAGIC):
@@ -487,19 +506,92 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def _read_limited(stream: bytes | BinaryIO, limit: int) -> bytes:
-    data = bytes(stream) if isinstance(stream, bytes | bytearray | memoryview) else stream.read(limit + 1)
-    if len(data) > limit:
-        raise InstanceTooLarge(f"upload exceeds the {limit // (1024 * 1024)} MB limit")
-    return data
+def check_upload(content_type: str | None, kind: str | None, *, details: Any = None) -> str:
+    """The upload's kind (``dicom``, ``png``, ``jpeg``) if its declared ``content_type`` is accepted and agrees
+    with ``kind``, what :func:`sniff` found (``application/octet-stream`` or none: the magic bytes decide); else
+    :class:`UnsupportedUpload` (with ``details``)."""
+    declared = (content_type or "").split(";")[0].strip().lower()
+    if declared not in UNTYPED and declared not in CONTENT_TYPES:
+        raise UnsupportedUpload(f"content type {declared!r} is not accepted; send application/dicom, image/png "
+                                "or image/jpeg", details=details)
+    if kind is None:
+        raise UnsupportedUpload("the file is not DICOM Part 10, PNG or JPEG (magic bytes)", details=details)
+    if declared in CONTENT_TYPES and CONTENT_TYPES[declared] != kind:
+        raise UnsupportedUpload(f"content type {declared!r} does not match the file's content ({kind})",
+                                details=details)
+    return kind
 
 
-def decode_upload_image(data: bytes, kind: str) -> np.ndarray:
-    """Decode a PNG/JPEG with a decompression-bomb guard; return uint8/uint16 grey (HxW) or uint8 RGB."""
+@dataclass(frozen=True)
+class SpooledUpload:
+    """An upload copied to a file of the incoming folder by :func:`spool_upload`."""
+
+    path: Path
+    #: SHA-256 (hex) of the bytes, computed while copying them: the same as ``sha256_bytes`` of the upload.
+    sha256: str
+    size: int
+    #: What :func:`sniff` says of its first bytes.
+    kind: str | None
+
+
+@contextlib.contextmanager
+def _incoming_path(settings: Settings, what: str) -> Iterator[Path]:
+    """A new, empty file in this process's incoming folder (``<storage dir>/.incoming/<host>-<pid>/``, where
+    the listener receives to and which :func:`dicom.receive.sweep` cleans after a killed process), removed when
+    the block ends, whatever the outcome. A file that cannot be made is a storage failure (:func:`storage_failure`:
+    a full disk is :class:`DiskFull`, as for the store itself)."""
+    folder = receive.incoming_folder(settings.storage_dir / receive.FOLDER)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f"{receive.PREFIX}upload-", suffix=".dcm")
+        os.close(fd)
+    except OSError as exc:
+        log.error("cannot make a file in %s: %s", folder, exc.strerror or exc)
+        raise storage_failure(exc, what) from exc
+    try:
+        yield Path(name)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+@contextlib.contextmanager
+def spool_upload(settings: Settings, stream: bytes | IO[bytes]) -> Iterator[SpooledUpload]:
+    """Copy an upload (a file-like object, read from where it is; or bytes) to a file of the incoming folder in
+    :data:`CHUNK` pieces, never holding it whole: hashed as it is copied, refused with :class:`InstanceTooLarge`
+    as soon as it exceeds ``settings.max_upload_bytes``, its kind sniffed from its first bytes. The file is
+    removed when the block ends, whatever the outcome. A disk that fills while copying is :class:`DiskFull`
+    (any other I/O failure :class:`StorageUnavailable`), as when the store fills."""
+    source: IO[bytes] = io.BytesIO(stream) if isinstance(stream, bytes | bytearray | memoryview) else stream
+    limit = settings.max_upload_bytes
+    with _incoming_path(settings, "receiving the upload") as path:
+        digest = hashlib.sha256()
+        size = 0
+        head = b""
+        try:
+            with open(path, "wb") as out:
+                while chunk := source.read(CHUNK):
+                    size += len(chunk)
+                    if size > limit:
+                        raise InstanceTooLarge(f"upload exceeds the {limit // (1024 * 1024)} MB limit")
+                    if len(head) < SNIFF_BYTES:
+                        head += chunk[:SNIFF_BYTES - len(head)]
+                    digest.update(chunk)
+                    out.write(chunk)
+        except OSError as exc:  # writing here, or reading the request's own spooled copy: the host's storage
+            log.error("cannot spool an upload to %s: %s", path, exc.strerror or exc)
+            raise storage_failure(exc, "receiving the upload") from exc
+        yield SpooledUpload(path, digest.hexdigest(), size, sniff(head))
+
+
+def decode_upload_image(data: bytes | Path, kind: str) -> np.ndarray:
+    """Decode a PNG/JPEG (its bytes, or a file read as it decodes) with a decompression-bomb guard; return
+    uint8/uint16 grey (HxW) or uint8 RGB."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data), formats=["PNG" if kind == "png" else "JPEG"]) as img:
+        source = data if isinstance(data, Path) else io.BytesIO(data)
+        with Image.open(source, formats=["PNG" if kind == "png" else "JPEG"]) as img:
             width, height = img.size
             # What load() and the conversions below allocate: a palette becomes RGB, 16-bit stays 16-bit.
             samples = 3 if img.mode in ("P", "PA") else len(img.getbands())
@@ -529,10 +621,11 @@ def decode_upload_image(data: bytes, kind: str) -> np.ndarray:
     return rgb
 
 
-def wrap_secondary_capture(pixels: np.ndarray, *, patient_id: str = "", patient_name: str = "",
-                           referring_physician_name: str | None = None, study_description: str | None = None,
-                           modality: str = "OT") -> bytes:
-    """Wrap a decoded image as a DICOM Secondary Capture Image (PS3.3 A.8.1) with generated UIDs."""
+def secondary_capture(pixels: np.ndarray, *, patient_id: str = "", patient_name: str = "",
+                      referring_physician_name: str | None = None, study_description: str | None = None,
+                      modality: str = "OT") -> Dataset:
+    """Wrap a decoded image as a DICOM Secondary Capture Image (PS3.3 A.8.1) with generated UIDs; written with
+    ``save_as(..., enforce_file_format=True)``."""
     now = dt.datetime.now(dt.UTC)
     sop_uid = generate_uid()
     meta = FileMetaDataset()
@@ -576,39 +669,51 @@ def wrap_secondary_capture(pixels: np.ndarray, *, patient_id: str = "", patient_
         ds.BitsAllocated = ds.BitsStored = 16 if pixels.dtype == np.uint16 else 8
     ds.HighBit = ds.BitsStored - 1
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return ds
 
 
-def ingest_upload(db: Database, settings: Settings, stream: bytes | BinaryIO, *, content_type: str | None,
+def ingest_upload(db: Database, settings: Settings, stream: bytes | IO[bytes], *, content_type: str | None,
                   filename: str | None = None, uploaded_by_id: int | None = None, source: str = "upload",
                   remote_addr: str | None = None, patient_id: str = "", patient_name: str = "",
                   referring_physician_name: str | None = None) -> IngestResult:
-    """Take an HTTP upload (DICOM Part 10, PNG or JPEG) through the checks, then :func:`ingest`.
+    """Take an HTTP upload (DICOM Part 10, PNG or JPEG; a file-like object or bytes) to disk
+    (:func:`spool_upload`), through the checks, then into the store (:func:`ingest_spooled`)."""
+    with spool_upload(settings, stream) as upload:
+        return ingest_spooled(db, settings, upload, content_type=content_type, filename=filename,
+                              uploaded_by_id=uploaded_by_id, source=source, remote_addr=remote_addr,
+                              patient_id=patient_id, patient_name=patient_name,
+                              referring_physician_name=referring_physician_name)
+
+
+def ingest_spooled(db: Database, settings: Settings, upload: SpooledUpload, *, content_type: str | None,
+                   filename: str | None = None, uploaded_by_id: int | None = None, source: str = "upload",
+                   remote_addr: str | None = None, patient_id: str = "", patient_name: str = "",
+                   referring_physician_name: str | None = None) -> IngestResult:
+    """An upload spooled by :func:`spool_upload`, through the checks, then :func:`ingest_file`.
 
     ``content_type`` must be ``application/dicom``, ``image/png`` or ``image/jpeg`` and agree with the magic
-    bytes (``application/octet-stream`` or none: the magic bytes decide). PNG/JPEG become Secondary Capture
-    objects with generated UIDs; ``patient_*`` and ``referring_physician_name`` fill their header.
+    bytes (``application/octet-stream`` or none: the magic bytes decide). A DICOM file is stored as the bytes
+    uploaded. PNG/JPEG become Secondary Capture objects with generated UIDs, written to a second file of the
+    incoming folder; ``patient_*`` and ``referring_physician_name`` fill their header.
     """
-    data = _read_limited(stream, settings.max_upload_bytes)
-    declared = (content_type or "").split(";")[0].strip().lower()
-    kind = sniff(data)
-    if declared not in UNTYPED and declared not in CONTENT_TYPES:
-        raise UnsupportedUpload(f"content type {declared!r} is not accepted; send application/dicom, image/png "
-                                "or image/jpeg")
-    if kind is None:
-        raise UnsupportedUpload("the file is not DICOM Part 10, PNG or JPEG (magic bytes)")
-    if declared in CONTENT_TYPES and CONTENT_TYPES[declared] != kind:
-        raise UnsupportedUpload(f"content type {declared!r} does not match the file's content ({kind})")
-    if kind != "dicom":
-        pixels = decode_upload_image(data, kind)
-        # An image without a patient ID is its own anonymous patient, never merged with other uploads.
-        patient_id = patient_id.strip() or f"ANON-{secrets.token_hex(6).upper()}"
-        data = wrap_secondary_capture(pixels, patient_id=patient_id, patient_name=patient_name,
-                                      referring_physician_name=referring_physician_name,
-                                      study_description=(f"Upload {filename}" if filename else "Upload"))
-        if len(data) > settings.max_upload_bytes:
+    kind = check_upload(content_type, upload.kind)
+    if kind == "dicom":
+        return ingest_file(db, settings, upload.path, source=source, peer_address=remote_addr,
+                           uploaded_by_id=uploaded_by_id, original_filename=filename, sha256=upload.sha256)
+    pixels = decode_upload_image(upload.path, kind)
+    # An image without a patient ID is its own anonymous patient, never merged with other uploads.
+    patient_id = patient_id.strip() or f"ANON-{secrets.token_hex(6).upper()}"
+    capture = secondary_capture(pixels, patient_id=patient_id, patient_name=patient_name,
+                                referring_physician_name=referring_physician_name,
+                                study_description=(f"Upload {filename}" if filename else "Upload"))
+    del pixels  # the dataset holds its own copy of the pixels
+    with _incoming_path(settings, "writing the Secondary Capture") as path:
+        try:
+            capture.save_as(path, enforce_file_format=True)
+        except OSError as exc:
+            raise storage_failure(exc, "writing the Secondary Capture") from exc
+        del capture
+        if path.stat().st_size > settings.max_upload_bytes:
             raise InstanceTooLarge("the decoded image exceeds the upload size limit")
-    return ingest(db, settings, data, source=source, peer_address=remote_addr, uploaded_by_id=uploaded_by_id,
-                  original_filename=filename)
+        return ingest_file(db, settings, path, source=source, peer_address=remote_addr,
+                           uploaded_by_id=uploaded_by_id, original_filename=filename)

@@ -333,6 +333,21 @@ def worker_settings(settings: Settings, model_dir: Path) -> Settings:
 
 
 @pytest.fixture
+def full_disk(settings: Settings):  # type: ignore[no-untyped-def]
+    """``settings.storage_dir`` (the store and the incoming folder the listener and uploads write to) on a 1 MB
+    tmpfs (needs root; skipped where mounting is not permitted)."""
+    import subprocess
+
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(settings.storage_dir)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to simulate a full disk: {mounted.stderr.strip()}")
+    yield settings.storage_dir
+    subprocess.run(["umount", "-l", str(settings.storage_dir)], check=False)
+
+
+@pytest.fixture
 def db(settings: Settings):  # type: ignore[no-untyped-def]
     """A :class:`service.db.Database` on the test's (migrated) database."""
     from service.db import Database

@@ -4,6 +4,7 @@ feedback, models, rate limiting, STOW-RS and every error status, each in the one
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -41,9 +42,12 @@ TYPES = ("transverse", "oblique", "spiral", "comminuted", "greenstick", "hairlin
 
 
 def _read(response: Any) -> Any:
-    """Buffer the body and close the response (a streamed file would otherwise stay open)."""
+    """Buffer the body and close the response (a streamed file would otherwise stay open), and the request's
+    body: Werkzeug's test client keeps one over 500 kB in a temporary file and closes it only when it follows
+    redirects (``werkzeug.test.Client.open``)."""
     response.get_data()
     response.close()
+    response.request.input_stream.close()
     return response
 
 
@@ -309,6 +313,126 @@ def test_submit_errors(api, app):  # type: ignore[no-untyped-def]
     app.config["MAX_CONTENT_LENGTH"] = 1000
     error = assert_error(api.submit("ruth", files=[(png_bytes(100), "big.png", "image/png")]), 413)
     assert error["code"] == "payload_too_large"
+
+
+# ------------------------------------------------------------------------- uploads go to disk, not memory
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def _incoming(app: Any) -> list[Path]:
+    """What is left in the incoming folder, where uploads are spooled (and the listener receives)."""
+    return _files_under(app.extensions["fracture.settings"].storage_dir / ".incoming")
+
+
+def _instance_count(api: Api) -> int:
+    with api.db.session() as s:
+        return int(s.scalar(select(func.count()).select_from(Instance)))
+
+
+def test_a_large_dicom_upload_is_stored_byte_identical_and_its_spooled_copy_removed(api, app):  # type: ignore[no-untyped-def]
+    """A DICOM upload of several MB (several 1 MiB pieces) goes to disk and through ingest_file: the store holds
+    the bytes sent, nothing stays in the incoming folder, and the same bytes taken in memory (``ingest``, the
+    path every upload took before) are a duplicate of it, not a new version."""
+    from service.ingest import ingest
+
+    data = dicom_bytes(1800)  # 6.5 MB
+    assert len(data) > 6 * 1024 * 1024
+    item = api.submit("ris", files=[(data, "big.dcm", "application/dicom")]).get_json()["items"][0]
+    assert item["duplicate"] is False
+    with api.db.session() as s:
+        instance = s.get(Instance, item["instance_id"])
+        path, size, sha256 = Path(instance.file_path), instance.size_bytes, instance.sha256
+    assert path.read_bytes() == data and size == len(data) and sha256 == hashlib.sha256(data).hexdigest()
+    assert _incoming(app) == []
+    settings = app.extensions["fracture.settings"]
+    assert _files_under(settings.storage_dir) == [path]  # nothing but the stored instance
+    in_memory = ingest(api.db, settings, data, source="api")
+    assert in_memory.duplicate is True and in_memory.instance_pk == item["instance_id"]
+    again = api.submit("ris", files=[(data, "big.dcm", "application/octet-stream")]).get_json()["items"][0]
+    assert again["duplicate"] is True and again["instance_id"] == item["instance_id"]
+    assert _incoming(app) == []
+
+
+def test_an_upload_over_the_limit_is_413_and_leaves_no_file(api, app, settings):  # type: ignore[no-untyped-def]
+    """The size limit holds while an upload is copied to disk (behind Werkzeug's own limit on the whole
+    request, lifted here so that the copy's is the one that bites): 413 with the ingest message, nothing stored,
+    and no spooled file left, also of the request's first part, which fitted."""
+    app.extensions["fracture.settings"] = dataclasses.replace(settings, max_upload_mb=1)
+    app.config["MAX_CONTENT_LENGTH"] = None
+    fits, too_big = dicom_bytes(256), dicom_bytes(1024)  # 0.13 MB, 2 MB
+    error = assert_error(api.submit("ris", files=[(fits, "a.dcm", "application/dicom"),
+                                                  (too_big, "b.dcm", "application/dicom")]), 413,
+                         "payload_too_large")
+    assert error["message"] == "upload exceeds the 1 MB limit"
+    assert _instance_count(api) == 0 and _incoming(app) == []
+    assert _files_under(settings.storage_dir) == []
+    # With Werkzeug's limit on the request back (as the app sets it), the same upload is 413 before any copy.
+    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    assert_error(api.submit("ris", files=[(too_big, "b.dcm", "application/dicom")]), 413, "payload_too_large")
+    assert _instance_count(api) == 0 and _incoming(app) == []
+    assert api.submit("ris", files=[(fits, "a.dcm", "application/dicom")]).status_code == 202
+
+
+def test_one_bad_part_refuses_the_request_and_leaves_nothing_behind(api, app, settings):  # type: ignore[no-untyped-def]
+    """A multi-file request with one part that is not DICOM/PNG/JPEG stores none of them (the precheck), and
+    the parts already copied to disk are removed."""
+    files = [(dicom_bytes(1024), "a.dcm", "application/dicom"), (png_bytes(seed=4), "b.png", "image/png"),
+             (b"%PDF-1.7 not an image", "c.pdf", "application/octet-stream"),
+             (dicom_bytes(512), "d.dcm", "application/dicom")]
+    error = assert_error(api.submit("ris", files=files), 415, "unsupported_media_type")
+    assert error["details"] == {"filename": "c.pdf"} and "magic bytes" in error["message"]
+    liar = [files[0], (png_bytes(seed=5), "e.jpg", "image/jpeg")]
+    error = assert_error(api.submit("ris", files=liar), 415, "unsupported_media_type")
+    assert error["details"] == {"filename": "e.jpg"} and "does not match" in error["message"]
+    assert _instance_count(api) == 0
+    assert _files_under(settings.storage_dir) == []  # neither stored nor spooled
+    assert api.submit("ris", files=files[:2] + files[3:]).status_code == 202
+    assert _instance_count(api) == 3 and _incoming(app) == []
+
+
+def test_idempotency_key_replay_of_a_streamed_upload_has_the_same_request_hash(api, app):  # type: ignore[no-untyped-def]
+    """The request hash of a streamed upload is the one computed from the parts' bytes in memory (as before
+    uploads were streamed), so a client retrying across the upgrade gets its replay; and the replay works."""
+    from service.api import idempotency
+
+    data, image = dicom_bytes(1200), png_bytes(seed=6)  # the DICOM part spans three 1 MiB pieces
+    files = [(data, "big.dcm", "application/dicom"), (image, "x.png", "image/png")]
+    headers = {"Idempotency-Key": "streamed-1"}
+    first = api.submit("ris", files=files, headers=headers, patient_id="P-9")
+    assert first.status_code == 202 and "Idempotent-Replayed" not in first.headers
+    with app.test_request_context("/api/v1/studies", method="POST", content_type="multipart/form-data",
+                                  data={"file": [(io.BytesIO(b), n, c) for b, n, c in files], "patient_id": "P-9"}):
+        from flask import request
+
+        in_memory = idempotency.request_hash(request, [("file", n, c, hashlib.sha256(b).hexdigest())
+                                                       for b, n, c in files])
+        request.input_stream.close()  # see _read
+    with api.db.session() as s:
+        row = s.scalars(select(IdempotencyKey).where(IdempotencyKey.key == "streamed-1")).one()
+        assert row.request_hash == in_memory
+    second = api.submit("ris", files=files, headers=headers, patient_id="P-9")
+    assert second.status_code == 202 and second.headers["Idempotent-Replayed"] == "true"
+    assert second.get_json() == first.get_json()
+    assert _instance_count(api) == 2 and _incoming(app) == []
+    changed = [(data[:-1] + b"\1", "big.dcm", "application/dicom"), files[1]]  # one byte in the last piece
+    assert_error(api.submit("ris", files=changed, headers=headers, patient_id="P-9"), 409, "idempotency_key_reused")
+
+
+def test_a_full_disk_while_spooling_an_upload_is_the_full_store_error(api, app, settings, full_disk):  # type: ignore[no-untyped-def]
+    """The incoming folder is on the store's file system: a disk that fills while an upload is copied there
+    answers what a full store answers (503 ``storage_full``, the sender may retry), and leaves no file."""
+    fits_spool_not_store = dicom_bytes(560)  # 0.6 MB: copied, then the store's copy does not fit in 1 MB
+    store_full = assert_error(api.submit("ris", files=[(fits_spool_not_store, "a.dcm", "application/dicom")]),
+                              503, "storage_full")
+    spool_full = assert_error(api.submit("ris", files=[(dicom_bytes(1024), "b.dcm", "application/dicom")]),
+                              503, "storage_full")
+    assert "storage full" in store_full["message"] and "storage full" in spool_full["message"]
+    assert "receiving the upload" in spool_full["message"]
+    assert _instance_count(api) == 0 and _files_under(full_disk) == []
+    assert api.submit("ris", files=[(dicom_bytes(128), "c.dcm", "application/dicom")]).status_code == 202
 
 
 # ------------------------------------------------------------------------------------- scoping, listing

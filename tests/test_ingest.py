@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import socket
 import struct
 import zlib
 from pathlib import Path
@@ -23,6 +26,7 @@ from service.ingest import (
     UnsupportedUpload,
     ingest,
     ingest_upload,
+    spool_upload,
 )
 from service.models import Instance, Job, JobEvent, Patient, Series, Study
 from service.storage import sha256_file
@@ -118,6 +122,44 @@ def test_png_and_jpeg_uploads_become_secondary_capture(settings: Settings, db: D
         assert sources == ["upload", "upload"]
         assert session.scalars(select(Instance.original_filename).where(Instance.id == result.instance_pk)).one() \
             == "hand.png"
+    assert sorted(_leftovers(settings)) == sorted([result.path, second.path])  # the upload and its SC: removed
+
+
+class _Recording(io.BytesIO):
+    """An upload stream that records what it was asked for and gives at most ``most`` bytes a read."""
+
+    def __init__(self, data: bytes, most: int | None = None) -> None:
+        super().__init__(data)
+        self.asked: list[int | None] = []
+        self.most = most
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self.asked.append(size)
+        return super().read(size if self.most is None else self.most)
+
+
+def test_an_upload_is_spooled_in_pieces_hashed_as_it_goes_and_removed(settings: Settings, make_dicom) -> None:  # type: ignore[no-untyped-def]
+    data = make_dicom("DX", rows=1500, cols=1200).read_bytes()  # 3.6 MB
+    stream = _Recording(data)
+    with spool_upload(settings, stream) as upload:
+        assert upload.path.parent == settings.storage_dir / ".incoming" / f"{socket.gethostname()}-{os.getpid()}"
+        assert upload.path.read_bytes() == data and upload.size == len(data)
+        assert upload.sha256 == hashlib.sha256(data).hexdigest() and upload.kind == "dicom"
+    assert not upload.path.exists()
+    assert len(stream.asked) > 3 and all(n is not None and 0 < n <= 1024 * 1024 for n in stream.asked)
+    trickle = _Recording(data[:500], most=7)  # a stream that gives less than asked: the magic bytes still count
+    with spool_upload(settings, trickle) as upload:
+        assert upload.kind == "dicom" and upload.path.read_bytes() == data[:500]
+    with pytest.raises(RuntimeError), spool_upload(settings, _png(np.zeros((8, 8), np.uint8))) as png:
+        assert png.kind == "png" and png.path.is_file()
+        raise RuntimeError("whatever fails while the upload is being taken in")
+    assert not png.path.exists()
+    small = Settings.from_env({}, data_dir=settings.data_dir, database_url=settings.database_url, max_upload_mb=1)
+    too_big = _Recording(b"\0" * (5 * 1024 * 1024))
+    with pytest.raises(InstanceTooLarge, match="upload exceeds the 1 MB limit"), spool_upload(small, too_big):
+        pass
+    assert too_big.tell() <= 2 * 1024 * 1024  # refused once over the limit, not read to the end
+    assert _leftovers(settings) == []
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -148,6 +190,7 @@ def test_upload_checks(settings: Settings, db: Database, make_dicom) -> None:  #
     assert _count(db, Instance) == 0
     dicom = ingest_upload(db, settings, make_dicom("CR").read_bytes(), content_type="application/dicom")
     assert dicom.sop_class_uid == "1.2.840.10008.5.1.4.1.1.1"
+    assert _leftovers(settings) == [dicom.path]  # no spooled copy of any of them is left
 
 
 def test_concurrent_sends_of_one_study_are_race_safe(settings: Settings, db: Database, make_dicom) -> None:  # type: ignore[no-untyped-def]

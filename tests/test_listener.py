@@ -4,7 +4,6 @@ the Storage SCP (stored once, versions, aborted transfers, full disk, database d
 import contextlib
 import dataclasses
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -212,18 +211,6 @@ def test_too_large_and_database_down_are_out_of_resources(settings: Settings, ma
         server.shutdown()
     assert status.Status == 0xA701 and "database" in status.ErrorComment
     assert _stored_files(settings) == []  # the file written before the database failed was removed
-
-
-@pytest.fixture
-def full_disk(settings: Settings):  # type: ignore[no-untyped-def]
-    """``settings.storage_dir`` on a 1 MB tmpfs (needs root; skipped where mounting is not permitted)."""
-    settings.storage_dir.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(settings.storage_dir)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to simulate a full disk: {mounted.stderr.strip()}")
-    yield settings.storage_dir
-    subprocess.run(["umount", "-l", str(settings.storage_dir)], check=False)
 
 
 def test_disk_full_is_out_of_resources_never_success(settings: Settings, db: Database, listener, full_disk,  # type: ignore[no-untyped-def]

@@ -5,13 +5,16 @@ rows written for every view of patient data, upload, feedback, report, downloads
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
-from service.models import AuditEntry, Feedback, Job, User
+from service.models import AuditEntry, Feedback, Instance, Job, User
+from tests.conftest import dicom_bytes
 from tests.test_portal_support import PASSWORD, Portal, csrf_from, png_bytes, two_clinicians
 
 
@@ -272,6 +275,33 @@ def test_upload_accepts_images_and_says_why_it_rejects(portal: Portal) -> None:
     assert big.status_code == 413 and "too large" in big.get_json()["error"]
 
 
+def test_a_dicom_upload_is_stored_as_sent_through_the_incoming_folder(portal: Portal) -> None:
+    """A DICOM file of several MB dropped on the upload page is copied to disk in pieces, never read whole, and
+    stored as the bytes sent; its copy in the incoming folder is gone after the answer, and a second drop of the
+    same file is a duplicate."""
+    data = dicom_bytes(1800)  # 6.5 MB
+    ruth = portal.login("ruth")
+
+    def drop() -> Any:
+        response = ruth.post("/upload", data={"file": (io.BytesIO(data), "wrist.dcm", "application/dicom")},
+                             content_type="multipart/form-data")
+        response.request.input_stream.close()  # the test client leaves a body over 500 kB open otherwise
+        return response
+
+    first = drop()
+    body = first.get_json()
+    assert first.status_code == 200 and body["ok"] is True and body["duplicate"] is False, body
+    with portal.db.session() as s:
+        instance = s.get(Instance, body["instance_id"])
+        assert instance.source == "upload" and instance.original_filename == "wrist.dcm"
+        stored = Path(instance.file_path)
+    assert stored.read_bytes() == data and stored.name == f"{hashlib.sha256(data).hexdigest()}.dcm"
+    assert [p for p in (portal.settings.storage_dir / ".incoming").rglob("*") if p.is_file()] == []
+    assert ruth.get(f"/studies/{body['study_id']}").status_code == 200
+    second = drop().get_json()
+    assert second["ok"] is True and second["duplicate"] is True and second["instance_id"] == body["instance_id"]
+
+
 # --------------------------------------------------------------------------------------------- feedback
 
 
@@ -417,8 +447,8 @@ def test_admin_audit_log_destinations_and_job_queue(portal: Portal) -> None:
 
 def test_the_web_app_leaves_the_networks_and_the_pdf_library_to_whoever_needs_them(tmp_path: Any) -> None:
     """A web process only serves pages, the API and uploads (the workers run the models): building the WSGI app
-    imports no network runtime, nor pynetdicom (the listener's), and fpdf2 only comes with the first PDF report
-    (the node's memory budget)."""
+    imports no network runtime, nor pynetdicom (the listener's; uploads share only its incoming folder), and fpdf2
+    only comes with the first PDF report (the node's memory budget)."""
     import os
     import subprocess
     import sys

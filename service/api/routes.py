@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as dt
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from service.api.auth import Principal, principal, require_api_key
 from service.audit import audit
 from service.errors import Conflict, NotFound, ServiceError, Unprocessable, UnsupportedMediaType
 from service.extensions import current_db, current_settings
-from service.ingest import CONTENT_TYPES, UNTYPED, UnsupportedUpload, ingest_upload, sniff
+from service.ingest import check_upload, ingest_spooled, spool_upload
 from service.models import (
     AnalysisResult,
     Artifact,
@@ -84,54 +84,53 @@ def submit_images() -> Any:
             raise Unprocessable(f"{name} must be at most {limit} printable characters", code="invalid_field",
                                 details={"field": name})
         form[name] = value
-    payloads = [(field, f.filename or None, f.mimetype or None, f.read()) for field, f in uploads]
-    for _field, filename, content_type, data in payloads:
-        _precheck(filename, content_type, data)
-
     db, settings = current_db(), current_settings()
-    key = request.headers.get("Idempotency-Key")
-    if key is not None:
-        key = idem.validate_key(key)
-        digest = idem.request_hash(request, [(fld, name, ctype, hashlib.sha256(data).hexdigest())
-                                             for fld, name, ctype, data in payloads])
-        stored = idem.begin(db, who.prefix, key, digest)
-        if stored is not None:
-            return _submit_response(stored.body, stored.status_code, replayed=True)
-    try:
-        items = []
-        for _field, filename, content_type, data in payloads:
-            result = ingest_upload(
-                db, settings, data, content_type=content_type, filename=filename, uploaded_by_id=who.user.id,
-                source="api", remote_addr=request.remote_addr, patient_id=form["patient_id"],
-                patient_name=form["patient_name"],
-                referring_physician_name=form["referring_physician_name"] or None,
-            )
-            items.append((filename, result))
-        with db.session() as session:
-            body = _submission_body(session, items)
-    except BaseException:
+    with contextlib.ExitStack() as spooled:  # every part's file in the incoming folder is removed on leaving
+        # Each part is copied to a file of the incoming folder in 1 MiB pieces, hashed and size-checked as it
+        # goes (service.ingest.spool_upload), never read whole into memory. Parsing the request does not hold
+        # the parts either: Werkzeug (3.1.x, checked with 3.1.9) gives each file part a SpooledTemporaryFile
+        # that moves to an unnamed file in the system temporary folder beyond 500 kB
+        # (werkzeug.formparser.default_stream_factory), and MAX_CONTENT_LENGTH (the upload limit) bounds the
+        # whole request. Closing a part once copied frees Werkzeug's copy before the request ends.
+        payloads = []
+        for field, f in uploads:
+            filename, content_type = f.filename or None, f.mimetype or None
+            upload = spooled.enter_context(spool_upload(settings, f.stream))
+            f.close()
+            # Refuse a request whose files are not all DICOM/PNG/JPEG before any of them is stored (the rule
+            # service.ingest.ingest_spooled applies to each).
+            check_upload(content_type, upload.kind, details={"filename": filename})
+            payloads.append((field, filename, content_type, upload))
+
+        key = request.headers.get("Idempotency-Key")
         if key is not None:
-            idem.release(db, who.prefix, key)
-        raise
+            key = idem.validate_key(key)
+            # The SHA-256 of each part computed while spooling it: the same hex digest as of its bytes in memory,
+            # so the request hash (and a client's retry across versions) is unchanged.
+            digest = idem.request_hash(request, [(fld, name, ctype, upload.sha256)
+                                                 for fld, name, ctype, upload in payloads])
+            stored = idem.begin(db, who.prefix, key, digest)
+            if stored is not None:
+                return _submit_response(stored.body, stored.status_code, replayed=True)
+        try:
+            items = []
+            for _field, filename, content_type, upload in payloads:
+                result = ingest_spooled(
+                    db, settings, upload, content_type=content_type, filename=filename,
+                    uploaded_by_id=who.user.id, source="api", remote_addr=request.remote_addr,
+                    patient_id=form["patient_id"], patient_name=form["patient_name"],
+                    referring_physician_name=form["referring_physician_name"] or None,
+                )
+                items.append((filename, result))
+            with db.session() as session:
+                body = _submission_body(session, items)
+        except BaseException:
+            if key is not None:
+                idem.release(db, who.prefix, key)
+            raise
     if key is not None:
         idem.finish(db, who.prefix, key, 202, body)
     return _submit_response(body, 202, replayed=False)
-
-
-def _precheck(filename: str | None, content_type: str | None, data: bytes) -> None:
-    """Refuse a request whose files are not all DICOM/PNG/JPEG before any of them is stored (the same rule
-    :func:`service.ingest.ingest_upload` applies to each)."""
-    declared = (content_type or "").split(";")[0].strip().lower()
-    kind = sniff(data)
-    where = {"filename": filename}
-    if declared not in UNTYPED and declared not in CONTENT_TYPES:
-        raise UnsupportedUpload(f"content type {declared!r} is not accepted; send application/dicom, image/png "
-                                "or image/jpeg", details=where)
-    if kind is None:
-        raise UnsupportedUpload("the file is not DICOM Part 10, PNG or JPEG (magic bytes)", details=where)
-    if declared in CONTENT_TYPES and CONTENT_TYPES[declared] != kind:
-        raise UnsupportedUpload(f"content type {declared!r} does not match the file's content ({kind})",
-                                details=where)
 
 
 def _submission_body(session: Session, items: list[tuple[str | None, Any]]) -> dict[str, Any]:
