@@ -311,32 +311,103 @@ def type_sites(bundle: Bundle) -> int:
     return max(1, int(bundle.input_spec.get("sites", 1)))
 
 
+def mirror_look(fusion: dict[str, Any] | None) -> bool:
+    """Whether the detection fusion looks at the image twice, as it is and mirrored left to right, and averages
+    (its ``mirror``; cards without it look once)."""
+    return bool((fusion or {}).get("mirror"))
+
+
+@dataclass
+class _Look:
+    """One pass of the fracture models over one orientation of the image (see :func:`run_fracture_models`)."""
+
+    detect_logit: float
+    call_logit: float | None  # the call's logit (before the sigmoid) where the detection fusion applies
+    type_probs: np.ndarray
+    detector_peak: tuple[int, int] | None  # (x, y) of the detector's own Grad-CAM maximum
+    call_map: np.ndarray | None  # the call's map (call_heatmap) at the original geometry
+    type_heatmap: np.ndarray | None
+    type_centre: tuple[float, float] | None
+    evidence: float | None
+    coarse: float | None
+    type_scale: float
+
+
 def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = True,
                         type_cam: bool | None = None) -> FractureOutputs:
     """Detector + classifier (+ with ``cams``, Grad-CAM maps at the original geometry: the call's
     (:func:`call_heatmap`: the detector's, joined by the reader's where the call is the detection fusion), and
     the classifier's top type unless ``type_cam`` is False or, left None, the runtime cannot make it: the NumPy
-    type reader)."""
+    type reader).
+
+    Where the detection fusion says ``mirror`` (:func:`mirror_look`), the whole pass is made twice, on the image
+    and on its left-right mirror, and averaged: the call's logit (before the sigmoid), the detector's logit, the
+    reader's evidence and the coarse look's logit, the type distribution, and the call's map (the mirrored
+    pass's flipped back), so the call, the type and the map are the same for an image and its mirror. The type's
+    centre, its scale, the type reader's own map and the detector's own map peak are the plain pass's
+    (docs/MODELS.md, "A mirrored look")."""
     det_b, cls_b = models.detector, models.classifier
     can_type_cam = getattr(cls_b.engine, "supports_cam", True)
     type_cam = cams and (can_type_cam if type_cam is None else type_cam)
+    fusion = models.fusion
+    pixels = radiograph.pixels
+    looks = [_look(pixels, models, cams, type_cam)]
+    if fusion and mirror_look(fusion) and cls_b.architecture == "TypeReader":
+        looks.append(_look(np.ascontiguousarray(pixels[:, ::-1]), models, cams, False))
+    plain = looks[0]
+    if len(looks) == 1:
+        logit, call, evidence, coarse, probs = (plain.detect_logit, plain.call_logit, plain.evidence, plain.coarse,
+                                                plain.type_probs)
+    else:
+        mirrored = looks[1]
+
+        def mean(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else 0.5 * (a + b)
+
+        logit = 0.5 * (plain.detect_logit + mirrored.detect_logit)
+        call, evidence = mean(plain.call_logit, mirrored.call_logit), mean(plain.evidence, mirrored.evidence)
+        coarse = mean(plain.coarse, mirrored.coarse)
+        probs = 0.5 * (plain.type_probs + mirrored.type_probs)
+        if plain.call_map is not None and mirrored.call_map is not None:
+            plain.call_map += mirrored.call_map[:, ::-1]  # in place: one full-size map more than a single look
+            plain.call_map *= 0.5
+    p = calibrated_probability(call, 1.0) if call is not None else calibrated_probability(logit, det_b.temperature)
+    return FractureOutputs(
+        detect_logit=logit,
+        probability=p,
+        type_probs=probs,
+        heatmap=plain.call_map,
+        detector_peak=plain.detector_peak,
+        type_heatmap=plain.type_heatmap,
+        type_centre=plain.type_centre,
+        reader_evidence=evidence,
+        fused=call is not None,
+        coarse_logit=coarse,
+        type_scale=plain.type_scale,
+    )
+
+
+def _look(pixels: np.ndarray, models: ModelSet, cams: bool, type_cam: bool) -> _Look:
+    """The fracture models' pass over one orientation of the image: :func:`run_fracture_models` without the
+    mirror."""
+    det_b, cls_b = models.detector, models.classifier
     detector = det_b.engine
     long_side = int(det_b.input_spec.get("long_side", 512))
-    x, geom = fracture_input(radiograph.pixels, long_side)
+    x, geom = fracture_input(pixels, long_side)
     fp = detector.forward(x, cams=cams)
     logit = fp.detect_logit
-    p = calibrated_probability(logit, det_b.temperature)
     det_cam = detector.cam(fp) if cams else None
     centre: tuple[float, float] | None = None
     evidence: float | None = None
     coarse: float | None = None
+    z: float | None = None
     strongest: TypeSite | None = None
     type_scale = 1.0
     fusion = models.fusion
     if cls_b.architecture == "TypeReader":
         # Second stage: read the type from a patch around the fracture's likeliest site.
         spec = cls_b.input_spec
-        found = read_type_sites(radiograph.pixels, fp.seg, geom, cls_b.engine, int(spec["long_side"]),
+        found = read_type_sites(pixels, fp.seg, geom, cls_b.engine, int(spec["long_side"]),
                                 int(spec["patch"]), type_sites(cls_b), cams=type_cam)
         site = choose_site(found)
         centre = site.centre
@@ -348,7 +419,7 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
             if second is not None:
                 margin = type_margin(second)
                 coarse_det, coarse_found = coarse_look(
-                    radiograph.pixels, detector, long_side, cls_b.engine, int(spec["long_side"]), int(spec["patch"]),
+                    pixels, detector, long_side, cls_b.engine, int(spec["long_side"]), int(spec["patch"]),
                     int(second.get("sites", type_sites(cls_b))), float(second["factor"]),
                     cams=type_cam and margin is not None)
                 coarse = fused_detection_logit(coarse_det, reader_evidence(coarse_found), fusion)
@@ -357,39 +428,27 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
                     site, strongest = choose_site(coarse_found), evidence_site(coarse_found)
                     centre, type_scale = site.centre, float(second["factor"])
                 z = two_scale_logit(z, coarse, second)
-            p = calibrated_probability(z, 1.0)
         probs = tempered_softmax(site.type_logits, cls_b.temperature)
         # With type_cam, the Grad-CAM of the top type over the chosen patch, pasted into the original geometry.
         type_map = patch_to_original(cls_b.engine.cam(site.read, int(np.argmax(probs))), site.patch,
-                                     radiograph.pixels.shape) if type_cam else None
+                                     pixels.shape) if type_cam else None
     else:
         cls_engine, cls_fp, cls_geom = detector, fp, geom
         if not models.shared_backbone:
             cls_engine = cls_b.engine
             cls_long = int(cls_b.input_spec.get("long_side", 512))
-            xc, cls_geom = fracture_input(radiograph.pixels, cls_long) if cls_long != long_side else (x, geom)
+            xc, cls_geom = fracture_input(pixels, cls_long) if cls_long != long_side else (x, geom)
             cls_fp = cls_engine.forward(xc, cams=type_cam)
         probs = tempered_softmax(cls_fp.type_logits, cls_b.temperature)
         type_map = heatmap_to_original(cls_engine.cam(cls_fp, int(np.argmax(probs))), cls_geom) \
             if type_cam else None
-    heatmap, det_peak = None, None
+    det_peak = call_map = None
     if det_cam is not None:
-        heatmap = heatmap_to_original(det_cam, geom)
-        det_peak = peak_point(heatmap)
-        heatmap = call_heatmap(heatmap, strongest if fusion else None)
-    return FractureOutputs(
-        detect_logit=logit,
-        probability=p,
-        type_probs=probs,
-        heatmap=heatmap,
-        detector_peak=det_peak,
-        type_heatmap=type_map,
-        type_centre=centre,
-        reader_evidence=evidence,
-        fused=bool(fusion) and evidence is not None,
-        coarse_logit=coarse,
-        type_scale=type_scale,
-    )
+        call_map = heatmap_to_original(det_cam, geom)
+        det_peak = peak_point(call_map)
+        call_map = call_heatmap(call_map, strongest if fusion else None)  # in place
+    return _Look(detect_logit=logit, call_logit=z, type_probs=probs, detector_peak=det_peak, call_map=call_map,
+                 type_heatmap=type_map, type_centre=centre, evidence=evidence, coarse=coarse, type_scale=type_scale)
 
 
 @dataclass

@@ -263,6 +263,14 @@ def test_looks_bench_scores_what_evaluate_scores(tmp_path: Path) -> None:
     native = json.loads(out.read_text())
     assert native["classification"]["read_at_second_look"] == 0.0
     assert figures["type"]["native"]["macro_f1"] == pytest.approx(native["classification"]["macro_f1"], abs=1e-4)
+    # A mirrored look (session 25): evaluate scores what inference then makes, and says so.
+    update_card(models / "classifier", detection_fusion={**fusion, "mirror": True})
+    result = CliRunner().invoke(evaluate, ["--models", str(models), "--data", str(data), "--json", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    mirrored = json.loads(out.read_text())
+    assert mirrored["detection"]["probability"].endswith("on the image and on its left-right mirror, and averaged "
+                                                         "(mirror)")
+    assert mirrored["detection"]["auc"] != pytest.approx(scored["detection"]["auc"], abs=1e-6)
     assert figures["type"]["native"]["pointing_game"] == pytest.approx(native["localization"]["pointing_game"],
                                                                        abs=1e-4)
 

@@ -204,6 +204,53 @@ def test_the_fused_call_s_map_averages_the_detector_s_and_the_reader_s_grad_cam(
         assert not np.allclose(plain.heatmap, got.heatmap, atol=1e-3)
 
 
+def test_a_mirrored_look_averages_the_image_s_and_its_mirror_s_passes(tmp_path: Path) -> None:
+    """A detection fusion with ``mirror`` runs the whole pass (both scales) on the image and on its left-right
+    mirror and averages: the call's logit, the detector's logit, the reader's evidence, the coarse look's logit,
+    the type distribution and the call's map (the mirrored pass's flipped back), so an image and its mirror
+    get the same result; behind another detector (no fusion) there is one look, as before."""
+    root = write_untrained_bundles(tmp_path, reader=True)
+    update_card(root / "classifier", input={**read_card(root / "classifier")["input"], "sites": 3})
+    sha = read_card(root / "detector")["weights"]["sha256"]
+    fusion = {"detector_sha256": sha, "weights": {"detector_logit": 0.7, "reader_evidence": 0.4}, "bias": -0.2,
+              "operating_point": {"threshold": 0.5, "indeterminate_band": [0.4, 0.6]},
+              "second_scale": {"factor": 2.0, "sites": 1, "platt": {"scale": 1.3, "bias": 0.1}}}
+    update_card(root / "classifier", detection_fusion=fusion)
+    once = load_models(root)
+    update_card(root / "classifier", detection_fusion={**fusion, "mirror": True})
+    twice = load_models(root)
+    update_card(root / "classifier", detection_fusion={**fusion, "mirror": True, "detector_sha256": "0" * 64})
+    alone = load_models(root)
+    assert once.fusion is not None and twice.fusion is not None and alone.fusion is None
+
+    def logit(p: float) -> float:
+        return float(np.log(p / (1 - p)))
+
+    for seed in range(3):
+        img, _m, _b = toy_radiograph(np.random.default_rng(seed), True, 1, h=300, w=200)
+        flipped = np.ascontiguousarray(img[:, ::-1])
+        a = run_fracture_models(Radiograph(pixels=img), once, cams=True)
+        b = run_fracture_models(Radiograph(pixels=flipped), once, cams=True)
+        assert abs(a.probability - b.probability) > 1e-4  # one look: the networks are not mirror-symmetric
+        got = run_fracture_models(Radiograph(pixels=img), twice, cams=True)
+        assert got.fused and got.heatmap is not None and a.heatmap is not None and b.heatmap is not None
+        assert logit(got.probability) == pytest.approx(0.5 * (logit(a.probability) + logit(b.probability)), abs=1e-5)
+        for name in ("detect_logit", "reader_evidence", "coarse_logit"):
+            assert getattr(got, name) == pytest.approx(0.5 * (getattr(a, name) + getattr(b, name)), abs=1e-5)
+        np.testing.assert_allclose(got.type_probs, 0.5 * (a.type_probs + b.type_probs), atol=1e-6)
+        np.testing.assert_allclose(got.heatmap, 0.5 * (a.heatmap + b.heatmap[:, ::-1]), atol=1e-6)
+        assert got.detector_peak == a.detector_peak and got.type_centre == a.type_centre  # the plain look's
+        # The mirror of the image gets the same call, type and (mirrored) map.
+        mirror = run_fracture_models(Radiograph(pixels=flipped), twice, cams=True)
+        assert mirror.probability == pytest.approx(got.probability, abs=1e-6)
+        np.testing.assert_allclose(mirror.type_probs, got.type_probs, atol=1e-6)
+        assert mirror.heatmap is not None
+        np.testing.assert_allclose(mirror.heatmap[:, ::-1], got.heatmap, atol=1e-6)
+        # No fusion behind another detector: one look, the detector's own probability.
+        single = run_fracture_models(Radiograph(pixels=img), alone, cams=False)
+        assert not single.fused and single.detect_logit == pytest.approx(a.detect_logit, abs=1e-6)
+
+
 def test_without_the_type_map_the_numbers_and_the_detector_map_are_unchanged(models: ModelSet) -> None:
     """What a worker runs (its results carry no type map): the same outputs, one full-size map less."""
     img = _image()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from pipeline.models.bundle import load_bundle, update_card
+from pipeline.models.imageio import read_gray
 from pipeline.models.nets import SEG_STRIDE, FractureNet, TypeReader
 from pipeline.models.preprocess import cut_patch, prepare_fracture_input, seg_peaks, standardise_patch
 from pipeline.run import (
@@ -472,6 +473,44 @@ def test_type_reader_trains_from_the_detector_and_runs_behind_it(toy: Path, mode
     refused = CliRunner().invoke(recalibrate, ["--classifier", str(shared), "--detector", str(other.path),
                                                "--data", str(toy), "--quiet"])
     assert refused.exit_code == 1 and "not a TypeReader bundle" in refused.output
+
+
+def test_a_mirrored_fusion_is_fitted_on_both_looks_averaged_inputs(toy: Path, tmp_path: Path) -> None:
+    """``recalibrate --fuse-detection --mirror``: the fusion's weights and its second look's Platt scaling are the
+    logistic fits on the inputs inference then makes (the mean of the image's and its mirror's), measured here
+    through ``run_fracture_models``; the card says ``mirror``; the flag needs --fuse-detection."""
+    root = write_untrained_bundles(tmp_path / "models", reader=True)
+    update_card(root / "classifier", input={**load_bundle(root / "classifier").card["input"], "sites": TYPE_SITES})
+    reader, detector = load_bundle(root / "classifier", expected_task="classify"), load_bundle(root / "detector")
+    long_side, patch = int(reader.input_spec["long_side"]), int(reader.input_spec["patch"])
+    records = [r for r in load_records(toy) if r.is_radiograph]
+    plain = fit_detection_fusion(reader.model, long_side, patch, TYPE_SITES, detector, records, str(toy),
+                                 second_scale=2.0, second_sites=1)
+    result = CliRunner().invoke(recalibrate, ["--classifier", str(root / "classifier"), "--detector",
+                                              str(root / "detector"), "--data", str(toy), "--out",
+                                              str(tmp_path / "mirrored"), "--fuse-detection", "--second-scale", "2",
+                                              "--second-scale-sites", "1", "--mirror", "--quiet"])
+    assert result.exit_code == 0, result.output
+    mirrored = load_bundle(tmp_path / "mirrored", expected_task="classify").card["detection_fusion"]
+    assert json.loads(result.output)["detection_fusion"]["mirror"] is True
+    assert mirrored["mirror"] is True and "mirror" not in plain and "left-right mirror" in mirrored["mirror_rule"]
+    assert mirrored["weights"] != pytest.approx(plain["weights"], rel=1e-3)
+    update_card(root / "classifier", detection_fusion=mirrored)
+    models = load_models(root, runtime="torch")
+    assert models.fusion == mirrored
+    outs = [run_fracture_models(Radiograph(pixels=read_gray(r.path)), models, cams=False) for r in records]
+    truth = np.array([bool(r.fracture) for r in records])
+    x = np.array([(o.detect_logit, o.reader_evidence) for o in outs], dtype=np.float64)
+    w, b = fit_logistic(x, truth)
+    assert [mirrored["weights"]["detector_logit"], mirrored["weights"]["reader_evidence"]] == pytest.approx(
+        list(w), rel=1e-3, abs=1e-4)
+    assert mirrored["bias"] == pytest.approx(b, rel=1e-3, abs=1e-4)
+    mean = 0.5 * (x @ w + b + np.array([o.coarse_logit for o in outs]))
+    (scale,), bias = fit_logistic(mean[:, None], truth)
+    assert mirrored["second_scale"]["platt"] == pytest.approx({"scale": scale, "bias": bias}, rel=1e-3, abs=1e-4)
+    refused = CliRunner().invoke(recalibrate, ["--classifier", str(root / "classifier"), "--detector",
+                                               str(root / "detector"), "--data", str(toy), "--mirror"])
+    assert refused.exit_code == 2 and "--fuse-detection" in refused.output
 
 
 def test_type_weight_scales_only_the_type_loss(toy: Path) -> None:

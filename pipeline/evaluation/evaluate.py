@@ -25,7 +25,14 @@ from pipeline.evaluation.plots import confusion_image, reliability_diagram
 from pipeline.evaluation.shifts import Shift, shift_rng
 from pipeline.explain import peak_point
 from pipeline.models.imageio import load_file
-from pipeline.run import ModelSet, calibrated_probability, detection_call, run_fracture_models, second_scale
+from pipeline.run import (
+    ModelSet,
+    calibrated_probability,
+    detection_call,
+    mirror_look,
+    run_fracture_models,
+    second_scale,
+)
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.datasets import Record, read_generator_layout
 
@@ -61,6 +68,8 @@ def _probability_note(models: ModelSet) -> str:
     if second is not None:
         rule = second.get("rule") or f"factor {float(second['factor']):g}"
         note += f"; a second look (second_scale): {rule}"
+    if mirror_look(models.fusion):
+        note += "; each look made on the image and on its left-right mirror, and averaged (mirror)"
     return note
 
 

@@ -226,11 +226,15 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
               help="With --second-scale: read the type, and the reader's part of the call's map, at the coarser "
                    "look when its fused logit exceeds the native look's by more than this (in logits; the shipped "
                    "card: 1.0). Default: always at the native look. Changes no fitted value.")
+@click.option("--mirror", is_flag=True,
+              help="With --fuse-detection: look at every image twice, as it is and mirrored left to right, and "
+                   "average the two looks' call, type and map; the fusion is fitted on the averaged inputs. Doubles "
+                   "the fracture models' cost (docs/MODELS.md, \"A mirrored look\").")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def recalibrate(reader: Path, detector: Path, data: tuple[str, ...], out: Path | None, sites: int | None,
                 fuse_detection: bool, second_scale: float | None, second_sites: int | None,
-                type_margin: float | None, threads: int, quiet: bool) -> None:
+                type_margin: float | None, mirror: bool, threads: int, quiet: bool) -> None:
     """Refit a type reader's temperature and card metrics behind another detector (no training).
 
     Needed whenever the detector in front of a reader changes (a new run, or real weights trained elsewhere):
@@ -244,13 +248,15 @@ def recalibrate(reader: Path, detector: Path, data: tuple[str, ...], out: Path |
         raise click.UsageError("--second-scale-sites belongs to the second look: give --second-scale too")
     if type_margin is not None and second_scale is None:
         raise click.UsageError("--second-scale-type-margin belongs to the second look: give --second-scale too")
+    if mirror and not fuse_detection:
+        raise click.UsageError("--mirror belongs to the detection fusion: give --fuse-detection too")
     torch.set_num_threads(threads)
     try:
         records = [r for src in data for r in load_records(src)]
         written = recalibrate_type_reader(reader, detector, records, out or reader, ", ".join(data),
                                           show=not quiet, sites=sites, fuse_detection=fuse_detection,
                                           second_scale=second_scale, second_sites=second_sites,
-                                          type_margin=type_margin)
+                                          type_margin=type_margin, mirror=mirror)
     except (DatasetError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     card = read_card(written)
@@ -259,5 +265,5 @@ def recalibrate(reader: Path, detector: Path, data: tuple[str, ...], out: Path |
                            "metrics": card["metrics"]["validation"],
                            **({"detection_fusion": {k: fusion.get(k) for k in ("weights", "bias", "operating_point",
                                                                                "metrics_on_fit_images",
-                                                                               "second_scale")}}
+                                                                               "second_scale", "mirror")}}
                               if fusion else {})}))

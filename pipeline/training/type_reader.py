@@ -474,7 +474,7 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
                          records: list[Record], data: str, show: bool = False,
                          known: dict[Path, tuple[float, float]] | None = None,
                          second_scale: float | None = None, second_sites: int | None = None,
-                         type_margin: float | None = None) -> dict[str, Any]:
+                         type_margin: float | None = None, mirror: bool = False) -> dict[str, Any]:
     """Fit the detection fusion (:func:`pipeline.run.fused_detection_logit`) of this reader behind
     ``detector`` on labelled radiographs ``records`` (fractured and intact): a logistic regression of the label
     on the detector's logit and the reader's strongest evidence over its ``sites``, then the operating point and
@@ -486,7 +486,8 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
     weights, a Platt scaling of the two fused logits' mean fitted on the same images, and the operating point
     refitted on that probability. ``type_margin`` (no fitted value depends on it) is stored with the second look:
     the type is read there when its fused logit exceeds the native look's by more than it
-    (:func:`pipeline.run.type_margin`)."""
+    (:func:`pipeline.run.type_margin`). With ``mirror`` every input is the mean of the image's and its left-right
+    mirror's, as inference then makes them (:func:`pipeline.run.mirror_look`), and the entry says ``mirror``."""
     labelled = [r for r in records if r.is_radiograph and r.fracture is not None]
     truth = np.array([bool(r.fracture) for r in labelled])
     if len(labelled) < 20 or truth.all() or not truth.any():
@@ -509,11 +510,20 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
         if pixels is not None:
             logit, found = _placed(pixels, det_engine, det_long, reader_engine, long_side, patch, sites)
             known[rec.path] = (logit, reader_evidence(found))
-        feats.append(known[rec.path])
-        if second_scale is not None:  # the same image, decoded once, shown second_scale times smaller
+        views = []
+        if second_scale is not None or mirror:
             pixels = read_gray(rec.path) if pixels is None else pixels
-            coarse_feats.append(coarse_inputs(pixels, det_engine, det_long, reader_engine, long_side, patch,
-                                              n_second, second_scale))
+            views = [pixels, np.ascontiguousarray(pixels[:, ::-1])] if mirror else [pixels]
+        if mirror:  # the plain look's inputs are known; add the mirror's and average
+            logit, found = _placed(views[1], det_engine, det_long, reader_engine, long_side, patch, sites)
+            plain_inputs = known[rec.path]
+            feats.append((0.5 * (plain_inputs[0] + logit), 0.5 * (plain_inputs[1] + reader_evidence(found))))
+        else:
+            feats.append(known[rec.path])
+        if second_scale is not None:  # the same image, decoded once, shown second_scale times smaller
+            looks = [coarse_inputs(view, det_engine, det_long, reader_engine, long_side, patch, n_second,
+                                   second_scale) for view in views]
+            coarse_feats.append(tuple(float(np.mean(values)) for values in zip(*looks, strict=True)))
     x = np.array(feats, dtype=np.float64)
     w, b = fit_logistic(x, truth)
     fused = sigmoid(x @ w + b)
@@ -551,6 +561,9 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
         "metrics_on_fit_images": {"detector_alone": figures(alone), "fused": figures(fused),
                                   **({"fused_one_scale": figures(one_scale)} if second else {})},
         "second_scale": second,
+        **({"mirror": True, "mirror_rule": "every input above is the mean of two looks, at the image and at its "
+                                           "left-right mirror; the type distribution and the call's map are "
+                                           "averaged the same way"} if mirror else {}),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
@@ -558,13 +571,14 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
 def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: list[Record], out: Path,
                             calibration_data: str, show: bool = True, sites: int | None = None,
                             fuse_detection: bool = False, second_scale: float | None = None,
-                            second_sites: int | None = None, type_margin: float | None = None) -> Path:
+                            second_sites: int | None = None, type_margin: float | None = None,
+                            mirror: bool = False) -> Path:
     """A trained reader behind another detector: its patches move with that detector's peaks, so refit the
     temperature and the card's metrics there. The weights are the same file (same SHA-256); the card keeps
     its training record and lists the recalibration with the values it replaced. ``sites`` sets how many of the
     detector's peaks inference weighs (default: as the card says); with ``fuse_detection``, ``second_scale``
-    adds the coarser pass to the fusion, reading ``second_sites`` there and the type there past ``type_margin``
-    (:func:`fit_detection_fusion`). Written
+    adds the coarser pass to the fusion, reading ``second_sites`` there and the type there past ``type_margin``,
+    and ``mirror`` the mirrored look (:func:`fit_detection_fusion`). Written
     to ``out`` (may be ``reader_dir`` itself)."""
     reader = load_bundle(reader_dir, expected_task="classify")
     if not isinstance(reader.model, TypeReader):
@@ -592,7 +606,8 @@ def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: l
         fields["detection_fusion"] = fit_detection_fusion(reader.model, int(spec["long_side"]), int(spec["patch"]),
                                                           n_sites, detector, calibration, calibration_data, show,
                                                           known=seen, second_scale=second_scale,
-                                                          second_sites=second_sites, type_margin=type_margin)
+                                                          second_sites=second_sites, type_margin=type_margin,
+                                                          mirror=mirror)
     elif isinstance(previous, dict) and (previous.get("detector_sha256") != detector.identity.sha256
                                          or previous.get("fitted_on", {}).get("sites") != n_sites):
         fields["detection_fusion"] = None  # fitted for another pairing: the detector's own probability stands
