@@ -524,7 +524,7 @@ def check_upload(content_type: str | None, kind: str | None, *, details: Any = N
 
 @dataclass(frozen=True)
 class SpooledUpload:
-    """An upload copied to a file of the incoming folder by :func:`spool_upload`."""
+    """An upload copied to a file of the incoming folder (:func:`spool_upload`, :meth:`UploadWriter.finish`)."""
 
     path: Path
     #: SHA-256 (hex) of the bytes, computed while copying them: the same as ``sha256_bytes`` of the upload.
@@ -555,33 +555,90 @@ def _incoming_path(settings: Settings, what: str) -> Iterator[Path]:
             os.unlink(name)
 
 
+class UploadWriter:
+    """An upload written to a file of the incoming folder in the pieces it arrives in (made by
+    :func:`spool_writer`): hashed as it is written, refused with :class:`InstanceTooLarge` as soon as it would
+    exceed ``limit`` bytes (the piece that crosses the limit is not written), its kind sniffed from its first
+    bytes. A disk that fills while writing is :class:`DiskFull` (any other I/O failure
+    :class:`StorageUnavailable`), as when the store fills."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self._head = b""
+        try:
+            self._out: IO[bytes] | None = open(path, "wb")  # noqa: SIM115 - closed by finish() or close()
+        except OSError as exc:
+            raise self._failure(exc) from exc
+
+    def _failure(self, exc: OSError) -> OutOfResources:
+        log.error("cannot spool an upload to %s: %s", self.path, exc.strerror or exc)
+        return storage_failure(exc, "receiving the upload")
+
+    def write(self, piece: bytes) -> None:
+        """Append ``piece`` (of any size)."""
+        if self._out is None:
+            raise ValueError(f"{self.path} is finished")
+        if self.size + len(piece) > self.limit:
+            raise InstanceTooLarge(f"upload exceeds the {self.limit // (1024 * 1024)} MB limit")
+        if len(self._head) < SNIFF_BYTES:
+            self._head += piece[:SNIFF_BYTES - len(self._head)]
+        self._digest.update(piece)
+        try:
+            self._out.write(piece)
+        except OSError as exc:
+            raise self._failure(exc) from exc
+        self.size += len(piece)
+
+    def finish(self) -> SpooledUpload:
+        """Close the file (it stays until :func:`spool_writer`'s block ends) and say what it holds."""
+        if self._out is not None:
+            out, self._out = self._out, None
+            try:
+                out.close()  # writes what is still buffered: a full disk may show here
+            except OSError as exc:
+                raise self._failure(exc) from exc
+        return SpooledUpload(self.path, self._digest.hexdigest(), self.size, sniff(self._head))
+
+    def close(self) -> None:
+        """Close the file, whatever state it is in (the upload is abandoned)."""
+        if self._out is not None:
+            out, self._out = self._out, None
+            with contextlib.suppress(OSError):
+                out.close()
+
+
+@contextlib.contextmanager
+def spool_writer(settings: Settings) -> Iterator[UploadWriter]:
+    """An :class:`UploadWriter` on a new file of the incoming folder, limited to ``settings.max_upload_bytes``;
+    the file is removed when the block ends, whatever the outcome. For an upload that arrives in pieces of its
+    own (a part of a STOW-RS body); :func:`spool_upload` copies one from a stream."""
+    with _incoming_path(settings, "receiving the upload") as path:
+        writer = UploadWriter(path, settings.max_upload_bytes)
+        try:
+            yield writer
+        finally:
+            writer.close()
+
+
 @contextlib.contextmanager
 def spool_upload(settings: Settings, stream: bytes | IO[bytes]) -> Iterator[SpooledUpload]:
     """Copy an upload (a file-like object, read from where it is; or bytes) to a file of the incoming folder in
-    :data:`CHUNK` pieces, never holding it whole: hashed as it is copied, refused with :class:`InstanceTooLarge`
-    as soon as it exceeds ``settings.max_upload_bytes``, its kind sniffed from its first bytes. The file is
-    removed when the block ends, whatever the outcome. A disk that fills while copying is :class:`DiskFull`
-    (any other I/O failure :class:`StorageUnavailable`), as when the store fills."""
+    :data:`CHUNK` pieces, never holding it whole (:class:`UploadWriter`): hashed as it is copied, refused with
+    :class:`InstanceTooLarge` as soon as it exceeds ``settings.max_upload_bytes``, its kind sniffed from its first
+    bytes. The file is removed when the block ends, whatever the outcome. A disk that fills while copying is
+    :class:`DiskFull` (any other I/O failure :class:`StorageUnavailable`), as when the store fills."""
     source: IO[bytes] = io.BytesIO(stream) if isinstance(stream, bytes | bytearray | memoryview) else stream
-    limit = settings.max_upload_bytes
-    with _incoming_path(settings, "receiving the upload") as path:
-        digest = hashlib.sha256()
-        size = 0
-        head = b""
+    with spool_writer(settings) as writer:
         try:
-            with open(path, "wb") as out:
-                while chunk := source.read(CHUNK):
-                    size += len(chunk)
-                    if size > limit:
-                        raise InstanceTooLarge(f"upload exceeds the {limit // (1024 * 1024)} MB limit")
-                    if len(head) < SNIFF_BYTES:
-                        head += chunk[:SNIFF_BYTES - len(head)]
-                    digest.update(chunk)
-                    out.write(chunk)
-        except OSError as exc:  # writing here, or reading the request's own spooled copy: the host's storage
-            log.error("cannot spool an upload to %s: %s", path, exc.strerror or exc)
+            while chunk := source.read(CHUNK):
+                writer.write(chunk)
+        except OSError as exc:  # reading the request's own spooled copy: the host's storage too
+            log.error("cannot read an upload to spool it to %s: %s", writer.path, exc.strerror or exc)
             raise storage_failure(exc, "receiving the upload") from exc
-        yield SpooledUpload(path, digest.hexdigest(), size, sniff(head))
+        yield writer.finish()
 
 
 def decode_upload_image(data: bytes | Path, kind: str) -> np.ndarray:
