@@ -1,8 +1,9 @@
 """The one way a study enters FractureNode.
 
 :func:`ingest_file` is called by the DICOM listener's C-STORE handler (which receives to disk) and by the HTTP
-uploads (copied to disk first by :func:`spool_upload`, then :func:`ingest_spooled`); :func:`ingest` is the same
-for an instance already in memory (STOW-RS). It stores the encoded instance in the content-addressed store
+uploads (copied to disk first by :func:`spool_upload`, then :func:`ingest_spooled`; a STOW-RS part written there
+as it is read, :func:`spool_writer`); :func:`ingest` is the same for an instance already in memory (a listener
+that receives to memory). It stores the encoded instance in the content-addressed store
 (temp file, fsync, atomic rename, folder fsync, named by its SHA-256) and records patient, study, series,
 instance, a queued job and an audit row in ONE database transaction. The two overlap (a storage thread writes
 while this thread runs the statements), but the transaction commits only once the file is durable, and the

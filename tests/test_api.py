@@ -633,3 +633,179 @@ def test_stow_rs(api):  # type: ignore[no-untyped-def]
     assert_error(api.post("/dicomweb/studies", "ris", data=b"x", content_type="multipart/related"), 400)
     with api.db.session() as s:
         assert s.scalar(select(func.count()).select_from(Instance)) == 2
+
+
+# ----------------------------------------------------------------- STOW-RS bodies go to disk, not memory
+
+
+def _stow(api: Api, body: bytes, ctype: str, who: str = "ris") -> Any:
+    return api.post("/dicomweb/studies", who, data=body, content_type=ctype)
+
+
+def _uid(data: bytes) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+
+
+def _stored_instances(api: Api) -> dict[str, tuple[Path, str]]:
+    with api.db.session() as s:
+        return {uid: (Path(path), sha256) for uid, path, sha256 in
+                s.execute(select(Instance.sop_instance_uid, Instance.file_path, Instance.sha256))}
+
+
+def test_a_stow_of_several_mb_parts_is_stored_byte_identical_through_the_incoming_folder(api, app):  # type: ignore[no-untyped-def]
+    """A STOW-RS body of a few MB a part is read in 1 MiB pieces, each part written to the incoming folder as
+    it arrives and stored from there: the store holds the bytes sent, the incoming folder is empty afterwards,
+    each part taken in memory (``ingest``, the path STOW-RS took before) is a duplicate of what was stored, not a
+    new version, and so is a second STOW of the same body. The boundary is quoted, with characters RFC 2046
+    allows in one."""
+    from service.ingest import ingest
+
+    datas = [dicom_bytes(1100), dicom_bytes(1300), dicom_bytes(900)]  # 2.4, 3.4 and 1.6 MB
+    boundary = "----=_Part 0.5/x?y"
+    body, _ = _related([("application/dicom", d) for d in datas], boundary=boundary)
+    ctype = f'multipart/related; type="application/dicom"; boundary="{boundary}"'
+    first = _stow(api, body, ctype)
+    assert first.status_code == 200 and first.mimetype == "application/dicom+json", first.data
+    referenced = first.get_json()["00081199"]["Value"]
+    uids = [_uid(d) for d in datas]
+    assert [r["00081155"]["Value"] for r in referenced] == [[uid] for uid in uids]
+    stored = _stored_instances(api)
+    for uid, data in zip(uids, datas, strict=True):
+        path, sha256 = stored[uid]
+        assert path.read_bytes() == data and sha256 == hashlib.sha256(data).hexdigest()
+    assert _incoming(app) == []
+    settings = app.extensions["fracture.settings"]
+    assert sorted(_files_under(settings.storage_dir)) == sorted(p for p, _ in stored.values())
+    with api.db.session() as s:
+        audit = s.execute(select(AuditEntry.actor_type, AuditEntry.actor, AuditEntry.object_id)
+                          .where(AuditEntry.action == "instance.receive")).all()
+    assert sorted(audit) == sorted(("user", str(api.users["ris"]), uid) for uid in uids)
+    for data in datas:
+        in_memory = ingest(api.db, settings, data, source="api")
+        assert in_memory.duplicate is True and in_memory.version == 1
+    again = _stow(api, body, ctype)
+    assert again.status_code == 200 and again.get_json() == first.get_json()
+    assert _stored_instances(api) == stored and _incoming(app) == []
+
+
+def _dicom_part(data: bytes, pad: int = 0) -> bytes:
+    """A part's delimiter line (after the CRLF that ends the bytes before it), headers and body."""
+    padding = f"X-Pad: {'p' * pad}\r\n" if pad else ""
+    return f"--edge-7f3a\r\nContent-Type: application/dicom\r\n{padding}\r\n".encode() + data
+
+
+def test_a_stow_delimiter_that_straddles_the_1_mib_read_edge_is_found(api, app):  # type: ignore[no-untyped-def]
+    """The body is read in 1 MiB pieces: a delimiter (CRLF ``--boundary``) cut in two by a piece's end is still
+    found, at each place it can be cut. Each part here ends so that its delimiter has 1, half or all but one of
+    its bytes before a multiple of 1 MiB (a preamble and a padding header put it there), and each is stored as
+    sent."""
+    from service.ingest import CHUNK
+
+    delimiter = b"\r\n--edge-7f3a"
+    datas = [dicom_bytes(722) for _ in range(3)]  # 1 043 456 bytes each: one part a piece
+    cuts = [1, len(delimiter) // 2, len(delimiter) - 1]  # bytes of the delimiter before the edge
+    body = b""
+    for i, (data, cut) in enumerate(zip(datas, cuts, strict=True)):
+        edge = (i + 1) * CHUNK
+        if i == 0:
+            preamble = edge - cut - len(_dicom_part(data)) - 2
+            body = b"p" * preamble + b"\r\n" + _dicom_part(data)
+        else:
+            pad = edge - cut - len(body) - 2 - len(_dicom_part(data, pad=1)) + 1
+            body += b"\r\n" + _dicom_part(data, pad=pad)
+    body += delimiter + b"--\r\n"
+    for i, cut in enumerate(cuts):
+        assert body.index(delimiter, (i + 1) * CHUNK - len(delimiter)) == (i + 1) * CHUNK - cut
+    response = _stow(api, body, 'multipart/related; type="application/dicom"; boundary=edge-7f3a')
+    assert response.status_code == 200, response.data
+    stored = _stored_instances(api)
+    assert sorted(path.read_bytes() for path, _ in stored.values()) == sorted(datas)
+    assert _incoming(app) == []
+
+
+def test_the_multipart_reader_finds_every_delimiter_at_every_piece_size() -> None:
+    """The reader alone, on a body with a preamble, a part without headers, transport padding, an empty part
+    and an epilogue, read in pieces of every size from 1 byte to well past a delimiter's length: the same parts
+    each time, whichever byte a piece ends at."""
+    from service.api.dicomweb import read_multipart_related
+
+    body = (b"preamble --b0undary\r\n--b0undary\r\nContent-Type: application/dicom\r\nX-A:  1 \r\n\r\n"
+            b"first\r\n-b0undary --b0undar\r\n\r\n--b0undary \t\r\n\r\nsecond\r\n--b0undary\r\n"
+            b"Content-Type: text/plain\r\n\r\n\r\n--b0undary--\r\nepilogue\r\n--b0undary\r\n")
+    expected = [({"content-type": "application/dicom", "x-a": "1"}, b"first\r\n-b0undary --b0undar\r\n"),
+                ({}, b"second"), ({"content-type": "text/plain"}, b"")]
+    for chunk in range(1, 64):
+        stream = io.BytesIO(body)
+        parts: list[tuple[dict[str, str], bytes]] = []
+        for event in read_multipart_related(stream, "b0undary", chunk=chunk):
+            if isinstance(event, dict):
+                parts.append((event, b""))
+            else:
+                assert 0 < len(event) < chunk + len(b"\r\n--b0undary"), chunk
+                parts[-1] = (parts[-1][0], parts[-1][1] + event)
+        assert parts == expected, chunk
+        assert stream.read() == b""  # the epilogue was read too
+
+
+def test_a_stow_body_without_its_close_delimiter_is_refused_and_leaves_nothing(api, app):  # type: ignore[no-untyped-def]
+    """A body cut off before its close delimiter (``--boundary--``) is 400 ``bad_multipart``, also when whole
+    parts of several MB came before the cut: every part is written to disk before any is stored, so nothing is
+    stored, and the parts' files are removed. So are a body without any part and one with a part whose headers
+    do not end."""
+    big, small = dicom_bytes(1300), dicom_bytes(64)
+    body, ctype = _related([("application/dicom", big), ("application/dicom", small)])
+    closed = body.rindex(b"\r\n--b0undary--")
+    for cut in (body[:closed], body[:closed + len(b"\r\n--b0undary")], body[:closed - 100],
+                body[:len(body) // 2]):
+        error = assert_error(_stow(api, cut, ctype), 400, "bad_multipart")
+        assert "before its close delimiter" in error["message"], error
+    assert "no parts" in assert_error(_stow(api, b"--b0undary--\r\n", ctype), 400, "bad_multipart")["message"]
+    assert "no parts" in assert_error(_stow(api, big, ctype), 400, "bad_multipart")["message"]
+    headless = b"--b0undary\r\nContent-Type: application/dicom\r\n" + b"X-Long: x\r\n" * 2000
+    assert "headers" in assert_error(_stow(api, headless, ctype), 400, "bad_multipart")["message"]
+    assert _instance_count(api) == 0 and _incoming(app) == []
+    assert _files_under(app.extensions["fracture.settings"].storage_dir) == []
+    assert _stow(api, body, ctype).status_code == 200 and _instance_count(api) == 2
+
+
+def test_a_stow_part_over_the_limit_fails_alone_and_leaves_no_file(api, app, settings):  # type: ignore[no-untyped-def]
+    """The size limit holds for each part while it is written to disk (behind Werkzeug's own limit on the
+    whole request, lifted here so that the part's is the one that bites): that part fails (0xC000, named by the
+    header read from its first bytes, as when it was read whole), the others are stored, and no file of either
+    is left in the incoming folder. With the request limit back, the same body is 413 before anything is read."""
+    app.extensions["fracture.settings"] = dataclasses.replace(settings, max_upload_mb=1)
+    app.config["MAX_CONTENT_LENGTH"] = None
+    fits, too_big = dicom_bytes(256), dicom_bytes(1024)  # 0.13 MB, 2 MB
+    body, ctype = _related([("application/dicom", fits), ("application/dicom", too_big)])
+    response = _stow(api, body, ctype)
+    assert response.status_code == 202, response.data
+    payload = response.get_json()
+    assert len(payload["00081199"]["Value"]) == 1
+    too_big_uid = _uid(too_big)
+    assert payload["00081198"]["Value"] == [{"00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.1.1"]},
+                                             "00081155": {"vr": "UI", "Value": [too_big_uid]},
+                                             "00081197": {"vr": "US", "Value": [0xC000]}}]
+    assert _instance_count(api) == 1 and _incoming(app) == []
+    assert set(_stored_instances(api)) == {_uid(fits)}
+    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    assert_error(_stow(api, body, ctype), 413, "payload_too_large")
+    assert _instance_count(api) == 1 and _incoming(app) == []
+
+
+def test_a_full_disk_while_spooling_a_stow_is_the_full_store_error(api, app, settings, full_disk):  # type: ignore[no-untyped-def]
+    """A disk that fills while a STOW-RS part is written to the incoming folder answers what the other uploads
+    answer (503 ``storage_full``, the sender may retry) for the whole request, storing none of its parts; one
+    whose store copy does not fit fails that part with Out of Resources (0xA700), as before. No file is left."""
+    fits_spool_not_store = dicom_bytes(560)  # 0.6 MB: written, then the store's copy does not fit in 1 MB
+    body, ctype = _related([("application/dicom", fits_spool_not_store)])
+    response = _stow(api, body, ctype)
+    assert response.status_code == 409, response.data
+    assert response.get_json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA700]
+    body, ctype = _related([("application/dicom", dicom_bytes(128)), ("application/dicom", dicom_bytes(1024))])
+    error = assert_error(_stow(api, body, ctype), 503, "storage_full")
+    assert "storage full" in error["message"] and "receiving the upload" in error["message"]
+    assert _instance_count(api) == 0 and _files_under(full_disk) == []
+    body, ctype = _related([("application/dicom", dicom_bytes(128))])
+    assert _stow(api, body, ctype).status_code == 200
