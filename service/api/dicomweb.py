@@ -61,6 +61,16 @@ def boundary_of(content_type: str) -> str:
     return match.group(1).strip()
 
 
+def _safe_end(buf: bytes, delimiter: bytes) -> int:
+    """How much of ``buf``, which holds no whole ``delimiter``, is surely part data: all but a tail that may be
+    the start of a delimiter cut off by the end of the piece (a CR, CR LF, CR LF -... up to all but its last
+    byte). Most pieces have none, and are passed on whole."""
+    at = buf.find(b"\r", max(0, len(buf) - len(delimiter) + 1))
+    while at >= 0 and not delimiter.startswith(buf[at:]):
+        at = buf.find(b"\r", at + 1)
+    return len(buf) if at < 0 else at
+
+
 def read_multipart_related(stream: IO[bytes], boundary: str, *,
                            chunk: int = CHUNK) -> Iterator[dict[str, str] | bytes]:
     """The parts of a ``multipart/related`` body (RFC 2046 §5.1.1, RFC 2387) as ``stream`` is read in pieces of
@@ -122,9 +132,10 @@ def read_multipart_related(stream: IO[bytes], boundary: str, *,
         parts += 1
         buf = buf[end + 4:]
         while (at := buf.find(delimiter)) < 0:
-            if len(buf) > keep:
-                yield buf[:-keep]
-                buf = buf[-keep:]
+            safe = _safe_end(buf, delimiter)
+            if safe:  # most often all of it: no copy of the piece
+                yield buf if safe == len(buf) else buf[:safe]
+                buf = buf[safe:]
             if not more():
                 raise _bad("the multipart/related body ends before its close delimiter")
         if at:
