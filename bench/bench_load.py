@@ -1,11 +1,12 @@
 """Concurrent load: ``--associations`` simultaneous DCMTK ``storescu`` associations each sending ``--images``
 radiographs, and at the same time ``--uploaders`` threads posting ``--uploads`` images each to the REST API
 (``POST /api/v1/studies``, one API key per thread, loopback only, a 429 retried after its Retry-After with the
-same Idempotency-Key). Then the node works through the queue and delivers to a counting Storage SCP.
+same Idempotency-Key; with ``--stow`` each image goes as a DICOMweb STOW-RS request instead, ``POST
+/dicomweb/studies``). Then the node works through the queue and delivers to a counting Storage SCP.
 
 Checked from the database and the receiving PACS, not from the senders' word:
 
-- lost: acknowledged by the listener (storescu) or the API (202) but not recorded: must be 0;
+- lost: acknowledged by the listener (storescu) or the API (202; STOW-RS: 200) but not recorded: must be 0;
 - duplicated: an instance recorded twice, a second job for an instance, a second analysis result for a job,
   an object delivered twice: must be 0;
 - refused: what a sender was told was not stored (it knows, and may retry): reported, and an association
@@ -14,6 +15,7 @@ Checked from the database and the receiving PACS, not from the senders' word:
     .venv/bin/python bench/bench_load.py                               # 20 x 50 C-STORE + 8 x 25 uploads
     .venv/bin/python bench/bench_load.py --associations 5 --images 10 --uploaders 2 --uploads 5   # quick
     .venv/bin/python bench/bench_load.py --no-process                  # storage only (no analysis wait)
+    .venv/bin/python bench/bench_load.py --associations 0 --stow --no-process   # STOW-RS uploads only
 """
 
 from __future__ import annotations
@@ -97,7 +99,17 @@ def acknowledged(output: str, files: list[Path]) -> set[str]:
     return ok
 
 
-def upload_worker(url: str, key: str, files: list[Path], deadline: float) -> tuple[set[str], int, int]:
+def stow_body(path: Path) -> tuple[bytes, str]:
+    """One image as a STOW-RS request body (multipart/related, one application/dicom part) and its
+    Content-Type."""
+    boundary = uuid.uuid4().hex
+    body = b"".join((f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(), path.read_bytes(),
+                     f"\r\n--{boundary}--\r\n".encode()))
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def upload_worker(url: str, key: str, files: list[Path], deadline: float,
+                  stow: bool = False) -> tuple[set[str], int, int]:
     import requests
 
     session = requests.Session()
@@ -107,15 +119,23 @@ def upload_worker(url: str, key: str, files: list[Path], deadline: float) -> tup
     for path in files:
         idem = uuid.uuid4().hex
         while time.monotonic() < deadline:
-            with open(path, "rb") as handle:
-                response = session.post(f"{url}/api/v1/studies", headers={"Idempotency-Key": idem},
-                                        files={"file": (path.name, handle, "application/dicom")}, timeout=120)
+            if stow:  # STOW-RS: a re-sent instance is a duplicate, no Idempotency-Key needed
+                body, content_type = stow_body(path)
+                response = session.post(f"{url}/dicomweb/studies", data=body,
+                                        headers={"Content-Type": content_type}, timeout=120)
+                del body
+            else:
+                with open(path, "rb") as handle:
+                    response = session.post(f"{url}/api/v1/studies", headers={"Idempotency-Key": idem},
+                                            files={"file": (path.name, handle, "application/dicom")}, timeout=120)
             if response.status_code == 429 or response.status_code == 503:
                 retried += 1
                 time.sleep(float(response.headers.get("Retry-After", "1")))
                 continue
-            if response.status_code == 202:
+            if response.status_code == 202 and not stow:
                 ok.update(item["sop_instance_uid"] for item in response.json()["items"])
+            elif response.status_code == 200 and stow:
+                ok.update(item["00081155"]["Value"][0] for item in response.json()["00081199"]["Value"])
             else:
                 refused += 1
             break
@@ -128,6 +148,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=50, help="per association")
     parser.add_argument("--uploaders", type=int, default=8)
     parser.add_argument("--uploads", type=int, default=25, help="per uploader")
+    parser.add_argument("--stow", action="store_true",
+                        help="uploaders send each image by DICOMweb STOW-RS instead of POST /api/v1/studies")
     parser.add_argument("--size", type=int, default=512, help="long side, px")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--models", type=Path, default=None)
@@ -138,7 +160,7 @@ def main() -> None:
     if shutil.which("storescu") is None:
         sys.exit("storescu not found (apt-get install dcmtk)")
     header(f"concurrent load: {args.associations} associations x {args.images} images + "
-           f"{args.uploaders} API uploaders x {args.uploads}")
+           f"{args.uploaders} {'STOW-RS' if args.stow else 'API'} uploaders x {args.uploads}")
     from sqlalchemy import func, select
 
     from service.auth import create_api_key, create_user
@@ -170,7 +192,7 @@ def main() -> None:
             with MemorySampler(node, interval=0.1) as memory, \
                     ThreadPoolExecutor(max_workers=args.associations + args.uploaders) as pool:
                 stores = [pool.submit(send_association, node.dicom_port, files) for files in groups]
-                uploads = [pool.submit(upload_worker, url, key, files, deadline)
+                uploads = [pool.submit(upload_worker, url, key, files, deadline, args.stow)
                            for key, files in zip(keys, upload_groups, strict=True)]
                 store_results = [f.result() for f in stores]
                 upload_results = [f.result() for f in uploads]
