@@ -32,6 +32,7 @@ from pipeline.models.preprocess import (
     add_patch_map,
     cut_patch,
     fracture_input,
+    mirrored_input,
     patch_to_original,
     seg_peaks,
     standardise,
@@ -269,14 +270,35 @@ def scaled_long_side(long_side: int, factor: float) -> int:
     return max(32, int(round(long_side / factor)))
 
 
+class NetworkInputs:
+    """The detector's inputs for one image (:func:`fracture_input`), made once per long side. ``mirrored`` gives
+    those of the image's left-right mirror from them, without resizing the mirror again (a mirrored look)."""
+
+    def __init__(self, pixels: np.ndarray) -> None:
+        self.pixels = pixels
+        self._made: dict[int, tuple[np.ndarray, Geometry]] = {}
+
+    def get(self, long_side: int) -> tuple[np.ndarray, Geometry]:
+        if long_side not in self._made:
+            self._made[long_side] = fracture_input(self.pixels, long_side)
+        return self._made[long_side]
+
+    def mirrored(self) -> NetworkInputs:
+        out = NetworkInputs(np.ascontiguousarray(self.pixels[:, ::-1]))
+        out._made = {side: (mirrored_input(x, geom), geom) for side, (x, geom) in self._made.items()}
+        return out
+
+
 def coarse_look(pixels: np.ndarray, detector: Engine, det_long: int, reader: Engine, reader_long: int, patch: int,
-                sites: int, factor: float, cams: bool = False) -> tuple[float, list[TypeSite]]:
+                sites: int, factor: float, cams: bool = False,
+                inputs: NetworkInputs | None = None) -> tuple[float, list[TypeSite]]:
     """A second pass with the image shown ``factor`` times smaller to both networks: the detector at
     ``det_long / factor``, the reader's ``sites`` patches cut at ``reader_long / factor``. Returns the detector's
     logit and the reader's sites (their patches in original pixels, as the native look's). On two independently
     written simulators' images this coarser look found fractures the native one missed, at a small cost on the
     generator's (docs/MODELS.md, "A second, coarser look")."""
-    x, geom = fracture_input(pixels, scaled_long_side(det_long, factor))
+    coarse_side = scaled_long_side(det_long, factor)
+    x, geom = inputs.get(coarse_side) if inputs is not None else fracture_input(pixels, coarse_side)
     fp = detector.forward(x, cams=False)
     found = read_type_sites(pixels, fp.seg, geom, reader, scaled_long_side(reader_long, factor), patch, sites,
                             cams=cams)
@@ -350,10 +372,10 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
     can_type_cam = getattr(cls_b.engine, "supports_cam", True)
     type_cam = cams and (can_type_cam if type_cam is None else type_cam)
     fusion = models.fusion
-    pixels = radiograph.pixels
-    looks = [_look(pixels, models, cams, type_cam)]
+    inputs = NetworkInputs(radiograph.pixels)
+    looks = [_look(inputs, models, cams, type_cam)]
     if fusion and mirror_look(fusion) and cls_b.architecture == "TypeReader":
-        looks.append(_look(np.ascontiguousarray(pixels[:, ::-1]), models, cams, False))
+        looks.append(_look(inputs.mirrored(), models, cams, False))
     plain = looks[0]
     if len(looks) == 1:
         logit, call, evidence, coarse, probs = (plain.detect_logit, plain.call_logit, plain.evidence, plain.coarse,
@@ -387,13 +409,14 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
     )
 
 
-def _look(pixels: np.ndarray, models: ModelSet, cams: bool, type_cam: bool) -> _Look:
-    """The fracture models' pass over one orientation of the image: :func:`run_fracture_models` without the
-    mirror."""
+def _look(inputs: NetworkInputs, models: ModelSet, cams: bool, type_cam: bool) -> _Look:
+    """The fracture models' pass over one orientation of the image (``inputs.pixels``): :func:`run_fracture_models`
+    without the mirror."""
     det_b, cls_b = models.detector, models.classifier
     detector = det_b.engine
+    pixels = inputs.pixels
     long_side = int(det_b.input_spec.get("long_side", 512))
-    x, geom = fracture_input(pixels, long_side)
+    x, geom = inputs.get(long_side)
     fp = detector.forward(x, cams=cams)
     logit = fp.detect_logit
     det_cam = detector.cam(fp) if cams else None
@@ -421,7 +444,7 @@ def _look(pixels: np.ndarray, models: ModelSet, cams: bool, type_cam: bool) -> _
                 coarse_det, coarse_found = coarse_look(
                     pixels, detector, long_side, cls_b.engine, int(spec["long_side"]), int(spec["patch"]),
                     int(second.get("sites", type_sites(cls_b))), float(second["factor"]),
-                    cams=type_cam and margin is not None)
+                    cams=type_cam and margin is not None, inputs=inputs)
                 coarse = fused_detection_logit(coarse_det, reader_evidence(coarse_found), fusion)
                 if margin is not None and coarse > z + margin:
                     # The coarser look is surer of a fracture: read the type where it placed it.

@@ -70,6 +70,15 @@ def fracture_input(pixels: np.ndarray, long_side: int) -> tuple[np.ndarray, Geom
     return out, Geometry(h, w, sh, sw, ph, pw)
 
 
+def mirrored_input(x: np.ndarray, geom: Geometry) -> np.ndarray:
+    """The network input of the left-right mirror of the image that :func:`fracture_input` made ``x`` from,
+    without resizing the mirror again: the resized image flipped, the padding still right and below, the same
+    standardisation (a resize commutes with the flip, to float rounding)."""
+    out = x.copy()
+    out[:geom.scaled_h, :geom.scaled_w] = x[:geom.scaled_h, :geom.scaled_w][:, ::-1]
+    return out
+
+
 def as_batch(x: np.ndarray) -> torch.Tensor:
     """(H, W) array -> (1, 1, H, W) tensor sharing its memory (for the torch networks)."""
     import torch
