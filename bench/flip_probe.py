@@ -29,7 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.evaluation.metrics import confusion_matrix, macro_f1  # noqa: E402
 from pipeline.explain import peak_point  # noqa: E402
 from pipeline.models.imageio import load_file  # noqa: E402
-from pipeline.run import fused_detection_logit, load_models, run_fracture_models, second_scale  # noqa: E402
+from pipeline.run import (  # noqa: E402
+    fused_detection_logit,
+    load_models,
+    mirror_look,
+    run_fracture_models,
+    second_scale,
+)
 from pipeline.taxonomy import FRACTURE_TYPES  # noqa: E402
 from pipeline.training.datasets import read_generator_layout  # noqa: E402
 
@@ -62,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     fusion = models.fusion
     second = second_scale(fusion)
     if fusion is None or second is None:
-        raise SystemExit("the probe expects a reader card with a two-scale detection fusion (the shipped one)")
+        raise SystemExit("the probe expects a reader card with a two-scale detection fusion")
+    if mirror_look(fusion):
+        raise SystemExit("the probe makes the mirrored reading itself: give --models a folder whose reader card "
+                         "has no mirror (session 25 probed reader 1.6.1's: git show "
+                         "f1414cb:pipeline/models/bundled/classifier/model.json)")
     platt = second["platt"]
     rows: dict[str, list[dict[str, object]]] = {name: [] for name in ("plain", "mirror", "mean", "mean_native")}
     truth: list[int] = []

@@ -166,6 +166,9 @@ class FractureOutputs:
     fused: bool = False  # the probability is the detector's logit fused with the reader's evidence
     coarse_logit: float | None = None  # the fused logit of the second, coarser pass (fusion's second_scale)
     type_scale: float = 1.0  # 1: the type was read at the native look; the second look's factor: read there
+    # The detector's logit on the image as it is (with a mirrored look, detect_logit is the mean of both readings):
+    # the detector as it runs without the reader's fusion, what its card's metrics describe.
+    plain_detect_logit: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -406,6 +409,7 @@ def run_fracture_models(radiograph: Radiograph, models: ModelSet, cams: bool = T
         fused=call is not None,
         coarse_logit=coarse,
         type_scale=plain.type_scale,
+        plain_detect_logit=plain.detect_logit,
     )
 
 

@@ -271,6 +271,8 @@ def test_looks_bench_scores_what_evaluate_scores(tmp_path: Path) -> None:
     assert mirrored["detection"]["probability"].endswith("on the image and on its left-right mirror, and averaged "
                                                          "(mirror)")
     assert mirrored["detection"]["auc"] != pytest.approx(scored["detection"]["auc"], abs=1e-6)
+    # The detector alone is its one reading of the image as it is, as its card's metrics describe it.
+    assert mirrored["detection"]["detector_alone"] == scored["detection"]["detector_alone"]
     assert figures["type"]["native"]["pointing_game"] == pytest.approx(native["localization"]["pointing_game"],
                                                                        abs=1e-4)
 

@@ -240,6 +240,7 @@ def test_a_mirrored_look_averages_the_image_s_and_its_mirror_s_passes(tmp_path: 
         np.testing.assert_allclose(got.type_probs, 0.5 * (a.type_probs + b.type_probs), atol=1e-6)
         np.testing.assert_allclose(got.heatmap, 0.5 * (a.heatmap + b.heatmap[:, ::-1]), atol=1e-6)
         assert got.detector_peak == a.detector_peak and got.type_centre == a.type_centre  # the plain look's
+        assert got.plain_detect_logit == pytest.approx(a.detect_logit, abs=1e-6) != got.detect_logit
         # The mirror of the image gets the same call, type and (mirrored) map.
         mirror = run_fracture_models(Radiograph(pixels=flipped), twice, cams=True)
         assert mirror.probability == pytest.approx(got.probability, abs=1e-6)

@@ -107,7 +107,9 @@ def evaluate_folder(models: ModelSet, data: str | Path, limit: int | None = None
         t_inference += time.perf_counter() - t0
         validity_ok.setdefault("radiograph", []).append(verdict.is_radiograph)
         probs.append(outs.probability)
-        alone.append(calibrated_probability(outs.detect_logit, models.detector.temperature))
+        # the detector on its own: one reading, as it runs without the fusion (a mirrored look averages two)
+        plain = outs.detect_logit if outs.plain_detect_logit is None else outs.plain_detect_logit
+        alone.append(calibrated_probability(plain, models.detector.temperature))
         labels.append(bool(rec.fracture))
         if rec.fracture and rec.type:
             type_true.append(FRACTURE_TYPES.index(rec.type))
