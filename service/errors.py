@@ -1,6 +1,7 @@
 """The one place our exceptions become HTTP responses.
 
-Every API error has the shape ``{"error": {"code", "message", "details"}}``.
+Every API error has the shape ``{"error": {"code", "message", "details"}}``. Every 503 (the database, the
+storage or its disk unavailable or full: a client should retry) carries ``Retry-After: RETRY_AFTER_SECONDS``.
 
 The exceptions need no web framework (the DICOM listener raises them through ``service.ingest`` too, and does
 not import Flask for it: about 10 MB less resident, issue #9); Flask is imported where responses are made.
@@ -12,6 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from flask import Flask, Response
+
+#: Seconds a 503 asks the client to wait before retrying (``Retry-After``, RFC 9110 10.2.3): an outage of the
+#: database or the storage, or a full disk, is not the client's fault and may pass. One value for every 503.
+RETRY_AFTER_SECONDS = 5
 
 
 class ServiceError(Exception):
@@ -77,6 +82,14 @@ def register_error_handlers(app: Flask) -> None:
     from sqlalchemy.exc import TimeoutError as PoolTimeout
     from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
+    @app.after_request
+    def _retry_after(response: Response) -> Response:
+        # Every 503, whichever handler or view made it (also those of Flask's own handling: after_request runs
+        # for error responses too); a view that set its own value keeps it.
+        if response.status_code == 503:
+            response.headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
+        return response
+
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError) -> Any:
         if _wants_json():
@@ -105,9 +118,7 @@ def register_error_handlers(app: Flask) -> None:
             return _unexpected(exc)
         current_app.logger.error("database unavailable: %s", str(exc).splitlines()[0] if str(exc) else exc)
         if _wants_json():
-            response = error_response(503, "database_unavailable", "the database is unavailable; retry later")
-            response.headers["Retry-After"] = "5"
-            return response
+            return error_response(503, "database_unavailable", "the database is unavailable; retry later")
         return ServiceUnavailable()
 
     @app.errorhandler(Exception)

@@ -435,6 +435,19 @@ def test_a_full_disk_while_spooling_an_upload_is_the_full_store_error(api, app, 
     assert api.submit("ris", files=[(dicom_bytes(128), "c.dcm", "application/dicom")]).status_code == 202
 
 
+def test_a_full_disk_says_when_to_retry_as_the_openapi_document_does(api, app, full_disk):  # type: ignore[no-untyped-def]
+    """A 503 (here ``storage_full``: the disk fills while an upload is received) carries ``Retry-After``, an
+    integer number of seconds, as the OpenAPI document says of every 503."""
+    from service.errors import RETRY_AFTER_SECONDS
+
+    response = api.submit("ris", files=[(dicom_bytes(1024), "b.dcm", "application/dicom")])
+    assert_error(response, 503, "storage_full")
+    documented = api.get("/api/v1/openapi.json", None).get_json()["paths"]["/api/v1/studies"]["post"]
+    headers = documented["responses"]["503"]["headers"]
+    assert set(headers) == {"Retry-After"} and headers["Retry-After"]["schema"] == {"type": "integer"}
+    assert response.headers["Retry-After"] == str(RETRY_AFTER_SECONDS) and RETRY_AFTER_SECONDS >= 1
+
+
 # ------------------------------------------------------------------------------------- scoping, listing
 
 
@@ -590,11 +603,12 @@ def test_rate_limit_answers_429_with_retry_after(api, app):  # type: ignore[no-u
 
 def test_database_unavailable_is_503(settings):  # type: ignore[no-untyped-def]
     from service.app import create_app
+    from service.errors import RETRY_AFTER_SECONDS
 
     app = create_app(settings, db=Database("postgresql+psycopg2://nobody@127.0.0.1:1/none"))
     response = app.test_client().get("/api/v1/studies", headers={"Authorization": "Bearer fn_abcd_x"})
     assert_error(response, 503, "database_unavailable")
-    assert response.headers["Retry-After"]
+    assert response.headers["Retry-After"] == str(RETRY_AFTER_SECONDS)  # as for every 503
     app.extensions["fracture.db"].dispose()
 
 

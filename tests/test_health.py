@@ -30,6 +30,7 @@ def test_readyz_is_503_naming_a_tampered_or_missing_bundle(app, tmp_path) -> Non
     response = client.get("/readyz")
     body = response.get_json()
     assert response.status_code == 503 and body["status"] == "not_ready"
+    assert response.headers["Retry-After"] == "5"  # service.errors.RETRY_AFTER_SECONDS, as every 503 says
     assert "detector" in body["checks"]["models"] and "SHA-256" in body["checks"]["models"]
     assert body["checks"]["database"] == "ok"
     shutil.copy(BUNDLED_MODEL_DIR / "detector" / "weights.safetensors", weights)

@@ -49,7 +49,8 @@ ERRORS = {
     "422": _error("Well-formed request that fails validation (e.g. an image that cannot be decoded)."),
     "429": {**_error("Too many requests for this API key (token bucket); see Retry-After."),
             "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
-    "503": {**_error("Database or storage unavailable; retry later."),
+    "503": {**_error("Database or storage unavailable, or the disk full (storage_full); retry after Retry-After "
+                     "seconds."),
             "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
 }
 
@@ -330,7 +331,8 @@ PATHS: dict[str, Any] = {
         "security": PUBLIC,
         "responses": {**_json_ok("Readiness", "Ready."),
                       "503": {"description": "Not ready; checks say why.",
-                              "content": {JSON: {"schema": _ref("Readiness")}}}},
+                              "content": {JSON: {"schema": _ref("Readiness")}},
+                              "headers": {"Retry-After": {"schema": {"type": "integer"}}}}},
     }},
     "/metrics": {"get": {
         "operationId": "metrics", "tags": ["health"], "summary": "Prometheus metrics (text exposition format)",
