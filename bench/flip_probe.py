@@ -8,7 +8,9 @@ no maps) on the image and on its left-right mirror, and writes three ``fracture-
 CSVs into ``--out`` (``plain.csv``, ``mirror.csv``, ``mean.csv``: the call's and the detector's logits of the
 mirror, and the mean of the two looks' logits), which ``bench/paired.py`` compares. A mirror changes nothing
 the types are defined by, and the networks were trained on flipped crops, so the two looks differ only by what
-the networks have not learned to be symmetric about: averaging them removes part of that noise.
+the networks have not learned to be symmetric about: averaging them removes part of that noise. ``--axis
+vertical`` mirrors up-down instead; behind a card that already reads the image and its left-right mirror
+(``mirror``, reader 1.7.0) the mean is then of four readings.
 """
 
 from __future__ import annotations
@@ -59,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=None, help="model folder (default: the bundled models)")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--axis", choices=("horizontal", "vertical"), default="horizontal",
+                    help="the second reading's mirror: left-right (default) or up-down; up-down behind a card that "
+                         "already reads each image and its left-right mirror gives four readings in all")
     args = ap.parse_args(argv)
+    vertical = args.axis == "vertical"
     models = load_models(args.models, num_threads=args.threads)
     temp = models.detector.temperature
     records = [r for r in read_generator_layout(args.data) if r.is_radiograph]
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     second = second_scale(fusion)
     if fusion is None or second is None:
         raise SystemExit("the probe expects a reader card with a two-scale detection fusion")
-    if mirror_look(fusion):
+    if mirror_look(fusion) and not vertical:
         raise SystemExit("the probe makes the mirrored reading itself: give --models a folder whose reader card "
                          "has no mirror (session 25 probed reader 1.6.1's: git show "
                          "f1414cb:pipeline/models/bundled/classifier/model.json)")
@@ -82,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     for rec in tqdm(records, desc="flip probe"):
         rad = load_file(rec.path)
         looks, maps, type_probs = [], [], []
-        for pixels in (rad.pixels, np.ascontiguousarray(rad.pixels[:, ::-1])):
+        flipped = rad.pixels[::-1, :] if vertical else rad.pixels[:, ::-1]
+        for pixels in (rad.pixels, np.ascontiguousarray(flipped)):
             outs = run_fracture_models(replace(rad, pixels=pixels), models, cams=True, type_cam=False)
             native = fused_detection_logit(outs.detect_logit, outs.reader_evidence, fusion)
             looks.append({"native": native, "coarse": float(outs.coarse_logit), "detector": outs.detect_logit / temp,
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             maps.append(outs.heatmap)
             type_probs.append(outs.type_probs)
         plain, mirror = looks
-        maps[1] = maps[1][:, ::-1]  # back to the image's own geometry
+        maps[1] = maps[1][::-1, :] if vertical else maps[1][:, ::-1]  # back to the image's own geometry
         if rec.fracture and rec.type:
             truth.append(FRACTURE_TYPES.index(rec.type))
             for name, probs in (("plain", type_probs[0]), ("mirror", type_probs[1]),
