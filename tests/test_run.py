@@ -340,6 +340,14 @@ def test_default_is_bundled_models() -> None:
     assert a.detection is not None and a.detection.model.name == "fracturenode-detector"
     assert a.explanation is not None and a.explanation.heatmap.shape == pixels.shape
     assert a.classification is not None and a.classification.model.name == "fracturenode-type-reader"
+    # The shipped reader card reads every image as it is and mirrored (session 25): the two get the same result.
+    assert models.fusion is not None and models.fusion.get("mirror") is True
+    m = analyze(Radiograph(pixels=np.ascontiguousarray(pixels[:, ::-1])), models)
+    assert m.detection is not None and m.classification is not None
+    assert m.detection.probability == pytest.approx(a.detection.probability, abs=1e-6)
+    assert m.classification.top_type == a.classification.top_type
+    assert m.explanation is not None
+    np.testing.assert_allclose(m.explanation.heatmap[:, ::-1], a.explanation.heatmap, atol=1e-5)
 
 
 def test_analyze_command_reads_dicom(model_dir: Path, tmp_path: Path) -> None:
