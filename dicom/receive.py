@@ -21,7 +21,9 @@ A transfer cut off mid-way leaves its file behind in pynetdicom: :func:`discard_
 connection closes, and :func:`sweep` removes what a killed listener left, when the next one starts.
 
 The web server spools HTTP uploads to the same folders (:func:`incoming_folder`, ``service.ingest.spool_upload``),
-so one sweep covers both. pynetdicom is imported only by :func:`receive_to_disk`: the web process never loads it.
+so one sweep covers both; Werkzeug's files for large multipart parts go there too, unnamed
+(``service.ingest.UploadPart``), so they leave nothing to sweep. pynetdicom is imported only by
+:func:`receive_to_disk`: the web process never loads it.
 """
 
 from __future__ import annotations

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from typing import IO
 
-from flask import Flask, Response
+from flask import Flask, Request, Response
 
 from config import Settings
 from dicom import receive
 from service.db import Database
 from service.errors import register_error_handlers
+from service.extensions import current_settings
+from service.ingest import UploadPart
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +20,31 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
+
+
+class UploadRequest(Request):
+    """Flask's request, with the multipart file parts Werkzeug parses written to the incoming folder of the store's
+    file system (:class:`service.ingest.UploadPart`: in memory up to 500 kB, as by default, then an unnamed file
+    there) instead of the system temporary folder, which may be a RAM-backed tmpfs. Every part is closed with the
+    request, also those of a request whose parsing failed (a full disk: 503 ``storage_full``), which Werkzeug
+    would leave to the garbage collector."""
+
+    _parts: list[UploadPart] | None = None
+
+    def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
+                         filename: str | None = None, content_length: int | None = None) -> IO[bytes]:
+        part = UploadPart(current_settings())
+        if self._parts is None:
+            self._parts = []
+        self._parts.append(part)
+        return part
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            for part in self._parts or ():
+                part.close()
 
 
 def create_app(settings: Settings | None = None, db: Database | None = None) -> Flask:
@@ -27,6 +55,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     # what a web process killed mid-upload left there goes now, as a starting listener does for its own.
     receive.sweep(settings.storage_dir / receive.FOLDER)
     app = Flask(__name__)
+    app.request_class = UploadRequest
     app.config.update(
         SECRET_KEY=settings.secret_key,
         MAX_CONTENT_LENGTH=settings.max_upload_bytes,

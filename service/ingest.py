@@ -494,6 +494,9 @@ def _discard_when_written(pending: Future[StoredFile]) -> None:
 SNIFF_BYTES = 132
 #: Uploads are copied to disk in pieces of this size (as the listener writes what it receives).
 CHUNK = receive.BUFFER
+#: A multipart file part up to this size stays in memory while Werkzeug parses the request (:class:`UploadPart`):
+#: Werkzeug's own threshold (``werkzeug.formparser.default_stream_factory``, 3.1.x).
+PART_IN_MEMORY = 500 * 1024
 
 
 def sniff(data: bytes) -> str | None:
@@ -640,6 +643,54 @@ def spool_upload(settings: Settings, stream: bytes | IO[bytes]) -> Iterator[Spoo
             log.error("cannot read an upload to spool it to %s: %s", writer.path, exc.strerror or exc)
             raise storage_failure(exc, "receiving the upload") from exc
         yield writer.finish()
+
+
+class UploadPart(tempfile.SpooledTemporaryFile[bytes]):
+    """Where Werkzeug writes a multipart file part while it parses a request (``service.app.UploadRequest``), before
+    :func:`spool_upload` copies it: in memory up to :data:`PART_IN_MEMORY`, as Werkzeug does, then in an unnamed
+    file of this process's incoming folder, on the store's file system, instead of the system temporary folder
+    (Werkzeug's default), which may be a RAM-backed tmpfs (Debian 13, Fedora): there, large concurrent uploads
+    would cost memory outside any process's RSS.
+
+    The file is unnamed (``tempfile.TemporaryFile``: ``O_TMPFILE`` on Linux), so it is gone when it is closed or
+    the process ends, however it ends: :func:`dicom.receive.sweep` has nothing to remove after a killed process
+    (where the file system lacks ``O_TMPFILE``, tempfile makes a named file and unlinks it at once; it is named
+    with the incoming folder's prefix, so sweep covers even that instant). A disk that fills, or any other I/O
+    failure, while the part is written is :class:`DiskFull` (:class:`StorageUnavailable`), as in
+    :class:`UploadWriter`; the file is then closed, which frees what it held."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.folder = receive.incoming_folder(settings.storage_dir / receive.FOLDER)
+        super().__init__(max_size=PART_IN_MEMORY, mode="w+b", dir=str(self.folder), prefix=f"{receive.PREFIX}part-",
+                         suffix=".dcm")
+
+    def _failure(self, exc: OSError) -> OutOfResources:
+        log.error("cannot write an upload's part to %s: %s", self.folder, exc.strerror or exc)
+        with contextlib.suppress(OSError):  # a full disk may fail the buffered tail's flush here too
+            self.close()
+        return storage_failure(exc, "receiving the upload")
+
+    def rollover(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)  # made for the first part over PART_IN_MEMORY
+        super().rollover()
+
+    def write(self, s: Any) -> int:
+        try:
+            return super().write(s)  # rolls over (above) once past PART_IN_MEMORY: a failure there shows here
+        except OSError as exc:
+            raise self._failure(exc) from exc
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        try:
+            return super().seek(offset, whence)  # writes what is still buffered: a full disk may show here
+        except OSError as exc:
+            raise self._failure(exc) from exc
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as exc:
+            raise self._failure(exc) from exc
 
 
 def decode_upload_image(data: bytes | Path, kind: str) -> np.ndarray:

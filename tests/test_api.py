@@ -9,6 +9,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -424,15 +425,73 @@ def test_idempotency_key_replay_of_a_streamed_upload_has_the_same_request_hash(a
 def test_a_full_disk_while_spooling_an_upload_is_the_full_store_error(api, app, settings, full_disk):  # type: ignore[no-untyped-def]
     """The incoming folder is on the store's file system: a disk that fills while an upload is copied there
     answers what a full store answers (503 ``storage_full``, the sender may retry), and leaves no file."""
-    fits_spool_not_store = dicom_bytes(560)  # 0.6 MB: copied, then the store's copy does not fit in 1 MB
-    store_full = assert_error(api.submit("ris", files=[(fits_spool_not_store, "a.dcm", "application/dicom")]),
-                              503, "storage_full")
-    spool_full = assert_error(api.submit("ris", files=[(dicom_bytes(1024), "b.dcm", "application/dicom")]),
-                              503, "storage_full")
+    part = dicom_bytes(440)  # 378 KiB: Werkzeug keeps it in memory (up to 500 kB), so only its copies take disk
+    filler = full_disk / "filler"
+    filler.write_bytes(bytes(400 * 1024))  # of the 1 MiB, 624 KiB left: the spooled copy fits, the store's not
+    store_full = assert_error(api.submit("ris", files=[(part, "a.dcm", "application/dicom")]), 503, "storage_full")
+    filler.write_bytes(bytes(800 * 1024))  # 224 KiB left: the spooled copy does not fit
+    spool_full = assert_error(api.submit("ris", files=[(part, "b.dcm", "application/dicom")]), 503, "storage_full")
+    filler.unlink()
     assert "storage full" in store_full["message"] and "storage full" in spool_full["message"]
-    assert "receiving the upload" in spool_full["message"]
+    assert "receiving the upload" in spool_full["message"] and "receiving the upload" not in store_full["message"]
     assert _instance_count(api) == 0 and _files_under(full_disk) == []
     assert api.submit("ris", files=[(dicom_bytes(128), "c.dcm", "application/dicom")]).status_code == 202
+
+
+def test_a_full_disk_while_werkzeug_parses_an_upload_is_the_full_store_error(api, app, full_disk, monkeypatch):  # type: ignore[no-untyped-def]
+    """Werkzeug writes a file part over 500 kB to the incoming folder while it parses the request
+    (``service.app.UploadRequest``): a disk that fills there answers 503 ``storage_full`` too, never a 500, before
+    any part is spooled; the part already written is closed with the request, giving back all the space it took."""
+    from service.api import routes
+
+    spooled: list[Any] = []
+    real_spool = routes.spool_upload
+    monkeypatch.setattr(routes, "spool_upload", lambda settings, stream: spooled.append(stream) or real_spool(
+        settings, stream))
+    free = os.statvfs(full_disk).f_bfree
+    large, larger = dicom_bytes(560), dicom_bytes(1024)  # 613 KiB, 2 MiB: of the disk's 1 MiB
+    for files in ([larger],  # its first 500 kB go to the file, then writing the rest fills the disk
+                  [large, larger]):  # the first is written whole, then moving the second's 500 kB there fills it
+        error = assert_error(api.submit("ris", files=[(data, "a.dcm", "application/dicom") for data in files]),
+                             503, "storage_full")
+        assert "storage full while receiving the upload" in error["message"]
+        assert spooled == []  # it failed while Werkzeug wrote the parts
+        assert os.statvfs(full_disk).f_bfree == free and _files_under(full_disk) == []
+    assert _instance_count(api) == 0
+    assert api.submit("ris", files=[(dicom_bytes(128), "c.dcm", "application/dicom")]).status_code == 202
+    assert len(spooled) == 1
+
+
+def test_werkzeug_writes_a_large_part_to_the_incoming_folder_not_the_system_temp_folder(api, app, tmp_path,  # type: ignore[no-untyped-def]
+                                                                                       monkeypatch):
+    """A multipart file part over 500 kB goes to a file while Werkzeug parses the request: an unnamed one in this
+    process's incoming folder (on the store's file system; ``service.app.UploadRequest``), never in the system
+    temporary folder (Werkzeug's default), which may be a RAM-backed tmpfs. Nothing is left in either."""
+    import tempfile
+
+    from dicom import receive
+    from service.api import routes
+
+    system_temp = tmp_path / "system-temp"
+    system_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
+    where: list[str] = []
+    real_spool = routes.spool_upload
+
+    def spool_upload(settings: Any, stream: Any) -> Any:
+        where.append(os.readlink(f"/proc/self/fd/{stream.fileno()}"))  # the file Werkzeug wrote the part to
+        return real_spool(settings, stream)
+
+    monkeypatch.setattr(routes, "spool_upload", spool_upload)
+    data = dicom_bytes(1024)  # 2 MiB
+    response = api.submit("ris", files=[(data, "big.dcm", "application/dicom")])
+    assert response.status_code == 202, response.data
+    settings = app.extensions["fracture.settings"]
+    incoming = receive.incoming_folder(settings.storage_dir / receive.FOLDER)
+    assert len(where) == 1 and Path(where[0]).parent == incoming and where[0].endswith(" (deleted)")
+    assert list(system_temp.iterdir()) == [] and _incoming(app) == []
+    [(path, sha256)] = _stored_instances(api).values()
+    assert sha256 == hashlib.sha256(data).hexdigest() and path.read_bytes() == data
 
 
 def test_a_full_disk_says_when_to_retry_as_the_openapi_document_does(api, app, full_disk):  # type: ignore[no-untyped-def]

@@ -19,11 +19,14 @@ from sqlalchemy import func, select
 from config import Settings
 from service.db import Database
 from service.ingest import (
+    PART_IN_MEMORY,
+    DiskFull,
     InstanceTooLarge,
     InvalidInstance,
     UnreadableImage,
     UnreadableInstance,
     UnsupportedUpload,
+    UploadPart,
     ingest,
     ingest_upload,
     spool_upload,
@@ -160,6 +163,45 @@ def test_an_upload_is_spooled_in_pieces_hashed_as_it_goes_and_removed(settings: 
         pass
     assert too_big.tell() <= 2 * 1024 * 1024  # refused once over the limit, not read to the end
     assert _leftovers(settings) == []
+
+
+def test_an_upload_part_stays_in_memory_up_to_500_kb_then_goes_to_an_unnamed_file_of_the_incoming_folder(  # type: ignore[no-untyped-def]
+        settings: Settings) -> None:
+    """Where Werkzeug writes a multipart file part: in memory up to Werkzeug's own 500 kB, then a file of this
+    process's incoming folder that has no name (nothing to sweep after a crash) and is gone once closed."""
+    incoming = settings.storage_dir / ".incoming" / f"{socket.gethostname()}-{os.getpid()}"
+    assert PART_IN_MEMORY == 500 * 1024  # werkzeug.formparser.default_stream_factory's max_size
+    part = UploadPart(settings)
+    part.write(b"\1" * PART_IN_MEMORY)
+    assert part.name is None and not incoming.exists()  # no file yet
+    part.write(b"\2")
+    assert isinstance(part.name, int)  # a file's descriptor, and no path
+    assert Path(os.readlink(f"/proc/self/fd/{part.name}")).parent == incoming and list(incoming.iterdir()) == []
+    part.seek(0)
+    assert part.read() == b"\1" * PART_IN_MEMORY + b"\2"
+    descriptor = part.name
+    part.close()
+    assert not os.path.exists(f"/proc/self/fd/{descriptor}")
+
+
+def test_a_full_disk_while_an_upload_part_is_written_is_disk_full_and_closes_it(settings: Settings,  # type: ignore[no-untyped-def]
+                                                                                 full_disk) -> None:
+    """A disk that fills while Werkzeug writes a part, also where the file's buffered tail is written only when
+    Werkzeug seeks back to the start (or flushes), is :class:`DiskFull`; the part is closed, freeing its file."""
+    for finish in ("seek", "flush"):
+        part = UploadPart(settings)
+        part.write(b"\1" * (PART_IN_MEMORY + 4096 - PART_IN_MEMORY % 4096))  # whole pages, in the file
+        part.flush()
+        filler = os.open(full_disk / "filler", os.O_WRONLY | os.O_CREAT)
+        with pytest.raises(OSError):  # noqa: PT011 - ENOSPC, however the file system words it
+            while os.write(filler, b"\0" * 65536):
+                pass
+        part.write(b"\2" * 100)  # buffered: nothing reaches the disk yet
+        with pytest.raises(DiskFull, match="storage full while receiving the upload"):
+            part.seek(0) if finish == "seek" else part.flush()
+        assert part.closed
+        os.close(filler)
+        os.unlink(full_disk / "filler")
 
 
 def _png_header_only(width: int, height: int) -> bytes:

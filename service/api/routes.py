@@ -88,10 +88,10 @@ def submit_images() -> Any:
     with contextlib.ExitStack() as spooled:  # every part's file in the incoming folder is removed on leaving
         # Each part is copied to a file of the incoming folder in 1 MiB pieces, hashed and size-checked as it
         # goes (service.ingest.spool_upload), never read whole into memory. Parsing the request does not hold
-        # the parts either: Werkzeug (3.1.x, checked with 3.1.9) gives each file part a SpooledTemporaryFile
-        # that moves to an unnamed file in the system temporary folder beyond 500 kB
-        # (werkzeug.formparser.default_stream_factory), and MAX_CONTENT_LENGTH (the upload limit) bounds the
-        # whole request. Closing a part once copied frees Werkzeug's copy before the request ends.
+        # the parts either: Werkzeug gives each file part a SpooledTemporaryFile that moves, beyond 500 kB, to an
+        # unnamed file in the incoming folder (service.app.UploadRequest, service.ingest.UploadPart; Werkzeug's
+        # default is the system temporary folder), and MAX_CONTENT_LENGTH (the upload limit) bounds the whole
+        # request. Closing a part once copied frees Werkzeug's copy before the request ends.
         payloads = []
         for field, f in uploads:
             filename, content_type = f.filename or None, f.mimetype or None
