@@ -412,6 +412,8 @@ def upload() -> Any:
         upload_file = request.files.get("file")
     except RequestEntityTooLarge:
         return _upload_error(None, f"too large: the limit is {current_settings().max_upload_mb} MB", 413)
+    except ServiceError as exc:  # a disk that fills while Werkzeug writes the file (service.app.UploadRequest)
+        return _upload_error(None, exc.message, exc.status)
     if upload_file is None or not upload_file.filename:
         return _upload_error(None, "no file was sent", 400)
     filename = Path(upload_file.filename).name[:256]

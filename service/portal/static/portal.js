@@ -274,7 +274,10 @@
           ui.li.setAttribute("data-study-id", data.study_id);
           follow(ui, data);
         } else {
-          var why = data && (data.error || (data.error === undefined && data.message)) ;
+          // {ok, error: "..."} from the upload view; {error: {code, message}} (service.errors) for a request
+          // refused before the view, e.g. a disk that fills while the file is received (CSRF parses the form)
+          var why = data && (data.error && typeof data.error === "object" ? data.error.message
+                             : (data.error || (data.error === undefined && data.message)));
           if (!why && xhr.status === 413) { why = "too large"; }
           if (!why && xhr.status === 400) { why = "the request was refused (session expired? reload the page)"; }
           fail(ui, "Rejected: " + (why || ("HTTP " + xhr.status)));
