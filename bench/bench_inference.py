@@ -3,6 +3,7 @@ classification + Grad-CAM (maps at the original geometry). Explanation images (e
 separately.
 
     .venv/bin/python bench/bench_inference.py [--models DIR] [--runs 20] [--size 2000] [--runtime onnx|numpy|torch]
+                                              [--one-reading]
                                               [--format png|dicom]
 
 ``--runtime onnx`` (convolutions in ONNX Runtime, the rest in NumPy: the command line's default) and
@@ -54,11 +55,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runtime", choices=("onnx", "numpy", "torch"), default="onnx")
+    ap.add_argument("--one-reading", action="store_true",
+                    help="read each image once even where the reader's card reads it mirrored too "
+                         "(FRACTURE_MIRROR_LOOK=off)")
     ap.add_argument("--format", choices=("png", "dicom"), default="png",
                     help="the file decoded: a 16-bit PNG (an upload) or an uncompressed DX DICOM (what a modality "
                          "pushes)")
     args = ap.parse_args()
-    models = load_models(args.models, num_threads=args.threads, runtime=args.runtime)
+    models = load_models(args.models, num_threads=args.threads, runtime=args.runtime, mirror=not args.one_reading)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / ("bench.png" if args.format == "png" else "bench.dcm")
         make_image(path, args.size)
@@ -85,6 +89,7 @@ def main() -> None:
     result = {
         "image": f"{w}x{h} " + ("16-bit PNG" if args.format == "png" else "uncompressed DX DICOM"),
         "runtime": args.runtime,
+        "readings": 2 if models.fusion and models.fusion.get("mirror") else 1,
         "threads": args.threads if args.runtime != "numpy" else "BLAS default",
         "runs": args.runs,
         "core_ms_median": round(statistics.median(core), 1),

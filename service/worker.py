@@ -310,7 +310,7 @@ def run_worker(settings: Settings, stop: threading.Event, *, db: Database | None
     owner = owner or worker_id()
     database = db if db is not None else Database.from_settings(settings)
     if models is None:
-        models = load_models(settings.model_dir, runtime=settings.model_runtime)
+        models = load_models(settings.model_dir, runtime=settings.model_runtime, mirror=settings.mirror_look)
         release_memory()  # what building the networks (and the onnx runtime's graphs) left in the heap
         log.info("worker %s loaded models %s", owner, ", ".join(m.label for m in models.identities))
     processed = 0

@@ -646,6 +646,9 @@ def test_models_lists_the_bundle_cards(api, app, tmp_path):  # type: ignore[no-u
     assert cards["classifier"]["status"] == "invalid" and "SHA-256" in cards["classifier"]["problem"]
     assert cards["detector"]["detection_fusion"] is None  # the fusion the pipeline applies is the reader's
     assert cards["classifier"]["detection_fusion"]["operating_point"]["threshold"] == 0.3
+    assert body["mirror_look"] is True  # FRACTURE_MIRROR_LOOK, the default: a mirrored card reads images twice
+    app.extensions["fracture.settings"] = replace(app.extensions["fracture.settings"], mirror_look=False)
+    assert api.get("/api/v1/models", "ruth").get_json()["mirror_look"] is False
     assert_error(api.get("/api/v1/models", None), 401)
 
 

@@ -273,6 +273,24 @@ def test_looks_bench_scores_what_evaluate_scores(tmp_path: Path) -> None:
     assert mirrored["detection"]["auc"] != pytest.approx(scored["detection"]["auc"], abs=1e-6)
     # The detector alone is its one reading of the image as it is, as its card's metrics describe it.
     assert mirrored["detection"]["detector_alone"] == scored["detection"]["detector_alone"]
+    # --one-reading (FRACTURE_MIRROR_LOOK=off): the card's one-reading fit, here the plain card's own, scores as
+    # the plain card does; without that fit the card is refused, and the cards are not updated from such a run.
+    refused = CliRunner().invoke(evaluate, ["--models", str(models), "--data", str(data), "--json", str(out), "--quiet",
+                                            "--one-reading"])
+    assert refused.exit_code != 0 and "single_reading" in refused.output
+    update_card(models / "classifier", detection_fusion={**fusion, "mirror": True, "single_reading": {
+        "weights": fusion["weights"], "bias": fusion["bias"], "platt": fusion["second_scale"]["platt"],
+        "operating_point": fusion["operating_point"]}})
+    result = CliRunner().invoke(evaluate, ["--models", str(models), "--data", str(data), "--json", str(out), "--quiet",
+                                           "--one-reading"])
+    assert result.exit_code == 0, result.output
+    once = json.loads(out.read_text())
+    assert once["detection"]["auc"] == scored["detection"]["auc"]
+    assert once["classification"]["macro_f1"] == scored["classification"]["macro_f1"]
+    assert not once["detection"]["probability"].endswith("(mirror)")
+    refused = CliRunner().invoke(evaluate, ["--models", str(models), "--data", str(data), "--json", str(out), "--quiet",
+                                            "--one-reading", "--update-cards"])
+    assert refused.exit_code != 0 and "not with --one-reading" in refused.output
     assert figures["type"]["native"]["pointing_game"] == pytest.approx(native["localization"]["pointing_game"],
                                                                        abs=1e-4)
 

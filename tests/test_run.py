@@ -250,6 +250,24 @@ def test_a_mirrored_look_averages_the_image_s_and_its_mirror_s_passes(tmp_path: 
         # No fusion behind another detector: one look, the detector's own probability.
         single = run_fracture_models(Radiograph(pixels=img), alone, cams=False)
         assert not single.fused and single.detect_logit == pytest.approx(a.detect_logit, abs=1e-6)
+    # FRACTURE_MIRROR_LOOK=off (load_models(mirror=False)): one reading, with the card's one-reading fit.
+    update_card(root / "classifier", detection_fusion={**fusion, "mirror": True})
+    with pytest.raises(BundleError, match="no single_reading fit"):
+        load_models(root, mirror=False)  # a mirrored card without it is refused when the models load
+    single_fit = {"weights": {"detector_logit": 1.1, "reader_evidence": 0.2}, "bias": 0.4,
+                  "platt": {"scale": 0.9, "bias": -0.3}, "operating_point": {"threshold": 0.3,
+                                                                             "indeterminate_band": [0.2, 0.5]}}
+    update_card(root / "classifier", detection_fusion={**fusion, "mirror": True, "single_reading": single_fit})
+    read_once = load_models(root, mirror=False)
+    assert read_once.operating_point == 0.3 and read_once.indeterminate_band == (0.2, 0.5)
+    assert load_models(root).operating_point == 0.5  # on: the mirrored fit's
+    img, _m, _b = toy_radiograph(np.random.default_rng(0), True, 1, h=300, w=200)
+    got = run_fracture_models(Radiograph(pixels=img), read_once, cams=True)
+    assert got.plain_detect_logit == got.detect_logit  # one reading
+    native = 1.1 * got.detect_logit + 0.2 * got.reader_evidence + 0.4
+    assert got.coarse_logit is not None
+    z = 0.9 * 0.5 * (native + got.coarse_logit) - 0.3
+    assert got.probability == pytest.approx(1 / (1 + np.exp(-z)), abs=1e-6)
 
 
 def test_without_the_type_map_the_numbers_and_the_detector_map_are_unchanged(models: ModelSet) -> None:

@@ -14,6 +14,8 @@ def test_defaults_are_the_embedded_node(tmp_path: Path) -> None:
     assert s.allowed_calling_aes == () and s.destinations == ()
     assert s.model_dir == BUNDLED_MODEL_DIR
     assert s.max_upload_bytes == 100 * 1024 * 1024
+    assert s.mirror_look is True  # as the reader's card says (the bundled one reads every image twice)
+    assert Settings.from_env({"FRACTURE_DATA_DIR": str(tmp_path), "FRACTURE_MIRROR_LOOK": "off"}).mirror_look is False
 
 
 def test_every_setting_is_documented() -> None:
@@ -32,6 +34,7 @@ def test_every_setting_is_documented() -> None:
         ("AE_TITLE", "THIS_AE_TITLE_IS_TOO_LONG", "not a valid AE title"),
         ("WORKERS", "-1", "at least 0"),
         ("RETURN_TO_SENDER", "maybe", "not a boolean"),
+        ("MIRROR_LOOK", "twice", "not a boolean"),
         ("LOG_LEVEL", "LOUD", "not a logging level"),
     ],
 )

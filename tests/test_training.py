@@ -495,6 +495,12 @@ def test_a_mirrored_fusion_is_fitted_on_both_looks_averaged_inputs(toy: Path, tm
     assert json.loads(result.output)["detection_fusion"]["mirror"] is True
     assert mirrored["mirror"] is True and "mirror" not in plain and "left-right mirror" in mirrored["mirror_rule"]
     assert mirrored["weights"] != pytest.approx(plain["weights"], rel=1e-3)
+    # Its one-reading fit (FRACTURE_MIRROR_LOOK=off) is the fusion fitted without --mirror on the same images.
+    single = mirrored["single_reading"]
+    assert single["weights"] == pytest.approx(plain["weights"], rel=1e-6) and single["bias"] == pytest.approx(
+        plain["bias"], rel=1e-6)
+    assert single["platt"] == pytest.approx(plain["second_scale"]["platt"], rel=1e-6)
+    assert single["operating_point"]["threshold"] == pytest.approx(plain["operating_point"]["threshold"], rel=1e-6)
     update_card(root / "classifier", detection_fusion=mirrored)
     models = load_models(root, runtime="torch")
     assert models.fusion == mirrored

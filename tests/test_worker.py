@@ -226,3 +226,35 @@ def test_two_workers_on_postgresql_never_process_the_same_job(postgres_url: str,
     assert len(per_job) == 10 and all(n == 1 for _, n in per_job)
     assert len(claims) == 10 and all(n == 1 for _, n in claims)
     assert sum(counts.values()) == 10 and all(counts.values()), counts
+
+
+def test_the_mirror_look_setting_decides_how_the_worker_reads(settings: Settings, db: Database, make_dicom,  # type: ignore[no-untyped-def]
+                                                              tmp_path: Path) -> None:
+    """FRACTURE_MIRROR_LOOK: behind a reader card with ``mirror``, a worker reads each image twice (on) or once
+    with the card's one-reading fit (off); the stored probability is what that model set gives the image."""
+    from dicom.image import radiograph_from_dataset
+    from pipeline.models.bundle import read_card, update_card
+    from pipeline.run import load_models, run_fracture_models
+    from pipeline.training.toydata import write_untrained_bundles
+
+    root = write_untrained_bundles(tmp_path / "models", reader=True)
+    op = read_card(root / "validity").get("operating_point", {})
+    update_card(root / "validity", operating_point={**op, "threshold": 0.0})  # every image is analysed
+    sha = read_card(root / "detector")["weights"]["sha256"]
+    point = {"threshold": 0.5, "indeterminate_band": [0.4, 0.6]}
+    update_card(root / "classifier", detection_fusion={
+        "detector_sha256": sha, "weights": {"detector_logit": 0.7, "reader_evidence": 0.4}, "bias": -0.2,
+        "operating_point": point, "mirror": True,
+        "single_reading": {"weights": {"detector_logit": 1.3, "reader_evidence": -0.5}, "bias": 0.3,
+                           "operating_point": point}})
+    for mirror in (True, False):
+        s = dataclasses.replace(settings, model_dir=root, mirror_look=mirror)
+        path = make_dicom("DX")  # a new instance each time
+        result = ingest(db, s, path.read_bytes())
+        assert run_worker(s, threading.Event(), db=db, exit_when_idle=True) == 1
+        (row,) = _results(db, result.instance_pk)
+        image = radiograph_from_dataset(dcmread(path))
+        expected = run_fracture_models(image, load_models(root, mirror=mirror), cams=False).probability
+        assert row.fracture_probability == pytest.approx(expected, abs=1e-5)
+        other = run_fracture_models(image, load_models(root, mirror=not mirror), cams=False).probability
+        assert row.fracture_probability != pytest.approx(other, abs=1e-3)  # the setting made the difference

@@ -59,16 +59,22 @@ def check_targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 @click.option("--per-image", "per_image_csv", type=click.Path(path_type=Path), default=None,
               help="Also write one CSV row per image (check verdict, probabilities, type, heatmap peak).")
 @click.option("--update-cards", is_flag=True, help="Write the results into the bundles' model cards (metrics.test).")
+@click.option("--one-reading", is_flag=True,
+              help="Read each image once even where the reader's card reads it mirrored too, with the card's "
+                   "one-reading fit (what FRACTURE_MIRROR_LOOK=off makes the workers do).")
 @click.option("--quiet", is_flag=True)
 def evaluate(models_dir: Path | None, data: Path, json_out: Path, figures: Path | None, limit: int | None,
              threads: int, runtime: str, shift: str | None, per_image_csv: Path | None, update_cards: bool,
-             quiet: bool) -> None:
+             one_reading: bool, quiet: bool) -> None:
     """Evaluate model bundles on a labelled folder."""
     if shift not in (None, "none") and update_cards:
         raise click.ClickException("--update-cards records the models' test figures; not under a --shift")
+    if one_reading and update_cards:
+        raise click.ClickException("--update-cards records the models' test figures as the card reads images; "
+                                   "not with --one-reading")
     rows: list[dict[str, Any]] | None = [] if per_image_csv is not None else None
     try:
-        models = load_models(models_dir, num_threads=threads, runtime=runtime)
+        models = load_models(models_dir, num_threads=threads, runtime=runtime, mirror=not one_reading)
         result = evaluate_folder(models, data, limit=limit, show=not quiet,
                                  figures=figures if figures is not None else json_out.parent,
                                  shift=get_shift(shift) if shift else None, per_image=rows)

@@ -504,37 +504,37 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
         raise ValueError("the type margin is a logit margin of 0 or more, and belongs to a second look")
     n_second = second_sites or sites
     known = known or {}
-    feats, coarse_feats = [], []
+    plain_feats, mirror_feats, plain_coarse, mirror_coarse = [], [], [], []
     for rec in tqdm(labelled, desc="detection fusion", leave=False, disable=not show):
         pixels = None if rec.path in known else read_gray(rec.path)
         if pixels is not None:
             logit, found = _placed(pixels, det_engine, det_long, reader_engine, long_side, patch, sites)
             known[rec.path] = (logit, reader_evidence(found))
+        plain_feats.append(known[rec.path])
         views = []
         if second_scale is not None or mirror:
             pixels = read_gray(rec.path) if pixels is None else pixels
             views = [pixels, np.ascontiguousarray(pixels[:, ::-1])] if mirror else [pixels]
-        if mirror:  # the plain look's inputs are known; add the mirror's and average
+        if mirror:  # the plain look's inputs are known; measure the mirror's
             logit, found = _placed(views[1], det_engine, det_long, reader_engine, long_side, patch, sites)
-            plain_inputs = known[rec.path]
-            feats.append((0.5 * (plain_inputs[0] + logit), 0.5 * (plain_inputs[1] + reader_evidence(found))))
-        else:
-            feats.append(known[rec.path])
+            mirror_feats.append((logit, reader_evidence(found)))
         if second_scale is not None:  # the same image, decoded once, shown second_scale times smaller
             looks = [coarse_inputs(view, det_engine, det_long, reader_engine, long_side, patch, n_second,
                                    second_scale) for view in views]
-            coarse_feats.append(tuple(float(np.mean(values)) for values in zip(*looks, strict=True)))
-    x = np.array(feats, dtype=np.float64)
-    w, b = fit_logistic(x, truth)
-    fused = sigmoid(x @ w + b)
-    one_scale = fused
+            plain_coarse.append(looks[0])
+            if mirror:
+                mirror_coarse.append(looks[1])
+    plain_x = np.array(plain_feats, dtype=np.float64)
+    x = 0.5 * (plain_x + np.array(mirror_feats, dtype=np.float64)) if mirror else plain_x
+    coarse_x: np.ndarray | None = None
+    if second_scale is not None:
+        coarse_x = np.array(plain_coarse, dtype=np.float64)
+        if mirror:
+            coarse_x = 0.5 * (coarse_x + np.array(mirror_coarse, dtype=np.float64))
+    w, b, fused, one_scale, platt = _fit_fusion(x, coarse_x, truth)
     second: dict[str, Any] | None = None
     if second_scale is not None:
-        mean = 0.5 * (x @ w + b + np.array(coarse_feats, dtype=np.float64) @ w + b)
-        (scale,), bias = fit_logistic(mean[:, None], truth)
-        fused = sigmoid(scale * mean + bias)
-        second = {"factor": float(second_scale), "sites": n_second,
-                  "platt": {"scale": float(scale), "bias": float(bias)},
+        second = {"factor": float(second_scale), "sites": n_second, "platt": platt,
                   "rule": f"a second pass with the image shown {second_scale:g} times smaller to both networks "
                           "(each long side divided by the factor), fused with the same weights; probability = "
                           "sigmoid(platt.scale * the mean of the two fused logits + platt.bias)"}
@@ -563,9 +563,41 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
         "second_scale": second,
         **({"mirror": True, "mirror_rule": "every input above is the mean of two looks, at the image and at its "
                                            "left-right mirror; the type distribution and the call's map are "
-                                           "averaged the same way"} if mirror else {}),
+                                           "averaged the same way",
+            "single_reading": _single_reading(plain_x, None if second_scale is None else
+                                              np.array(plain_coarse, dtype=np.float64), truth, figures)}
+           if mirror else {}),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def _fit_fusion(x: np.ndarray, coarse: np.ndarray | None, truth: np.ndarray) -> tuple[
+        np.ndarray, float, np.ndarray, np.ndarray, dict[str, float] | None]:
+    """The fusion's logistic fit on its inputs ``x`` (detector logit, reader evidence per image) and, with the
+    coarser look's inputs, the Platt scaling of the two fused logits' mean: the weights, the bias, the call's
+    probabilities on these images, the one-scale probabilities, and the Platt scaling (None without a second
+    look)."""
+    w, b = fit_logistic(x, truth)
+    fused = one_scale = sigmoid(x @ w + b)
+    if coarse is None:
+        return w, b, fused, one_scale, None
+    mean = 0.5 * (x @ w + b + coarse @ w + b)
+    (scale,), bias = fit_logistic(mean[:, None], truth)
+    return w, b, sigmoid(scale * mean + bias), one_scale, {"scale": float(scale), "bias": float(bias)}
+
+
+def _single_reading(x: np.ndarray, coarse: np.ndarray | None, truth: np.ndarray,
+                    figures: Any) -> dict[str, Any]:
+    """The same fusion fitted on the plain reading alone (the image as it is), on the same images: what
+    inference uses when the mirrored look is switched off (``FRACTURE_MIRROR_LOOK=off``,
+    :func:`pipeline.run.load_models` ``mirror=False``), so that a slower host reads once and stays calibrated."""
+    w, b, fused, _one, platt = _fit_fusion(x, coarse, truth)
+    return {"weights": {name: float(v) for name, v in zip(FUSION_FEATURES, w, strict=True)}, "bias": b,
+            **({"platt": platt} if platt is not None else {}),
+            "operating_point": operating_point(fused, truth),
+            "metrics_on_fit_images": {"fused": figures(fused)},
+            "rule": "the fusion fitted on the image as it is, read once: weights, bias, the second look's Platt "
+                    "scaling and the operating point that replace the ones above when the mirrored look is off"}
 
 
 def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: list[Record], out: Path,

@@ -528,5 +528,7 @@ def list_models() -> Any:
     """The model bundles this node runs, from their cards (no weights are loaded here)."""
     from service.api.models_info import read_model_cards
 
-    return jsonify({"model_dir": current_settings().model_dir.name, "models": read_model_cards(
-        current_settings().model_dir)})
+    settings = current_settings()
+    # mirror_look: whether a reader card's mirrored look is used (FRACTURE_MIRROR_LOOK; off: its single_reading fit)
+    return jsonify({"model_dir": settings.model_dir.name, "mirror_look": settings.mirror_look,
+                    "models": read_model_cards(settings.model_dir)})
