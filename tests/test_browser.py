@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from config import Settings
-from tests.conftest import free_port
+from tests.conftest import free_port, png_bytes
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -98,6 +98,25 @@ def radiograph(tmp_path: Path) -> Path:
     path = tmp_path / "forearm.png"
     cv2.imwrite(str(path), png16(sample))
     return path
+
+
+@pytest.fixture
+def full_store(node: dict[str, Any]) -> Iterator[Path]:
+    """The served app's ``storage_dir`` (the store and the incoming folder uploads are written to) on a 1 MB
+    tmpfs, as ``tests.conftest.full_disk`` does for the ``settings`` fixture's (needs root; skipped where
+    mounting is not permitted). The ``node`` fixture has its own settings, so it mounts over theirs."""
+    import subprocess
+
+    storage = node["settings"].storage_dir
+    storage.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(storage)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to simulate a full disk: {mounted.stderr.strip()}")
+    try:
+        yield storage
+    finally:
+        subprocess.run(["umount", "-l", str(storage)], check=False)
 
 
 @pytest.fixture
@@ -243,3 +262,39 @@ def test_clinician_uploads_reviews_gives_feedback_and_downloads_report(
         DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         for name in DOCS_SHOTS:
             shutil.copy(shots / f"{name}.png", DOCS_SCREENSHOTS / f"{name}.png")
+
+
+def test_a_full_disk_while_an_upload_is_received_shows_why(
+        node: dict[str, Any], full_store: Path, browser: Any, tmp_path: Path) -> None:
+    """A file dropped while the store's disk is full is refused before the upload view, by CSRF protection's
+    read of the form (503 ``storage_full`` in the one error shape, ``service.errors``): the page shows the
+    error's message, never "Rejected: [object Object]" (``portal.js``)."""
+    big = tmp_path / "big.png"
+    big.write_bytes(png_bytes(1200))  # noise: about 1.4 MB, more than the 1 MB disk holds
+    assert big.stat().st_size > 1024 * 1024
+    page = browser.new_context().new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text)
+            if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)
+    refused: list[tuple[int, str | None]] = []
+    page.on("response", lambda r: refused.append((r.status, r.headers.get("retry-after")))
+            if r.status >= 400 else None)
+    page.set_default_timeout(20_000)
+    page.goto(f"{node['url']}/login")
+    page.fill("#username", "jane")
+    page.fill("#password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{node['url']}/history")
+    page.goto(f"{node['url']}/upload")
+
+    page.set_input_files("[data-testid=file-input]", str(big))
+    item = page.locator("[data-testid=upload-item][data-outcome=error]")
+    item.wait_for()
+    message = item.locator(".msg").inner_text()
+    assert message.startswith("Rejected: ") and "storage full while receiving the upload" in message, message
+    assert "[object Object]" not in item.inner_text()
+    assert refused == [(503, "5")], refused
+    assert [p for p in full_store.rglob("*") if p.is_file()] == []
+    page.context.close()
+    assert not errors, errors
