@@ -387,7 +387,8 @@ def storage_failure(exc: OSError, what: str) -> OutOfResources:
     """A storage failure as what the sender is told: :class:`DiskFull` for a full disk or quota, else
     :class:`StorageUnavailable`."""
     failure = exc if isinstance(exc, StorageError) else storage_error(exc, what)
-    return (DiskFull if isinstance(failure, StorageFull) else StorageUnavailable)(str(failure))
+    # the sentence alone ("storage full while ...: No space left on device"), not OSError's "[Errno 28] " prefix
+    return (DiskFull if isinstance(failure, StorageFull) else StorageUnavailable)(failure.strerror or str(failure))
 
 
 def ingest_file(db: Database, settings: Settings, path: Path, *, source: str = "dicom",
