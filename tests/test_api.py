@@ -846,6 +846,21 @@ def test_a_stow_body_without_its_close_delimiter_is_refused_and_leaves_nothing(a
     assert _stow(api, body, ctype).status_code == 200 and _instance_count(api) == 2
 
 
+def test_a_stow_of_more_parts_than_allowed_is_refused_and_leaves_nothing(api, app, monkeypatch):  # type: ignore[no-untyped-def]
+    """A STOW-RS body of more parts than MAX_PARTS is 422 ``too_many_parts`` as soon as the next part begins:
+    nothing is stored and no part's file is left; as many parts as allowed are stored."""
+    from service.api import dicomweb
+
+    monkeypatch.setattr(dicomweb, "MAX_PARTS", 3)
+    instances = [dicom_bytes(64) for _ in range(4)]
+    body, ctype = _related([("application/dicom", data) for data in instances])
+    error = assert_error(_stow(api, body, ctype), 422, "too_many_parts")
+    assert "at most 3 parts" in error["message"]
+    assert _instance_count(api) == 0 and _incoming(app) == []
+    body, ctype = _related([("application/dicom", data) for data in instances[:3]])
+    assert _stow(api, body, ctype).status_code == 200 and _instance_count(api) == 3
+
+
 def test_a_stow_part_over_the_limit_fails_alone_and_leaves_no_file(api, app, settings):  # type: ignore[no-untyped-def]
     """The size limit holds for each part while it is written to disk (behind Werkzeug's own limit on the
     whole request, lifted here so that the part's is the one that bites): that part fails (0xC000, named by the

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from config import Settings
 from service.api import root_bp
 from service.api.auth import principal, require_api_key
-from service.errors import ServiceError, UnsupportedMediaType
+from service.errors import ServiceError, Unprocessable, UnsupportedMediaType
 from service.extensions import current_db, current_settings
 from service.ingest import (
     CHUNK,
@@ -47,6 +47,9 @@ OUT_OF_RESOURCES = 0xA700
 _BOUNDARY_RE = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 #: The most a part's header block may take (a STOW-RS part has a line or two of headers).
 MAX_PART_HEADERS = 16 * 1024
+#: The most parts one STOW-RS request may carry: far above a radiographic study's instances, and a bound on the
+#: files a body of tiny parts would make in the incoming folder before any is stored.
+MAX_PARTS = 1000
 
 
 def _bad(message: str) -> ServiceError:
@@ -174,6 +177,9 @@ def _spool_parts(stream: IO[bytes], boundary: str, settings: Settings,
     for event in read_multipart_related(stream, boundary):
         if isinstance(event, dict):
             end(part)
+            if len(parts) >= MAX_PARTS:
+                raise Unprocessable(f"at most {MAX_PARTS} parts per STOW-RS request; send the rest in another",
+                                    code="too_many_parts")
             part = _Part(event.get("content-type", "application/dicom").split(";")[0].strip().lower())
             if part.content_type == "application/dicom":
                 part.writer = files.enter_context(spool_writer(settings))
