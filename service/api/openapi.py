@@ -320,7 +320,7 @@ PATHS: dict[str, Any] = {
                 "StowResponse")}}},
             "409": {"description": "None stored.", "content": {"application/dicom+json": {"schema": _ref(
                 "StowResponse")}, JSON: {"schema": _ref("Error")}}},
-            **{k: v for k, v in _errors("413", "415").items()},
+            **{k: v for k, v in _errors("413", "415", "422").items()},
         },
     }},
     "/healthz": {"get": {
