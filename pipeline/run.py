@@ -12,6 +12,7 @@ torch networks.
 
 from __future__ import annotations
 
+import functools
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see pipeline/models/__init__.py; before torch loads
@@ -70,10 +71,11 @@ class ModelSet:
         """Detector and classifier are the same multi-head network (one forward pass serves both)."""
         return self.detector.identity.sha256 == self.classifier.identity.sha256
 
-    @property
+    @functools.cached_property
     def fusion(self) -> dict[str, Any] | None:
         """The type reader's detection fusion for this detector (its card's ``detection_fusion``, fitted behind
-        a detector with this SHA-256), or None: the detector's own calibrated probability then stands alone."""
+        a detector with this SHA-256), or None: the detector's own calibrated probability then stands alone.
+        Worked out once (every image asks for it several times); with ``mirror`` False, the one-reading fit."""
         fusion = self.classifier.card.get("detection_fusion")
         if self.classifier.architecture != "TypeReader" or not isinstance(fusion, dict):
             return None
@@ -156,7 +158,7 @@ def load_models(model_dir: str | Path | None = None, num_threads: int | None = N
     if classifier.architecture not in ("FractureNet", "TypeReader"):
         raise BundleError(f"{classifier.path}: expected a FractureNet or TypeReader bundle")
     models = ModelSet(RadiographCheck(validity), detector, classifier, root, mirror=mirror)
-    models.fusion  # noqa: B018  (a mirrored card without its one-reading fit is refused here, not per image)
+    _ = models.fusion  # worked out now: a mirrored card without its one-reading fit is refused here, not per image
     return models
 
 

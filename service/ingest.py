@@ -502,7 +502,7 @@ PART_IN_MEMORY = 500 * 1024
 
 def sniff(data: bytes) -> str | None:
     """``dicom``, ``png``, ``jpeg`` from the magic bytes (the first :data:`SNIFF_BYTES`), else None."""
-    if len(data) >= 132 and data[128:132] == DICOM_MAGIC:
+    if len(data) >= SNIFF_BYTES and data[SNIFF_BYTES - 4:SNIFF_BYTES] == DICOM_MAGIC:
         return "dicom"
     if data.startswith(PNG_MAGIC):
         return "png"
