@@ -72,6 +72,8 @@ from pipeline.training.type_reader import (
     NO_TYPE,
     SITE_PEAKS,
     TypePatches,
+    adjust_type_prior,
+    boost_log_prior,
     fit_detection_fusion,
     type_loss,
     typed_fractures,
@@ -667,6 +669,94 @@ def test_site_patches_sit_on_detector_peaks_off_the_fracture(toy: Path, model_di
     assert parts["type"] == pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(ValueError, match="detector bundle"):
         TypePatches(records, cfg)
+
+
+def test_type_boost_draws_a_type_more_often_and_takes_its_prior_back_out(toy: Path) -> None:
+    """--type-boost: each image of a boosted type is drawn that many times an epoch, with fresh augmentation each
+    time; afterwards log(factor) comes off that type's logit only, so the softmax is the trained one divided by
+    the factor and renormalised (the data's own type prior)."""
+    records = [r for r in read_generator_layout(toy) if r.is_radiograph]
+    typed = typed_fractures(records)
+    boosted = typed[0].type
+    assert boosted is not None
+    n_boosted = sum(r.type == boosted for r in typed)
+    cfg = TrainConfig(long_side=192, patch=64, seed=2, num_workers=0, augment=0.5, type_boost={boosted: 3})
+    patches = TypePatches(records, cfg)
+    assert len(patches) == len(typed) + 2 * n_boosted
+    assert [patches.records[i].type for i in patches.order].count(boosted) == 3 * n_boosted
+    first = patches.order.index(0)
+    assert patches.order[first:first + 3] == [0, 0, 0] and typed[0].type == boosted
+    draws = [patches[(0, first + k)] for k in range(3)]
+    assert all(int(d["type"]) == FRACTURE_TYPES.index(boosted) for d in draws)
+    assert not torch.equal(draws[0]["x"], draws[1]["x"])  # the same image, drawn afresh
+    plain = TypePatches(records, TrainConfig(long_side=192, patch=64, seed=2, num_workers=0, augment=0.5))
+    assert len(plain) == len(typed) and plain.order == list(range(len(typed)))
+
+    torch.manual_seed(0)
+    net = TypeReader(width=4).eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        before = torch.softmax(net(x).types, dim=1)
+    taken = adjust_type_prior(net, {boosted: 3, "spiral": 2})
+    k, s = FRACTURE_TYPES.index(boosted), FRACTURE_TYPES.index("spiral")
+    assert taken[k] == pytest.approx(np.log(3)) and taken[s] == pytest.approx(np.log(2))
+    assert sum(v != 0 for v in taken) == 2
+    with torch.no_grad():
+        after = torch.softmax(net(x).types, dim=1)
+    factor = torch.ones(len(FRACTURE_TYPES))
+    factor[k], factor[s] = 3.0, 2.0
+    expected = before / factor
+    assert torch.allclose(after, expected / expected.sum(dim=1, keepdim=True), atol=1e-6)
+    assert not boost_log_prior({}).any()
+    with pytest.raises(ValueError, match="unknown fracture type"):
+        boost_log_prior({"hairlin": 2})
+    with pytest.raises(ValueError, match="whole number"):
+        TypePatches(records, TrainConfig(long_side=192, patch=64, num_workers=0, type_boost={boosted: 0}))
+
+
+def test_train_type_boost_option(toy: Path, model_dir: Path, tmp_path: Path) -> None:
+    """`train --type-boost TYPE=N`: refused outside the classify task and when malformed; a run records the boost
+    in its card and ships the reader with log N taken off that type's logit (here with no training step, so the
+    shipped bias is the starting reader's minus log N exactly)."""
+    runner = CliRunner()
+    for args, message in [
+        (["--task", "fracture", "--type-boost", "hairline=3"], "applies to the classify task"),
+        (["--task", "classify", "--type-boost", "hairline"], "expected TYPE=N"),
+        (["--task", "classify", "--type-boost", "hairline=1"], "expected TYPE=N"),
+        (["--task", "classify", "--type-boost", "hairlines=3"], "unknown fracture type 'hairlines'"),
+        (["--task", "classify", "--type-boost", "hairline=2", "--type-boost", "hairline=3"], "twice"),
+    ]:
+        refused = runner.invoke(train, [*args, "--data", str(toy), "--out", str(tmp_path / "no")])
+        assert refused.exit_code != 0 and message in refused.output, refused.output
+        assert not (tmp_path / "no").exists()
+    records = load_records(toy)
+    train_recs, _val = split_records(records, 0.25, 1)
+    boosted = next(r.type for r in typed_fractures(train_recs))
+
+    def run(out: Path, *extra: str) -> None:  # no training step: the reader as its seed starts it
+        result = runner.invoke(train, [
+            "--task", "classify", "--data", str(toy), "--out", str(out), "--long-side", "192", "--patch", "64",
+            "--width", "4", "--batch-size", "4", "--max-steps", "0", "--checkpoint-dir", str(out.with_suffix(".ckpt")),
+            "--workers", "0",
+            "--val-fraction", "0.25", "--seed", "1", "--weights-dtype", "float32", "--quiet",
+            "--detector", str(model_dir / "detector"), *extra])
+        assert result.exit_code == 0, result.output
+
+    run(tmp_path / "plain")
+    run(tmp_path / "boosted", "--type-boost", f"{boosted}=4")
+    plain = load_bundle(tmp_path / "plain", expected_task="classify")
+    reader = load_bundle(tmp_path / "boosted", expected_task="classify")
+    assert "type_boost" not in plain.card["training"]
+    block = reader.card["training"]["type_boost"]
+    n_typed = len(typed_fractures(train_recs))
+    n_boosted = sum(r.type == boosted for r in typed_fractures(train_recs))
+    assert block["patches_per_image"] == {boosted: 4} and block["patches_per_epoch"] == n_typed + 3 * n_boosted
+    assert block["prior_correction"][boosted] == pytest.approx(np.log(4))
+    assert "--type-boost" in reader.card["training"]["command"]
+    k = FRACTURE_TYPES.index(boosted)
+    shift = reader.model.reader_fc[-1].bias.detach() - plain.model.reader_fc[-1].bias.detach()
+    assert float(shift[k]) == pytest.approx(-np.log(4), abs=1e-5)
+    assert float(shift.abs().sum() - shift[k].abs()) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_site_peaks_are_cached_for_a_resumed_run(toy: Path, model_dir: Path, tmp_path: Path) -> None:

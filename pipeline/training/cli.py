@@ -43,6 +43,28 @@ def _command_line() -> str:
     return " ".join(parts)
 
 
+def _type_boost(task: str, given: tuple[str, ...]) -> dict[str, int]:
+    """``--type-boost TYPE=N`` options as a dict, or a usage error naming what is wrong."""
+    if given and task != "classify":
+        raise click.ClickException("--type-boost applies to the classify task (the type reader)")
+    from pipeline.taxonomy import FRACTURE_TYPES
+
+    boost: dict[str, int] = {}
+    for item in given:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not value.strip().isdigit() or int(value) < 2:
+            raise click.ClickException(f"--type-boost {item!r}: expected TYPE=N with N a whole number, 2 or more "
+                                       "(for example hairline=3)")
+        if name not in FRACTURE_TYPES:
+            raise click.ClickException(f"--type-boost {item!r}: unknown fracture type {name!r}; the taxonomy's are "
+                                       f"{', '.join(FRACTURE_TYPES)}")
+        if name in boost:
+            raise click.ClickException(f"--type-boost names {name!r} twice")
+        boost[name] = int(value)
+    return boost
+
+
 @click.command(name="train")
 @click.option("--task", type=click.Choice(["validity", "detect", "classify", "fracture"]), required=True,
               help="detect trains the multi-head detector network; 'fracture' writes both OUT/detector and a "
@@ -115,6 +137,10 @@ def _command_line() -> str:
                    "fracture here'. Fracture and detect tasks (since session 21): share of the crops not centred "
                    "on the fracture that are centred on those peaks instead, the detector's hardest negatives. "
                    "The detector bundle (--detector) is run once over every training image to find them.")
+@click.option("--type-boost", "type_boost", multiple=True, metavar="TYPE=N",
+              help="classify task: draw each fractured image of TYPE N times an epoch (a whole number, 2 or more; "
+                   "repeatable), for types the reader learns slowest or a real data set holds few of; log N is "
+                   "taken off that type's logit after training, so the shipped reader keeps the data's type prior.")
 @click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes.")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
 @click.option("--val-limit", type=int, default=400, show_default=True, help="Images used for per-epoch validation.")
@@ -139,7 +165,7 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
           cache_mb: int, crops_per_image: int, epochs_per_round: int, head_images: int,
           max_images: int | None, weights_dtype: str, quiet: bool, augment: float, processing: float,
           zoom_out: float, zoom_in: float, rotate: float, noise_max: float, type_weight: float,
-          site_share: float) -> None:
+          site_share: float, type_boost: tuple[str, ...]) -> None:
     """Train a model bundle (reproducible, checkpointed, resumable)."""
     if task == "classify" and rotate:
         raise click.ClickException("--rotate applies to the validity and fracture tasks: the type reader's patches "
@@ -147,6 +173,7 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
     if task == "validity" and site_share:
         raise click.ClickException("--site-share applies to the fracture, detect and classify tasks: the radiograph "
                                    "check has no detector peaks to learn from")
+    boost = _type_boost(task, type_boost)
     torch.set_num_threads(threads)
     try:
         records = [r for src in data for r in load_records(src)]
@@ -176,7 +203,7 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
         bank_per_image=crops_per_image, bank_epochs=epochs_per_round, head_images=head_images,
         weights_dtype=weights_dtype, data_description=_describe(train_recs, data), augment=augment,
         processing=processing, zoom_out=zoom_out, zoom_in=zoom_in, rotate=rotate, noise_max=noise_max,
-        type_loss_weight=type_weight, site_share=site_share,
+        type_loss_weight=type_weight, site_share=site_share, type_boost=boost,
         extra={"command": _command_line(),
                **({"calibration_data": ", ".join(calibration_data)} if calibration_data else {})},
     )

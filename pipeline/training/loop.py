@@ -94,6 +94,7 @@ class TrainConfig:
     noise_max: float = 0.03  # largest quantum-noise sigma of the acquisition augmentation (at full brightness)
     type_loss_weight: float = 1.0  # fracture task: weight of the shared network's type loss
     site_share: float = 0.0  # classify task: share of patches centred on the detector's peaks off the fracture
+    type_boost: dict[str, int] = field(default_factory=dict)  # classify task: fracture type -> patches per image
     weights_dtype: str = "float16"
     data_description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -649,7 +650,7 @@ def run_training_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg
     if per_epoch == 0:
         raise ValueError(f"only {n} training images: fewer than one batch of {cfg.batch_size}")
     total = cfg.epochs * per_epoch
-    if cfg.max_steps:
+    if cfg.max_steps is not None:  # 0: no optimiser step (a reader re-carded and calibrated as it starts)
         total = min(total, cfg.max_steps)
     cap = total
     # where the speed is measured from for a re-plan: the probe, or on resume the point resumed from

@@ -94,6 +94,34 @@ HALF_DIAGONAL = 0.5 * 2 ** 0.5  # half a square's diagonal over its side: the re
 NO_TYPE = -100  # type label of a site patch the fracture does not reach: ignored by the type loss
 
 
+def boost_log_prior(boost: dict[str, int]) -> np.ndarray:
+    """The log of each type's sampling factor (taxonomy order): what a reader trained with ``boost``
+    (``train --type-boost``) over-states each type's logit by, against the data's own type frequencies.
+
+    A type drawn b times as often as the data hold it raises its training prior by the factor b (over the other
+    types, whose factor is 1), so the Bayes posterior under the data's prior is the trained one with log b taken
+    off that type's logit (the logit adjustment of Menon et al., 2021, done once, after training)."""
+    unknown = sorted(set(boost) - set(FRACTURE_TYPES))
+    if unknown:
+        raise ValueError(f"unknown fracture type(s) {', '.join(unknown)}; the taxonomy's are "
+                         f"{', '.join(FRACTURE_TYPES)}")
+    bad = {k: v for k, v in boost.items() if int(v) != v or v < 1}
+    if bad:
+        raise ValueError(f"a type boost is a whole number of patches per image, 1 or more (got {bad})")
+    return np.log(np.array([float(boost.get(t, 1)) for t in FRACTURE_TYPES], dtype=np.float64))
+
+
+def adjust_type_prior(model: TypeReader, boost: dict[str, int]) -> list[float]:
+    """Take the boosted types' sampling factors back out of ``model``'s type logits, in the bias of its last
+    layer (see :func:`boost_log_prior`); returns the amounts taken off, in taxonomy order."""
+    shift = boost_log_prior(boost)
+    if shift.any():
+        head = model.reader_fc[-1]
+        with torch.no_grad():
+            head.bias -= torch.as_tensor(shift, dtype=head.bias.dtype)
+    return [float(v) for v in shift]
+
+
 def typed_fractures(records: list[Record]) -> list[Record]:
     """Radiographs with a fracture, a type and a location (mask or box): what the type reader learns from."""
     return [r for r in records if r.is_radiograph and r.fracture and r.type and (r.mask is not None or r.box)]
@@ -129,6 +157,9 @@ class TypePatches(Dataset[dict[str, Any]]):
             raise ValueError("no fractured images with a type and a mask or box to train the type reader on")
         self.cfg = cfg
         self.patch = cfg.patch
+        # With a type boost, each image of a boosted type is drawn that many times an epoch (with fresh draws).
+        boost_log_prior(cfg.type_boost)  # refuses unknown types and factors below 1
+        self.order = [i for i, r in enumerate(self.records) for _ in range(int(cfg.type_boost.get(r.type or "", 1)))]
         # Room for any rotation at the smallest zoom, around any mask pixel of a large fracture.
         self.window = 2 * int(self.patch * 0.75 * 1.42 + 0.5) + 256
         self.contexts: list[tuple[np.ndarray, np.ndarray]] = list(
@@ -158,7 +189,7 @@ class TypePatches(Dataset[dict[str, Any]]):
                 write_peak_cache(peak_cache, header, {key: peaks for key, peaks, _ws in found})
             del self._detector, self._site_records, self._known
         share = cfg.site_share if self.sites else 0.0
-        self.n_sites = int(round(len(self.records) * share / (1 - share))) if share else 0
+        self.n_sites = int(round(len(self.order) * share / (1 - share))) if share else 0
 
     def _peak_cache_header(self) -> dict[str, Any]:
         """What the cached peaks depend on besides the image: the detector's weights, the reader's scale and patch
@@ -167,7 +198,7 @@ class TypePatches(Dataset[dict[str, Any]]):
                 "patch": self.patch, "peaks": SITE_PEAKS + 1}
 
     def __len__(self) -> int:
-        return len(self.records) + self.n_sites
+        return len(self.order) + self.n_sites
 
     def context(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """The image at ``long_side`` scale (uint16) and its fracture mask, in a window around the fracture."""
@@ -211,8 +242,8 @@ class TypePatches(Dataset[dict[str, Any]]):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, i = key
-        if i < len(self.records):
-            return self.sample(i, keyed_rng(self.cfg.seed, epoch, i, 23))
+        if i < len(self.order):
+            return self.sample(self.order[i], keyed_rng(self.cfg.seed, epoch, i, 23))
         rng = keyed_rng(self.cfg.seed, epoch, i, 29)
         return self.sample_site(int(rng.integers(0, len(self.sites))), rng)
 
@@ -391,9 +422,11 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
         model.eval()
         with torch.inference_mode():
             logits = torch.cat([model(val_x[k:k + 64]).types for k in range(0, len(val_x), 64)]).numpy()
-        return _scores(val_truth, logits)
+        return _scores(val_truth, logits - log_prior)  # as the reader will ship: its sampling factors taken out
 
+    log_prior = boost_log_prior(cfg.type_boost).astype(np.float32)
     summary = run_training_loop(model, dataset, len(dataset), cfg, ckpt_dir, type_loss, validate, resume, show)
+    prior_shift = adjust_type_prior(model, cfg.type_boost)
     detector = load_bundle(detector_dir, expected_task="detect") if detector_dir is not None else None
     held = typed_fractures(calibration if calibration else val)
     temperature, metrics, how, _seen = calibrate_reader(model, held, cfg.long_side, patch, detector, TYPE_SITES,
@@ -425,6 +458,13 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
                     "half a patch apart), in fractured and intact training images; segmentation target: the "
                     "fracture mask in the patch; type learnt only where the fracture reaches the central half",
             "detector": str(detector_dir)}} if dataset.n_sites else {}),
+        **({"type_boost": {
+            "patches_per_image": dict(cfg.type_boost), "patches_per_epoch": len(dataset.order),
+            "prior_correction": dict(zip(FRACTURE_TYPES, prior_shift, strict=True)),
+            "rule": "each fractured image of a boosted type is drawn that many times an epoch (fresh augmentation "
+                    "each time); after training, log(factor) was taken off that type's logit (the bias of the "
+                    "type head), so the shipped logits answer to the data's own type frequencies"}}
+           if any(prior_shift) else {}),
         "augmentation": f"centre: a random fracture-mask pixel + N(0, {CENTRE_JITTER:.3f} patch); zoom 0.8-1.25; "
                         "any rotation; horizontal flip; window, gamma, contrast, blur/sharpen, noise, JPEG"
                         + ("; a share zoom_out_augmentation further shrunk by a wider field's factor (1.1-1.8)"
