@@ -119,7 +119,7 @@ def adjust_type_prior(model: TypeReader, boost: dict[str, int]) -> list[float]:
         head = model.reader_fc[-1]
         assert isinstance(head, torch.nn.Linear)
         with torch.no_grad():
-            head.bias -= torch.as_tensor(shift, dtype=head.bias.dtype)
+            head.bias.sub_(torch.as_tensor(shift, dtype=head.bias.dtype))
     return [float(v) for v in shift]
 
 
