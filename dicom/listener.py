@@ -135,7 +135,7 @@ def handle_store(event: Any, settings: Settings, db: Any) -> int | Dataset:
             if error is not None:
                 raise storage_failure(error, "receiving the instance")
             ingest_file(db, settings, path, source="dicom", calling_ae=calling_ae,
-                        peer_address=event.assoc.requestor.address)
+                        peer_address=event.assoc.requestor.address, link=True)
         else:  # received to memory: pynetdicom's default, where receive_to_disk() was not called
             ingest(db, settings, event.encoded_dataset(include_meta=True), source="dicom", calling_ae=calling_ae,
                    peer_address=event.assoc.requestor.address)

@@ -393,12 +393,14 @@ def storage_failure(exc: OSError, what: str) -> OutOfResources:
 
 def ingest_file(db: Database, settings: Settings, path: Path, *, source: str = "dicom",
                 calling_ae: str | None = None, peer_address: str | None = None, uploaded_by_id: int | None = None,
-                original_filename: str | None = None, sha256: str | None = None) -> IngestResult:
+                original_filename: str | None = None, sha256: str | None = None, link: bool = False) -> IngestResult:
     """:func:`ingest` of an encoded Part 10 object in a file (where the listener receives each instance, and an
     upload is spooled): the header is read from the file, the hash and the copy into the store go through it in
     pieces, so the instance is never held in memory whole. ``sha256``: the file's digest, where the caller
-    computed it while writing the file (not read again). ``path`` is left where it is. Raises what
-    :func:`ingest` raises."""
+    computed it while writing the file (not read again). ``path`` is left where it is. ``link``: the caller
+    owns ``path`` and writes it no more (a file of the incoming folder: an instance received, an upload
+    spooled), so the store may take it by a hard link (:func:`service.storage.store_file`) and its bytes are
+    not written a second time; never for a file someone else may change. Raises what :func:`ingest` raises."""
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -407,7 +409,7 @@ def ingest_file(db: Database, settings: Settings, path: Path, *, source: str = "
         raise InstanceTooLarge(f"instance of {size} bytes exceeds the {settings.max_upload_mb} MB limit")
     header = read_header(path)
     digest = sha256 or sha256_file(path)
-    pending = _storage_pool().submit(store_file, settings.storage_dir, path, digest=digest)
+    pending = _storage_pool().submit(store_file, settings.storage_dir, path, digest=digest, link=link)
     return _record_when_stored(db, settings, header, digest, size, pending, source=source, calling_ae=calling_ae,
                                peer_address=peer_address, uploaded_by_id=uploaded_by_id,
                                original_filename=original_filename)
@@ -809,7 +811,8 @@ def ingest_spooled(db: Database, settings: Settings, upload: SpooledUpload, *, c
     kind = check_upload(content_type, upload.kind)
     if kind == "dicom":
         return ingest_file(db, settings, upload.path, source=source, peer_address=remote_addr,
-                           uploaded_by_id=uploaded_by_id, original_filename=filename, sha256=upload.sha256)
+                           uploaded_by_id=uploaded_by_id, original_filename=filename, sha256=upload.sha256,
+                           link=True)
     pixels = decode_upload_image(upload.path, kind)
     # An image without a patient ID is its own anonymous patient, never merged with other uploads.
     patient_id = patient_id.strip() or f"ANON-{secrets.token_hex(6).upper()}"
@@ -826,4 +829,4 @@ def ingest_spooled(db: Database, settings: Settings, upload: SpooledUpload, *, c
         if path.stat().st_size > settings.max_upload_bytes:
             raise InstanceTooLarge("the decoded image exceeds the upload size limit")
         return ingest_file(db, settings, path, source=source, peer_address=remote_addr,
-                           uploaded_by_id=uploaded_by_id, original_filename=filename)
+                           uploaded_by_id=uploaded_by_id, original_filename=filename, link=True)

@@ -3,7 +3,8 @@
 A file is named by the SHA-256 of its bytes (``<storage dir>/ab/cd/abcd....dcm``), so storing the same
 bytes twice keeps one copy. Writing is crash-safe: the bytes go to a temporary file in the store's own
 ``.tmp`` folder (same file system), are fsync'ed, and the file is renamed into place atomically; the folder
-is fsync'ed too. A reader therefore sees either the whole file or none of it.
+is fsync'ed too. A reader therefore sees either the whole file or none of it. A file received to disk enters
+the store by a hard link where it can (:func:`store_file` with ``link``), so its bytes are written once.
 
 Errors are our own: :class:`StorageFull` for ENOSPC/EDQUOT/EFBIG (the disk or a quota is full),
 :class:`StorageError` for any other I/O failure.
@@ -88,10 +89,21 @@ def store_bytes(storage_dir: Path, data: bytes, suffix: str = ".dcm", *, digest:
     return _store(storage_dir, digest or sha256_bytes(data), len(data), suffix, lambda handle: handle.write(data))
 
 
-def store_file(storage_dir: Path, source: Path, suffix: str = ".dcm", *, digest: str | None = None) -> StoredFile:
+#: os.link's failures that mean "no hard link here" (another file system, one without hard links, a link limit),
+#: after which :func:`store_file` copies instead.
+_NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+
+
+def store_file(storage_dir: Path, source: Path, suffix: str = ".dcm", *, digest: str | None = None,
+               link: bool = False) -> StoredFile:
     """:func:`store_bytes` for a file already on disk (an instance the listener received to a temporary file):
     copied into the store in 1 MiB pieces, never held in memory whole. ``source`` is left where it is. Raises
-    :class:`StorageError`, also when ``source`` cannot be read."""
+    :class:`StorageError`, also when ``source`` cannot be read.
+
+    With ``link`` (the caller writes ``source`` no more: an instance received or an upload spooled to the
+    incoming folder, which lies on the store's file system) the store takes the file by a hard link instead
+    of a copy, so its bytes are written to disk once; they are fsynced through the link as a copy would be.
+    Where no hard link can be made (another file system, or one without them) it is copied."""
     try:
         size = source.stat().st_size
         digest = digest or sha256_file(source)
@@ -102,10 +114,30 @@ def store_file(storage_dir: Path, source: Path, suffix: str = ".dcm", *, digest:
         with open(source, "rb") as src:
             shutil.copyfileobj(src, handle, 1 << 20)
 
-    return _store(storage_dir, digest, size, suffix, copy)
+    return _store(storage_dir, digest, size, suffix, copy, link_from=source if link else None)
 
 
-def _store(storage_dir: Path, digest: str, size: int, suffix: str, write: Callable[[BinaryIO], object]) -> StoredFile:
+def _linked(source: Path, tmp_dir: Path, digest: str) -> str | None:
+    """A new hard link to ``source`` in ``tmp_dir``, fsynced; None where the file system cannot link it."""
+    name = str(tmp_dir / f"{digest[:16]}.{os.urandom(8).hex()}.link")
+    try:
+        os.link(source, name)
+    except OSError as exc:
+        if exc.errno in _NO_LINK_ERRNOS:
+            log.debug("cannot hard-link %s into the store (%s): copying it", source, exc.strerror or exc)
+            return None
+        raise
+    try:
+        _fsync_path(Path(name))  # the received bytes reach the disk, as the copy's fsync makes them
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
+    return name
+
+
+def _store(storage_dir: Path, digest: str, size: int, suffix: str, write: Callable[[BinaryIO], object],
+           link_from: Path | None = None) -> StoredFile:
     final = path_for(storage_dir, digest, suffix)
     if final.is_file() and final.stat().st_size == size:
         try:
@@ -119,11 +151,13 @@ def _store(storage_dir: Path, digest: str, size: int, suffix: str, write: Callab
     try:
         tmp_dir.mkdir(parents=True, exist_ok=True)
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=digest[:16] + ".", suffix=".part")
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        tmp_name = _linked(link_from, tmp_dir, digest) if link_from is not None else None
+        if tmp_name is None:
+            fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=digest[:16] + ".", suffix=".part")
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp_name, final)
         tmp_name = None
         _fsync_path(final.parent)

@@ -424,18 +424,19 @@ def test_idempotency_key_replay_of_a_streamed_upload_has_the_same_request_hash(a
 
 def test_a_full_disk_while_spooling_an_upload_is_the_full_store_error(api, app, settings, full_disk):  # type: ignore[no-untyped-def]
     """The incoming folder is on the store's file system: a disk that fills while an upload is copied there
-    answers what a full store answers (503 ``storage_full``, the sender may retry), and leaves no file."""
+    answers what a full store answers (503 ``storage_full``, the sender may retry), and leaves no file. The
+    store takes the spooled copy by a hard link, so an upload needs room for one copy, not two."""
     part = dicom_bytes(440)  # 378 KiB: Werkzeug keeps it in memory (up to 500 kB), so only its copies take disk
     filler = full_disk / "filler"
-    filler.write_bytes(bytes(400 * 1024))  # of the 1 MiB, 624 KiB left: the spooled copy fits, the store's not
-    store_full = assert_error(api.submit("ris", files=[(part, "a.dcm", "application/dicom")]), 503, "storage_full")
-    filler.write_bytes(bytes(800 * 1024))  # 224 KiB left: the spooled copy does not fit
+    filler.write_bytes(bytes(800 * 1024))  # of the 1 MiB, 224 KiB left: the spooled copy does not fit
     spool_full = assert_error(api.submit("ris", files=[(part, "b.dcm", "application/dicom")]), 503, "storage_full")
+    assert "storage full" in spool_full["message"] and "receiving the upload" in spool_full["message"]
+    assert _instance_count(api) == 0 and _files_under(full_disk) == [filler]
+    filler.write_bytes(bytes(400 * 1024))  # 624 KiB left: room for the spooled copy, not for a second one
+    assert api.submit("ris", files=[(part, "a.dcm", "application/dicom")]).status_code == 202
     filler.unlink()
-    assert "storage full" in store_full["message"] and "storage full" in spool_full["message"]
-    assert "receiving the upload" in spool_full["message"] and "receiving the upload" not in store_full["message"]
-    assert _instance_count(api) == 0 and _files_under(full_disk) == []
-    assert api.submit("ris", files=[(dicom_bytes(128), "c.dcm", "application/dicom")]).status_code == 202
+    (stored,) = _files_under(full_disk)  # the spooled file's inode, now the store's, and nothing else
+    assert stored.read_bytes() == part and _instance_count(api) == 1
 
 
 def test_a_full_disk_while_werkzeug_parses_an_upload_is_the_full_store_error(api, app, full_disk, monkeypatch):  # type: ignore[no-untyped-def]
@@ -885,18 +886,29 @@ def test_a_stow_part_over_the_limit_fails_alone_and_leaves_no_file(api, app, set
     assert _instance_count(api) == 1 and _incoming(app) == []
 
 
-def test_a_full_disk_while_spooling_a_stow_is_the_full_store_error(api, app, settings, full_disk):  # type: ignore[no-untyped-def]
+def test_a_full_disk_while_spooling_a_stow_is_the_full_store_error(api, app, settings, full_disk,  # type: ignore[no-untyped-def]
+                                                                   monkeypatch):
     """A disk that fills while a STOW-RS part is written to the incoming folder answers what the other uploads
-    answer (503 ``storage_full``, the sender may retry) for the whole request, storing none of its parts; one
-    whose store copy does not fit fails that part with Out of Resources (0xA700), as before. No file is left."""
-    fits_spool_not_store = dicom_bytes(560)  # 0.6 MB: written, then the store's copy does not fit in 1 MB
-    body, ctype = _related([("application/dicom", fits_spool_not_store)])
-    response = _stow(api, body, ctype)
-    assert response.status_code == 409, response.data
-    assert response.get_json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA700]
+    answer (503 ``storage_full``, the sender may retry) for the whole request, storing none of its parts. A part
+    the store cannot take fails that part alone with Out of Resources (0xA700): here the store must copy it (no
+    hard link across file systems) and the copy does not fit. No file is left."""
+    import errno
+
     body, ctype = _related([("application/dicom", dicom_bytes(128)), ("application/dicom", dicom_bytes(1024))])
     error = assert_error(_stow(api, body, ctype), 503, "storage_full")
     assert "storage full" in error["message"] and "receiving the upload" in error["message"]
     assert _instance_count(api) == 0 and _files_under(full_disk) == []
-    body, ctype = _related([("application/dicom", dicom_bytes(128))])
+
+    def no_link(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "link", no_link)
+        fits_spool_not_store = dicom_bytes(560)  # 0.6 MB: written, then the store's copy does not fit in 1 MB
+        body, ctype = _related([("application/dicom", fits_spool_not_store)])
+        response = _stow(api, body, ctype)
+    assert response.status_code == 409, response.data
+    assert response.get_json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA700]
+    assert _instance_count(api) == 0 and _files_under(full_disk) == []
+    body, ctype = _related([("application/dicom", fits_spool_not_store)])  # linked: one copy fits
     assert _stow(api, body, ctype).status_code == 200

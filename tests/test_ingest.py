@@ -28,11 +28,12 @@ from service.ingest import (
     UnsupportedUpload,
     UploadPart,
     ingest,
+    ingest_file,
     ingest_upload,
     spool_upload,
 )
 from service.models import Instance, Job, JobEvent, Patient, Series, Study
-from service.storage import sha256_file
+from service.storage import sha256_file, store_file
 
 
 def _count(db: Database, model: type) -> int:
@@ -139,6 +140,50 @@ class _Recording(io.BytesIO):
     def read(self, size: int | None = -1, /) -> bytes:
         self.asked.append(size)
         return super().read(size if self.most is None else self.most)
+
+
+def test_a_file_received_to_disk_enters_the_store_by_a_hard_link(settings: Settings, db: Database,  # type: ignore[no-untyped-def]
+                                                                 make_dicom) -> None:
+    """ingest_file(link=True), as the listener, uploads and STOW-RS call it for their own files of the incoming
+    folder: the stored file is the received file's inode, so its bytes are written once; it outlives the received
+    name. Without link (a file someone else may change) it is a copy."""
+    received = settings.storage_dir / ".incoming" / "received.dcm"
+    received.parent.mkdir(parents=True, exist_ok=True)
+    received.write_bytes(make_dicom("DX").read_bytes())
+    data = received.read_bytes()
+    result = ingest_file(db, settings, received, calling_ae="MODALITY", link=True)
+    assert result.path.stat().st_ino == received.stat().st_ino and received.stat().st_nlink == 2
+    received.unlink()
+    assert result.path.read_bytes() == data and sha256_file(result.path) == result.sha256
+    assert result.path.stat().st_nlink == 1 and not list((settings.storage_dir / ".tmp").iterdir())
+    other = make_dicom("CR")
+    copied = ingest_file(db, settings, other, calling_ae="MODALITY")
+    assert copied.path.stat().st_ino != other.stat().st_ino and copied.path.read_bytes() == other.read_bytes()
+
+
+def test_where_no_hard_link_can_be_made_the_store_copies(settings: Settings, make_dicom,  # type: ignore[no-untyped-def]
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store on another file system than the received file (EXDEV), or one without hard links: copied, the
+    same bytes; a full disk while linking is a full disk, as while copying."""
+    import errno
+
+    from service.storage import StorageFull
+
+    source = make_dicom("DX")
+
+    def refuse(code: int):  # type: ignore[no-untyped-def]
+        def link(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+            raise OSError(code, os.strerror(code))
+        return link
+
+    monkeypatch.setattr(os, "link", refuse(errno.EXDEV))
+    stored = store_file(settings.storage_dir, source, link=True)
+    assert stored.created and stored.path.stat().st_ino != source.stat().st_ino
+    assert stored.path.read_bytes() == source.read_bytes() and source.stat().st_nlink == 1
+    monkeypatch.setattr(os, "link", refuse(errno.ENOSPC))
+    with pytest.raises(StorageFull, match="storage full"):
+        store_file(settings.storage_dir, make_dicom("CR"), link=True)
+    assert not list((settings.storage_dir / ".tmp").iterdir())
 
 
 def test_an_upload_is_spooled_in_pieces_hashed_as_it_goes_and_removed(settings: Settings, make_dicom) -> None:  # type: ignore[no-untyped-def]

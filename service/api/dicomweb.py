@@ -220,7 +220,7 @@ def stow_rs() -> Any:
                 if part.too_large is not None:
                     raise part.too_large
                 result = ingest_file(db, settings, part.spooled.path, source="api", peer_address=request.remote_addr,
-                                     uploaded_by_id=who.user.id, sha256=part.spooled.sha256)
+                                     uploaded_by_id=who.user.id, sha256=part.spooled.sha256, link=True)
             except IngestError as exc:
                 reason = OUT_OF_RESOURCES if exc.status == 503 else CANNOT_UNDERSTAND
                 failed.append({"00081150": _tag("UI", *([sop_class] if sop_class else [])),
