@@ -327,3 +327,40 @@ def test_negative_random_kind_and_unknown_kind():
         render_negative(0, kind="xray")
     with pytest.raises(ValueError):
         render_sample(0, fracture_type="broken")
+
+
+def _visibility():  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("visibility", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "visibility.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_intact_twin_differs_only_at_the_fracture_and_the_noise_draws_only_in_noise() -> None:
+    """bench/visibility.py: the twin is the same radiograph with the fracture undone (every other draw kept), so
+    a hairline's twin differs from it only near the fracture's mask; another noise draw changes the noise and
+    nothing else; and the matched filter's d' comes out finite and positive."""
+    vis = _visibility()
+    seed = item_seed(4242, 0)
+    frac = render_sample(seed, fracture_type="hairline", long_side=512)
+    with vis.intact_twin():
+        twin = render_sample(seed, fracture_type="hairline", long_side=512)
+    assert frac.mask.any() and not twin.mask.any()  # no cut surface is drawn in the whole bone
+    a, b = display_image(frac), display_image(twin)
+    near = cv2.dilate((frac.mask > 0).astype(np.uint8), np.ones((13, 13), np.uint8)) > 0
+    assert np.abs(a - b)[near].max() > 0.01  # the line is there in one and not the other
+    assert np.abs(a - b)[~near].max() < 0.01  # and nothing else differs beyond the window's tiny shift
+    with vis.intact_twin(), vis.other_noise(1):
+        other = display_image(render_sample(seed, fracture_type="hairline", long_side=512))
+    assert 0.002 < float(np.std(other - b)) < 0.2 and abs(float(np.mean(other - b))) < 0.01
+    assert render_sample(seed, fracture_type="hairline", long_side=512).params == frac.params  # nothing leaked out
+    row = vis.measure((seed, "hairline", 512, 4, 6))
+    assert row["type"] == "hairline" and 0 < row["d_prime"] < float("inf") and row["signal_energy"] > 0
+    summary = vis.summarise([row, {**row, "d_prime": 0.5}])
+    assert summary["by_type"]["hairline"]["share_d_below_1"] == 0.5
+    assert summary["by_type"]["hairline"]["known_location_auc"] == pytest.approx(
+        (vis.phi(row["d_prime"] / 2 ** 0.5) + vis.phi(0.5 / 2 ** 0.5)) / 2, abs=1e-4)
