@@ -12,7 +12,7 @@ import torch
 from pipeline.models.bundle import read_card
 from pipeline.training.datasets import DatasetError, Record, load_records, split_records
 from pipeline.training.loop import TrainConfig, train_fracture, train_validity
-from pipeline.training.type_reader import train_type_reader
+from pipeline.training.type_reader import boost_log_prior, train_type_reader
 
 DEFAULT_OUT = {"validity": "validity", "detect": "detector", "classify": "classifier", "fracture": "."}
 
@@ -47,8 +47,6 @@ def _type_boost(task: str, given: tuple[str, ...]) -> dict[str, int]:
     """``--type-boost TYPE=N`` options as a dict, or a usage error naming what is wrong."""
     if given and task != "classify":
         raise click.ClickException("--type-boost applies to the classify task (the type reader)")
-    from pipeline.taxonomy import FRACTURE_TYPES
-
     boost: dict[str, int] = {}
     for item in given:
         name, sep, value = item.partition("=")
@@ -56,12 +54,13 @@ def _type_boost(task: str, given: tuple[str, ...]) -> dict[str, int]:
         if not sep or not value.strip().isdigit() or int(value) < 2:
             raise click.ClickException(f"--type-boost {item!r}: expected TYPE=N with N a whole number, 2 or more "
                                        "(for example hairline=3)")
-        if name not in FRACTURE_TYPES:
-            raise click.ClickException(f"--type-boost {item!r}: unknown fracture type {name!r}; the taxonomy's are "
-                                       f"{', '.join(FRACTURE_TYPES)}")
         if name in boost:
             raise click.ClickException(f"--type-boost names {name!r} twice")
         boost[name] = int(value)
+    try:
+        boost_log_prior(boost)  # the type names, checked where training checks them
+    except ValueError as exc:
+        raise click.ClickException(f"--type-boost: {exc}") from None
     return boost
 
 
