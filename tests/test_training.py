@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from pipeline.models.bundle import load_bundle, update_card
 from pipeline.models.imageio import read_gray
@@ -566,6 +566,56 @@ def test_forked_workers_draw_the_same_crops_and_patches(toy: Path) -> None:
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(ctx1, ctx2, strict=True))
 
 
+def test_type_boost_gives_the_detector_more_crops_of_a_type(toy: Path) -> None:
+    """Fracture task, --type-boost: each fractured image of a boosted type gives N times the crops a round; its
+    first crops are those it gives unboosted, the extra ones are drawn afresh, other images are untouched."""
+    records = [r for r in read_generator_layout(toy) if r.is_radiograph][:8]
+    boosted = next(r.type for r in records if r.fracture and r.type)
+    hits = [i for i, r in enumerate(records) if r.fracture and r.type == boosted]
+    banks = []
+    for boost in ({}, {boosted: 3}):
+        cfg = TrainConfig(long_side=96, crop=64, seed=4, num_workers=1, type_boost=boost)
+        bank = CropBank(FractureCrops(records, cfg), per_image=2, epochs_per_round=1, workers=1)
+        bank.build(0)
+        banks.append(bank)
+    plain, more = banks
+    assert len(plain) == 2 * len(records) and len(more) == 2 * len(records) + 4 * len(hits)
+    assert len(more.items["x"]) == len(more)
+    assert more.counts == [6 if i in hits else 2 for i in range(len(records))]
+    row = 0
+    for i, count in enumerate(more.counts):
+        mine = more.items["x"][row:row + count]
+        assert np.array_equal(mine[:2], plain.items["x"][2 * i:2 * i + 2])
+        if count > 2:
+            assert not np.array_equal(mine[2], mine[0]) and not np.array_equal(mine[3], mine[1])
+        row += count
+
+
+def test_train_fracture_type_boost_is_carded_and_needs_the_crop_bank(toy: Path, tmp_path: Path) -> None:
+    """`train --task fracture --type-boost`: the card says how many crops a round each boosted type gave; a run
+    that draws every crop on the fly (no crop bank) is refused with a message saying why."""
+    records = load_records(toy)
+    boosted = next(r.type for r in records if r.is_radiograph and r.fracture and r.type)
+    runner = CliRunner()
+
+    def run(out: Path, *extra: str) -> Result:
+        return runner.invoke(train, [
+            "--task", "detect", "--data", str(toy), "--out", str(out), "--long-side", "96", "--crop", "64",
+            "--width", "4", "--batch-size", "4", "--max-steps", "2", "--checkpoint-dir", str(out.with_suffix(".ckpt")),
+            "--workers", "1", "--head-images", "0", "--val-fraction", "0.25", "--seed", "1", "--quiet",
+            "--type-boost", f"{boosted}=2", *extra])
+
+    refused = run(tmp_path / "no", "--crops-per-image", "0")
+    assert refused.exit_code != 0 and "needs training images with masks" in refused.output, refused.output
+    done = run(tmp_path / "det", "--crops-per-image", "2")
+    assert done.exit_code == 0, done.output
+    block = load_bundle(tmp_path / "det", expected_task="detect").card["training"]["type_boost"]
+    assert block["crops_per_image_and_round"] == {boosted: 4}
+    train_recs, _val = split_records(records, 0.25, 1)
+    rads = [r for r in train_recs if r.is_radiograph and r.fracture is not None]
+    assert block["crops_per_round"] == 2 * len(rads) + 2 * sum(bool(r.fracture) and r.type == boosted for r in rads)
+
+
 def test_crop_sites_are_the_detector_peaks_off_the_fracture_and_cached(toy: Path, model_dir: Path,
                                                                         tmp_path: Path) -> None:
     """Fracture task, --site-share: the detector's peaks outside the fracture's box, in fractured and intact
@@ -715,12 +765,12 @@ def test_type_boost_draws_a_type_more_often_and_takes_its_prior_back_out(toy: Pa
 
 
 def test_train_type_boost_option(toy: Path, model_dir: Path, tmp_path: Path) -> None:
-    """`train --type-boost TYPE=N`: refused outside the classify task and when malformed; a run records the boost
+    """`train --type-boost TYPE=N`: refused for the radiograph check and when malformed; a run records the boost
     in its card and ships the reader with log N taken off that type's logit (here with no training step, so the
     shipped bias is the starting reader's minus log N exactly)."""
     runner = CliRunner()
     for args, message in [
-        (["--task", "fracture", "--type-boost", "hairline=3"], "applies to the classify task"),
+        (["--task", "validity", "--type-boost", "hairline=3"], "the radiograph check has no fracture types"),
         (["--task", "classify", "--type-boost", "hairline"], "expected TYPE=N"),
         (["--task", "classify", "--type-boost", "hairline=1"], "expected TYPE=N"),
         (["--task", "classify", "--type-boost", "hairlines=3"],

@@ -45,8 +45,9 @@ def _command_line() -> str:
 
 def _type_boost(task: str, given: tuple[str, ...]) -> dict[str, int]:
     """``--type-boost TYPE=N`` options as a dict, or a usage error naming what is wrong."""
-    if given and task != "classify":
-        raise click.ClickException("--type-boost applies to the classify task (the type reader)")
+    if given and task == "validity":
+        raise click.ClickException("--type-boost applies to the classify, fracture and detect tasks: the radiograph "
+                                   "check has no fracture types")
     boost: dict[str, int] = {}
     for item in given:
         name, sep, value = item.partition("=")
@@ -137,9 +138,11 @@ def _type_boost(task: str, given: tuple[str, ...]) -> dict[str, int]:
                    "on the fracture that are centred on those peaks instead, the detector's hardest negatives. "
                    "The detector bundle (--detector) is run once over every training image to find them.")
 @click.option("--type-boost", "type_boost", multiple=True, metavar="TYPE=N",
-              help="classify task: draw each fractured image of TYPE N times an epoch (a whole number, 2 or more; "
+              help="Classify task: draw each fractured image of TYPE N times an epoch (a whole number, 2 or more; "
                    "repeatable), for types the reader learns slowest or a real data set holds few of; log N is "
-                   "taken off that type's logit after training, so the shipped reader keeps the data's type prior.")
+                   "taken off that type's logit after training, so the shipped reader keeps the data's type prior. "
+                   "Fracture and detect tasks (since session 27): each such image gives N times --crops-per-image "
+                   "crops a round; the detection logit is recalibrated as always.")
 @click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes.")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
 @click.option("--val-limit", type=int, default=400, show_default=True, help="Images used for per-epoch validation.")

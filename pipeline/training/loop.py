@@ -94,7 +94,8 @@ class TrainConfig:
     noise_max: float = 0.03  # largest quantum-noise sigma of the acquisition augmentation (at full brightness)
     type_loss_weight: float = 1.0  # fracture task: weight of the shared network's type loss
     site_share: float = 0.0  # classify task: share of patches centred on the detector's peaks off the fracture
-    type_boost: dict[str, int] = field(default_factory=dict)  # classify task: fracture type -> patches per image
+    # fracture type -> times each fractured image of it is drawn (classify: patches an epoch; fracture: crops a round)
+    type_boost: dict[str, int] = field(default_factory=dict)
     weights_dtype: str = "float16"
     data_description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -408,15 +409,15 @@ def fork_map(fn: Callable[[Any], Any], jobs: list[Any], workers: int, desc: str,
         bar.close()
 
 
-def _bank_item(source: FractureCrops, rnd: int, per_image: int, i: int) -> list[dict[str, Any]]:
-    """Worker side of :class:`CropBank`: decode image ``i`` once and draw ``per_image`` crops from it."""
+def _bank_item(source: FractureCrops, rnd: int, counts: list[int], i: int) -> list[dict[str, Any]]:
+    """Worker side of :class:`CropBank`: decode image ``i`` once and draw ``counts[i]`` crops from it."""
     loaded = source._load(i)
     # numpy, not tensors: tensors would travel between processes as shared-memory file descriptors, one per
     # tensor, and thousands of them exhaust the descriptor table. The image is kept as float16 (as the bank
     # stores it) from here on: half the bytes through the pipe and in flight.
     return [{k: v.numpy().astype(np.float16) if k == "x" else v.numpy()
              for k, v in source.sample(i, keyed_rng(source.cfg.seed, rnd, i, j, 17), loaded).items()}
-            for j in range(per_image)]
+            for j in range(counts[i])]
 
 
 class CropBank(Dataset[dict[str, Any]]):
@@ -427,11 +428,17 @@ class CropBank(Dataset[dict[str, Any]]):
     its own scale, rotation, acquisition and crop position) in ``workers`` processes, and keeps them in
     memory as float16; round ``r`` serves epochs ``r * epochs_per_round ...`` and is a pure function of
     ``(seed, r)``, so resuming rebuilds exactly the same crops.
+
+    With a type boost (``cfg.type_boost``, ``train --type-boost``), each fractured image of a boosted type gives
+    that many times ``per_image`` crops a round, all drawn afresh; the first ``per_image`` are the crops it would
+    give without the boost.
     """
 
     def __init__(self, source: FractureCrops, per_image: int, epochs_per_round: int, workers: int,
                  show: bool = False) -> None:
         self.source, self.per_image = source, per_image
+        boost = source.cfg.type_boost
+        self.counts = [per_image * (int(boost.get(r.type or "", 1)) if r.fracture else 1) for r in source.records]
         self.epochs_per_round, self.workers, self.show = max(1, epochs_per_round), max(1, workers), show
         self.round = -1
         self.build_seconds = 0.0  # the last round's drawing time
@@ -439,7 +446,7 @@ class CropBank(Dataset[dict[str, Any]]):
         self.items: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
-        return len(self.source) * self.per_image
+        return sum(self.counts)
 
     def overhead_per_step(self, steps_per_epoch: int) -> float:
         """Seconds of crop drawing per optimiser step, averaged over a round (for the time budget)."""
@@ -451,8 +458,8 @@ class CropBank(Dataset[dict[str, Any]]):
         the round three times over, and with 6 600 images at 3 crops the kernel killed the trainer)."""
         t0 = time.time()
         self.items, self.round = {}, -1
-        draw = functools.partial(_bank_item, self.source, rnd, self.per_image)
-        total = len(self.source) * self.per_image
+        draw = functools.partial(_bank_item, self.source, rnd, self.counts)
+        total = len(self)
         items: dict[str, np.ndarray] = {}
         k = 0
         for got in fork_map(draw, list(range(len(self.source))), self.workers, f"crops (round {rnd})", self.show):
@@ -874,6 +881,13 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
             raise ValueError("crops at the detector's peaks (site share above 0) need training images with masks")
         site_record = crops.find_sites(detector, ckpt_dir / PEAK_CACHE, max(2, cfg.num_workers), show)
     dataset: FractureCrops | CropBank = crops
+    if cfg.type_boost:
+        from pipeline.training.type_reader import boost_log_prior
+
+        boost_log_prior(cfg.type_boost)  # refuses unknown types and factors below 1
+        if not (crops.has_masks and cfg.bank_per_image > 0):
+            raise ValueError("a type boost for the detector draws more crops a round from the boosted images: it "
+                             "needs training images with masks and --crops-per-image above 0")
     if crops.has_masks and cfg.bank_per_image > 0:
         crops.cache = _Cache(0)  # each round decodes every image once anyway
         dataset = CropBank(crops, cfg.bank_per_image, cfg.bank_epochs, cfg.num_workers, show)
@@ -936,6 +950,12 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
                   f"0.05) weighted {cfg.type_loss_weight:g}",
         "crops_per_image_and_round": cfg.bank_per_image, "epochs_per_round": cfg.bank_epochs,
         **({"site_crops": site_record} if site_record is not None else {}),
+        **({"type_boost": {
+            "crops_per_image_and_round": {t: n * cfg.bank_per_image for t, n in cfg.type_boost.items()},
+            "crops_per_round": len(dataset),
+            "rule": "each fractured training image of a boosted type gives that many times the usual crops a round "
+                    "(all drawn afresh); the detection logit is recalibrated on the calibration images as always"}}
+           if cfg.type_boost and isinstance(dataset, CropBank) else {}),
         **{k: v for k, v in summary.items() if k != "history"},
         "history": summary["history"],
         "parameters": count_parameters(model),
