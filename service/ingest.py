@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import io
 import logging
@@ -636,7 +637,17 @@ def spool_upload(settings: Settings, stream: bytes | IO[bytes]) -> Iterator[Spoo
     :data:`CHUNK` pieces, never holding it whole (:class:`UploadWriter`): hashed as it is copied, refused with
     :class:`InstanceTooLarge` as soon as it exceeds ``settings.max_upload_bytes``, its kind sniffed from its first
     bytes. The file is removed when the block ends, whatever the outcome. A disk that fills while copying is
-    :class:`DiskFull` (any other I/O failure :class:`StorageUnavailable`), as when the store fills."""
+    :class:`DiskFull` (any other I/O failure :class:`StorageUnavailable`), as when the store fills. A request's
+    file part that Werkzeug already wrote to the incoming folder (:class:`UploadPart`) is not copied: its file is
+    named there instead (:meth:`UploadPart.take`), and the name removed when the block ends."""
+    taken = stream.take(settings.max_upload_bytes) if isinstance(stream, UploadPart) else None
+    if taken is not None:  # a part Werkzeug wrote to the incoming folder: named there, not copied
+        try:
+            yield taken
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(taken.path)
+        return
     source: IO[bytes] = io.BytesIO(stream) if isinstance(stream, bytes | bytearray | memoryview) else stream
     with spool_writer(settings) as writer:
         try:
@@ -650,22 +661,31 @@ def spool_upload(settings: Settings, stream: bytes | IO[bytes]) -> Iterator[Spoo
 
 class UploadPart(tempfile.SpooledTemporaryFile[bytes]):
     """Where Werkzeug writes a multipart file part while it parses a request (``service.app.UploadRequest``), before
-    :func:`spool_upload` copies it: in memory up to :data:`PART_IN_MEMORY`, as Werkzeug does, then in an unnamed
+    :func:`spool_upload` takes it: in memory up to :data:`PART_IN_MEMORY`, as Werkzeug does, then in an unnamed
     file of this process's incoming folder, on the store's file system, instead of the system temporary folder
     (Werkzeug's default), which may be a RAM-backed tmpfs (Debian 13, Fedora): there, large concurrent uploads
     would cost memory outside any process's RSS.
 
-    The file is unnamed (``tempfile.TemporaryFile``: ``O_TMPFILE`` on Linux), so it is gone when it is closed or
-    the process ends, however it ends: :func:`dicom.receive.sweep` has nothing to remove after a killed process
-    (where the file system lacks ``O_TMPFILE``, tempfile makes a named file and unlinks it at once; it is named
-    with the incoming folder's prefix, so sweep covers even that instant). A disk that fills, or any other I/O
-    failure, while the part is written is :class:`DiskFull` (:class:`StorageUnavailable`), as in
-    :class:`UploadWriter`; the file is then closed, which frees what it held."""
+    The file is unnamed (``O_TMPFILE``), so it is gone when it is closed or the process ends, however it ends:
+    :func:`dicom.receive.sweep` has nothing to remove after a killed process. It is opened so that it can be given
+    a name later (without ``O_EXCL``), and the part hashes what is written to it as it is written: once Werkzeug
+    has parsed the request, :meth:`take` names the file in the incoming folder and :func:`spool_upload` uses it
+    as the spooled upload, so a large upload is written to disk once, not copied a second time (since session 27).
+    Where the file system lacks ``O_TMPFILE``, tempfile's own way stands (a named file unlinked at once; it is
+    named with the incoming folder's prefix, so sweep covers even that instant) and the part is copied as before.
+    A disk that fills, or any other I/O failure, while the part is written is :class:`DiskFull`
+    (:class:`StorageUnavailable`), as in :class:`UploadWriter`; the file is then closed, which frees what it
+    held."""
 
     def __init__(self, settings: Settings) -> None:
         self.folder = receive.incoming_folder(settings.storage_dir / receive.FOLDER)
         super().__init__(max_size=PART_IN_MEMORY, mode="w+b", dir=str(self.folder), prefix=f"{receive.PREFIX}part-",
                          suffix=".dcm")
+        self._digest = hashlib.sha256()
+        self._written = 0
+        self._head = b""
+        self._appended = True  # every write so far went to the end: the digest is the file's
+        self._nameable = False  # the file is an O_TMPFILE opened without O_EXCL
 
     def _failure(self, exc: OSError) -> OutOfResources:
         log.error("cannot write an upload's part to %s: %s", self.folder, exc.strerror or exc)
@@ -674,14 +694,40 @@ class UploadPart(tempfile.SpooledTemporaryFile[bytes]):
         return storage_failure(exc, "receiving the upload")
 
     def rollover(self) -> None:
+        if self._rolled:  # type: ignore[has-type]  # tempfile's own flag: set once, below or by the base class
+            return
         self.folder.mkdir(parents=True, exist_ok=True)  # made for the first part over PART_IN_MEMORY
-        super().rollover()
+        try:
+            fd = os.open(self.folder, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise  # a full disk, no permission: write() says so
+            super().rollover()  # no O_TMPFILE on this file system: tempfile's way, copied by spool_upload
+            return
+        memory = cast(io.BytesIO, self._file)  # where the part has been until now
+        disk = os.fdopen(fd, "w+b")
+        try:
+            disk.write(memory.getvalue())
+            disk.seek(memory.tell())
+        except OSError:
+            disk.close()
+            raise
+        self._file, self._rolled, self._nameable = disk, True, True
 
     def write(self, s: Any) -> int:
         try:
-            return super().write(s)  # rolls over (above) once past PART_IN_MEMORY: a failure there shows here
+            if self._appended and self.tell() != self._written:
+                self._appended = False  # rewritten in place: the digest no longer describes the file
+            count = super().write(s)  # rolls over (above) once past PART_IN_MEMORY: a failure there shows here
         except OSError as exc:
             raise self._failure(exc) from exc
+        if self._appended:
+            piece = bytes(memoryview(s)[:count])
+            self._digest.update(piece)
+            if len(self._head) < SNIFF_BYTES:
+                self._head += piece[:SNIFF_BYTES - len(self._head)]
+            self._written += count
+        return count
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         try:
@@ -694,6 +740,31 @@ class UploadPart(tempfile.SpooledTemporaryFile[bytes]):
             super().flush()
         except OSError as exc:
             raise self._failure(exc) from exc
+
+    def take(self, limit: int) -> SpooledUpload | None:
+        """The part as a spooled upload without copying it: its file given a name in the incoming folder (a hard
+        link to the unnamed file, ``linkat`` through ``/proc/self/fd``), with the hash, size and kind taken while
+        it was written. None where that cannot be (a part still in memory, a file system without ``O_TMPFILE``
+        or ``/proc``, a part rewritten in place): the caller copies it instead. Over ``limit`` bytes it is
+        :class:`InstanceTooLarge`. The caller removes the name when done (the unnamed file goes with the part)."""
+        if self.closed or not (self._nameable and self._appended):
+            return None
+        if self._written > limit:
+            raise InstanceTooLarge(f"upload exceeds the {limit // (1024 * 1024)} MB limit")
+        self.flush()
+        name = self.folder / f"{receive.PREFIX}upload-{secrets.token_hex(8)}.dcm"
+        try:
+            # linkat(..., AT_SYMLINK_FOLLOW) on the /proc entry, which os.link makes only when given a directory
+            # descriptor (else it calls link(2), which would link the /proc symlink itself: EXDEV).
+            proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.link(str(self.fileno()), name, src_dir_fd=proc, follow_symlinks=True)
+            finally:
+                os.close(proc)
+        except OSError as exc:
+            log.info("copying an upload's part instead of naming it in %s: %s", self.folder, exc.strerror or exc)
+            return None
+        return SpooledUpload(name, self._digest.hexdigest(), self._written, sniff(self._head))
 
 
 def decode_upload_image(data: bytes | Path, kind: str) -> np.ndarray:

@@ -467,7 +467,8 @@ def test_werkzeug_writes_a_large_part_to_the_incoming_folder_not_the_system_temp
                                                                                        monkeypatch):
     """A multipart file part over 500 kB goes to a file while Werkzeug parses the request: an unnamed one in this
     process's incoming folder (on the store's file system; ``service.app.UploadRequest``), never in the system
-    temporary folder (Werkzeug's default), which may be a RAM-backed tmpfs. Nothing is left in either."""
+    temporary folder (Werkzeug's default), which may be a RAM-backed tmpfs. Nothing is left in either. That file is
+    the one the store keeps (named, then linked into the store): the upload's bytes are written to disk once."""
     import tempfile
 
     from dicom import receive
@@ -477,10 +478,12 @@ def test_werkzeug_writes_a_large_part_to_the_incoming_folder_not_the_system_temp
     system_temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
     where: list[str] = []
+    inodes: list[int] = []
     real_spool = routes.spool_upload
 
     def spool_upload(settings: Any, stream: Any) -> Any:
         where.append(os.readlink(f"/proc/self/fd/{stream.fileno()}"))  # the file Werkzeug wrote the part to
+        inodes.append(os.fstat(stream.fileno()).st_ino)
         return real_spool(settings, stream)
 
     monkeypatch.setattr(routes, "spool_upload", spool_upload)
@@ -493,6 +496,7 @@ def test_werkzeug_writes_a_large_part_to_the_incoming_folder_not_the_system_temp
     assert list(system_temp.iterdir()) == [] and _incoming(app) == []
     [(path, sha256)] = _stored_instances(api).values()
     assert sha256 == hashlib.sha256(data).hexdigest() and path.read_bytes() == data
+    assert os.stat(path).st_ino == inodes[0]  # the part's own file: not copied to a spool, nor into the store
 
 
 def test_a_full_disk_says_when_to_retry_as_the_openapi_document_does(api, app, full_disk):  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 
 from config import Settings
+from dicom import receive
 from service.db import Database
 from service.ingest import (
     PART_IN_MEMORY,
@@ -227,6 +228,47 @@ def test_an_upload_part_stays_in_memory_up_to_500_kb_then_goes_to_an_unnamed_fil
     descriptor = part.name
     part.close()
     assert not os.path.exists(f"/proc/self/fd/{descriptor}")
+
+
+def test_an_upload_part_on_disk_is_taken_by_naming_its_file_not_copied(settings: Settings) -> None:
+    """spool_upload takes a part Werkzeug wrote to the incoming folder by naming its unnamed file there (a link to
+    the same inode: no second copy), with the hash, size and kind taken while it was written; the name goes when
+    the block ends and the file with the part. A part still in memory, or one rewritten in place, is copied."""
+    incoming = receive.incoming_folder(settings.storage_dir / receive.FOLDER)
+    data = os.urandom(PART_IN_MEMORY + 70_000)
+    data = data[:128] + b"DICM" + data[132:]
+    part = UploadPart(settings)
+    for k in range(0, len(data), 65_536):  # in pieces, as Werkzeug writes them
+        part.write(memoryview(data)[k:k + 65_536])
+    part.seek(0)
+    with spool_upload(settings, part) as upload:
+        assert upload.path.parent == incoming and upload.path.name.startswith(receive.PREFIX)
+        assert os.stat(upload.path).st_ino == os.fstat(part.fileno()).st_ino  # the part's own file, named
+        assert upload.path.read_bytes() == data and upload.size == len(data)
+        assert upload.sha256 == hashlib.sha256(data).hexdigest() and upload.kind == "dicom"
+    assert not upload.path.exists() and list(incoming.iterdir()) == []
+    assert part.read() == data  # the part itself is untouched
+    part.close()
+    small = Settings.from_env({}, data_dir=settings.data_dir, database_url=settings.database_url, max_upload_mb=1)
+    big = UploadPart(small)
+    big.write(b"\0" * (1024 * 1024 + 1))
+    with pytest.raises(InstanceTooLarge, match="upload exceeds the 1 MB limit"), spool_upload(small, big):
+        pass
+    big.close()
+    for rewrite in (False, True):
+        part = UploadPart(settings)
+        part.write(data if rewrite else data[:1000])
+        if rewrite:  # an edit in place: what was hashed is no longer the file
+            part.seek(5)
+            part.write(b"edited")
+        part.seek(0)
+        expected = data[:5] + b"edited" + data[11:] if rewrite else data[:1000]
+        assert part.take(settings.max_upload_bytes) is None
+        with spool_upload(settings, part) as upload:  # copied, and hashed as it is copied
+            assert os.stat(upload.path).st_nlink == 1 and upload.path.read_bytes() == expected
+            assert upload.sha256 == hashlib.sha256(expected).hexdigest()
+        part.close()
+    assert _leftovers(settings) == []
 
 
 def test_a_full_disk_while_an_upload_part_is_written_is_disk_full_and_closes_it(settings: Settings,  # type: ignore[no-untyped-def]
