@@ -45,6 +45,7 @@ from node_harness import (  # noqa: E402
     load_average,
     rss_by_part,
     running_node,
+    written_by_part,
     synth_dicoms,
     wait_until,
 )
@@ -188,6 +189,7 @@ def main() -> None:
                     keys.append(create_api_key(session, users[i % 2], f"load {i}")[1])
             url = f"http://127.0.0.1:{node.http_port}"
             idle = rss_by_part(node)
+            written_before = written_by_part(node)
             started = time.perf_counter()
             with MemorySampler(node, interval=0.1) as memory, \
                     ThreadPoolExecutor(max_workers=args.associations + args.uploaders) as pool:
@@ -197,6 +199,7 @@ def main() -> None:
                 store_results = [f.result() for f in stores]
                 upload_results = [f.result() for f in uploads]
             elapsed = time.perf_counter() - started
+            written = {part: n - written_before.get(part, 0) for part, n in written_by_part(node).items()}
             time.sleep(3.0)
             held = rss_by_part(node)
             acked: set[str] = set()
@@ -223,6 +226,8 @@ def main() -> None:
             print(f"API: {len(api_ok)} accepted, {api_refused} refused, {api_retried} retried after 429/503")
             print(f"memory (RSS MiB per part): idle {format_parts(idle)}; peak while receiving "
                   f"{format_parts(memory.peak_by_part)}; held 3 s after the last image {format_parts(held)}")
+            print(f"written while receiving (MiB per part, write(2) calls of its processes: files, sockets, pipes): "
+                  f"{format_parts({part: n // 1024 for part, n in written.items()})}")
             expected = acked | api_ok
             with db.session() as session:
                 rows = session.execute(select(Instance.sop_instance_uid, Instance.id)).all()

@@ -335,6 +335,24 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
+def written_bytes(pid: int) -> int:
+    """Bytes the process has passed to write(2) and its kin so far (``wchar`` of ``/proc/<pid>/io``: files,
+    sockets and pipes alike), 0 where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/io") as io_counts:
+            for line in io_counts:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def written_by_part(node: Node) -> dict[str, int]:
+    """:func:`written_bytes` of each part of ``node`` now (the parts' pids summed)."""
+    return {part: sum(written_bytes(pid) for pid in pids) for part, pids in node.pids().items()}
+
+
 def rss_by_part(node: Node) -> dict[str, int]:
     """The resident set size of each part of ``node`` now, KiB (the parts' pids summed, as the sampler does)."""
     return {part: sum(rss_kib(pid) for pid in pids) for part, pids in node.pids().items()}
