@@ -45,9 +45,9 @@ from node_harness import (  # noqa: E402
     load_average,
     rss_by_part,
     running_node,
-    written_by_part,
     synth_dicoms,
     wait_until,
+    written_by_part,
 )
 
 
