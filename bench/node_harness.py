@@ -313,39 +313,30 @@ def _part_name(pid: int) -> str:
     return words[-1] if words else "?"
 
 
-def rss_kib(pid: int) -> int:
+def _proc_number(pid: int, name: str, key: str) -> int:
+    """The first number on the ``key`` line of ``/proc/<pid>/<name>``, 0 where it cannot be read."""
     try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
+        with open(f"/proc/{pid}/{name}") as table:
+            for line in table:
+                if line.startswith(key):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def rss_kib(pid: int) -> int:
+    return _proc_number(pid, "status", "VmRSS:")
 
 
 def pss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as rollup:
-            for line in rollup:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _proc_number(pid, "smaps_rollup", "Pss:")
 
 
 def written_bytes(pid: int) -> int:
     """Bytes the process has passed to write(2) and its kin so far (``wchar`` of ``/proc/<pid>/io``: files,
     sockets and pipes alike), 0 where it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/io") as io_counts:
-            for line in io_counts:
-                if line.startswith("wchar:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _proc_number(pid, "io", "wchar:")
 
 
 def written_by_part(node: Node) -> dict[str, int]:
