@@ -697,12 +697,15 @@ class UploadPart(tempfile.SpooledTemporaryFile[bytes]):
         if self._rolled:  # type: ignore[has-type]  # tempfile's own flag: set once, below or by the base class
             return
         self.folder.mkdir(parents=True, exist_ok=True)  # made for the first part over PART_IN_MEMORY
+        tmpfile_flag = getattr(os, "O_TMPFILE", None)  # Linux only
         try:
-            fd = os.open(self.folder, os.O_TMPFILE | os.O_RDWR, 0o600)
+            if tmpfile_flag is None:
+                raise OSError(errno.EOPNOTSUPP, "no O_TMPFILE on this system")
+            fd = os.open(self.folder, tmpfile_flag | os.O_RDWR, 0o600)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise  # a full disk, no permission: write() says so
-            super().rollover()  # no O_TMPFILE on this file system: tempfile's way, copied by spool_upload
+            super().rollover()  # no O_TMPFILE here: tempfile's way, copied by spool_upload
             return
         memory = cast(io.BytesIO, self._file)  # where the part has been until now
         disk = os.fdopen(fd, "w+b")

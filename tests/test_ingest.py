@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -9,6 +10,7 @@ import socket
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -268,6 +270,31 @@ def test_an_upload_part_on_disk_is_taken_by_naming_its_file_not_copied(settings:
             assert os.stat(upload.path).st_nlink == 1 and upload.path.read_bytes() == expected
             assert upload.sha256 == hashlib.sha256(expected).hexdigest()
         part.close()
+    assert _leftovers(settings) == []
+
+
+def test_without_o_tmpfile_an_upload_part_falls_back_to_a_copy(settings: Settings,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a file system that refuses O_TMPFILE (EOPNOTSUPP, as some network file systems do), the part goes to
+    tempfile's own file (named, unlinked at once), cannot be named again, and spool_upload copies it as before:
+    the same bytes and hash, nothing left."""
+    real_open = os.open
+
+    def no_tmpfile(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    data = os.urandom(PART_IN_MEMORY + 10_000)
+    part = UploadPart(settings)
+    part.write(data)
+    part.seek(0)
+    assert part.take(settings.max_upload_bytes) is None
+    with spool_upload(settings, part) as upload:
+        assert upload.path.read_bytes() == data and upload.sha256 == hashlib.sha256(data).hexdigest()
+        assert os.stat(upload.path).st_ino != os.fstat(part.fileno()).st_ino  # a copy
+    part.close()
     assert _leftovers(settings) == []
 
 
