@@ -168,6 +168,25 @@ def _with_sites(step: GeometricStep, img: np.ndarray, mask: np.ndarray | None, s
     return img, mask, smap
 
 
+def boost_draws(boost: dict[str, int], rec: Record) -> int:
+    """How many times ``rec`` is drawn where one draw is the rule (``train --type-boost``, both the type reader's
+    patches and the detector's crops): its type's factor for a fractured image, 1 otherwise. The boost is checked
+    once beforehand (:func:`check_type_boost`)."""
+    return int(boost.get(rec.type or "", 1)) if rec.fracture else 1
+
+
+def check_type_boost(boost: dict[str, int]) -> None:
+    """Raise ``ValueError`` naming what is wrong with a type boost: a type the taxonomy lacks, a factor that is not
+    a whole number of 1 or more."""
+    unknown = sorted(set(boost) - set(FRACTURE_TYPES))
+    if unknown:
+        raise ValueError(f"unknown fracture type(s) {', '.join(unknown)}; the taxonomy's are "
+                         f"{', '.join(FRACTURE_TYPES)}")
+    bad = {k: v for k, v in boost.items() if int(v) != v or v < 1}
+    if bad:
+        raise ValueError(f"a type boost is a whole number of draws per image, 1 or more (got {bad})")
+
+
 SITE_PEAKS = 2  # fracture task with site_share > 0: the detector's peaks away from the fracture kept per image
 PEAK_CACHE = "crop_site_peaks.json"  # in the checkpoint folder (train_fracture)
 
@@ -437,8 +456,8 @@ class CropBank(Dataset[dict[str, Any]]):
     def __init__(self, source: FractureCrops, per_image: int, epochs_per_round: int, workers: int,
                  show: bool = False) -> None:
         self.source, self.per_image = source, per_image
-        boost = source.cfg.type_boost
-        self.counts = [per_image * (int(boost.get(r.type or "", 1)) if r.fracture else 1) for r in source.records]
+        check_type_boost(source.cfg.type_boost)
+        self.counts = [per_image * boost_draws(source.cfg.type_boost, r) for r in source.records]
         self.epochs_per_round, self.workers, self.show = max(1, epochs_per_round), max(1, workers), show
         self.round = -1
         self.build_seconds = 0.0  # the last round's drawing time
@@ -882,9 +901,7 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
         site_record = crops.find_sites(detector, ckpt_dir / PEAK_CACHE, max(2, cfg.num_workers), show)
     dataset: FractureCrops | CropBank = crops
     if cfg.type_boost:
-        from pipeline.training.type_reader import boost_log_prior
-
-        boost_log_prior(cfg.type_boost)  # refuses unknown types and factors below 1
+        check_type_boost(cfg.type_boost)
         if not (crops.has_masks and cfg.bank_per_image > 0):
             raise ValueError("a type boost for the detector draws more crops a round from the boosted images: it "
                              "needs training images with masks and --crops-per-image above 0")

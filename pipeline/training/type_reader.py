@@ -75,6 +75,8 @@ from pipeline.training.datasets import Record
 from pipeline.training.loop import (
     TrainConfig,
     augmentation_record,
+    boost_draws,
+    check_type_boost,
     fork_map,
     init_from_bundle,
     keyed_rng,
@@ -101,13 +103,7 @@ def boost_log_prior(boost: dict[str, int]) -> np.ndarray:
     A type drawn b times as often as the data hold it raises its training prior by the factor b (over the other
     types, whose factor is 1), so the Bayes posterior under the data's prior is the trained one with log b taken
     off that type's logit (the logit adjustment of Menon et al., 2021, done once, after training)."""
-    unknown = sorted(set(boost) - set(FRACTURE_TYPES))
-    if unknown:
-        raise ValueError(f"unknown fracture type(s) {', '.join(unknown)}; the taxonomy's are "
-                         f"{', '.join(FRACTURE_TYPES)}")
-    bad = {k: v for k, v in boost.items() if int(v) != v or v < 1}
-    if bad:
-        raise ValueError(f"a type boost is a whole number of patches per image, 1 or more (got {bad})")
+    check_type_boost(boost)
     return np.log(np.array([float(boost.get(t, 1)) for t in FRACTURE_TYPES], dtype=np.float64))
 
 
@@ -159,8 +155,8 @@ class TypePatches(Dataset[dict[str, Any]]):
         self.cfg = cfg
         self.patch = cfg.patch
         # With a type boost, each image of a boosted type is drawn that many times an epoch (with fresh draws).
-        boost_log_prior(cfg.type_boost)  # refuses unknown types and factors below 1
-        self.order = [i for i, r in enumerate(self.records) for _ in range(int(cfg.type_boost.get(r.type or "", 1)))]
+        check_type_boost(cfg.type_boost)
+        self.order = [i for i, r in enumerate(self.records) for _ in range(boost_draws(cfg.type_boost, r))]
         # Room for any rotation at the smallest zoom, around any mask pixel of a large fracture.
         self.window = 2 * int(self.patch * 0.75 * 1.42 + 0.5) + 256
         self.contexts: list[tuple[np.ndarray, np.ndarray]] = list(
