@@ -563,6 +563,25 @@ def _incoming_path(settings: Settings, what: str) -> Iterator[Path]:
             os.unlink(name)
 
 
+class _Tally:
+    """What an upload's bytes say as they pass, in order: SHA-256, size and the first :data:`SNIFF_BYTES` (for
+    :func:`sniff`), without holding them (:class:`UploadWriter`, :class:`UploadPart`)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self._head = b""
+
+    def add(self, piece: bytes | memoryview) -> None:
+        if len(self._head) < SNIFF_BYTES:
+            self._head += bytes(piece[:SNIFF_BYTES - len(self._head)])
+        self._digest.update(piece)
+        self.size += len(piece)
+
+    def upload(self, path: Path) -> SpooledUpload:
+        return SpooledUpload(path, self._digest.hexdigest(), self.size, sniff(self._head))
+
+
 class UploadWriter:
     """An upload written to a file of the incoming folder in the pieces it arrives in (made by
     :func:`spool_writer`): hashed as it is written, refused with :class:`InstanceTooLarge` as soon as it would
@@ -573,9 +592,7 @@ class UploadWriter:
     def __init__(self, path: Path, limit: int) -> None:
         self.path = path
         self.limit = limit
-        self.size = 0
-        self._digest = hashlib.sha256()
-        self._head = b""
+        self._tally = _Tally()
         try:
             self._out: IO[bytes] | None = open(path, "wb")  # noqa: SIM115 - closed by finish() or close()
         except OSError as exc:
@@ -589,16 +606,13 @@ class UploadWriter:
         """Append ``piece`` (of any size)."""
         if self._out is None:
             raise ValueError(f"{self.path} is finished")
-        if self.size + len(piece) > self.limit:
+        if self._tally.size + len(piece) > self.limit:
             raise InstanceTooLarge(f"upload exceeds the {self.limit // (1024 * 1024)} MB limit")
-        if len(self._head) < SNIFF_BYTES:
-            self._head += piece[:SNIFF_BYTES - len(self._head)]
-        self._digest.update(piece)
         try:
             self._out.write(piece)
         except OSError as exc:
             raise self._failure(exc) from exc
-        self.size += len(piece)
+        self._tally.add(piece)
 
     def finish(self) -> SpooledUpload:
         """Close the file (it stays until :func:`spool_writer`'s block ends) and say what it holds."""
@@ -608,7 +622,7 @@ class UploadWriter:
                 out.close()  # writes what is still buffered: a full disk may show here
             except OSError as exc:
                 raise self._failure(exc) from exc
-        return SpooledUpload(self.path, self._digest.hexdigest(), self.size, sniff(self._head))
+        return self._tally.upload(self.path)
 
     def close(self) -> None:
         """Close the file, whatever state it is in (the upload is abandoned)."""
@@ -681,10 +695,8 @@ class UploadPart(tempfile.SpooledTemporaryFile[bytes]):
         self.folder = receive.incoming_folder(settings.storage_dir / receive.FOLDER)
         super().__init__(max_size=PART_IN_MEMORY, mode="w+b", dir=str(self.folder), prefix=f"{receive.PREFIX}part-",
                          suffix=".dcm")
-        self._digest = hashlib.sha256()
-        self._written = 0
-        self._head = b""
-        self._appended = True  # every write so far went to the end: the digest is the file's
+        self._tally = _Tally()
+        self._appended = True  # every write so far went to the end: the tally is the file's
         self._nameable = False  # the file is an O_TMPFILE opened without O_EXCL
 
     def _failure(self, exc: OSError) -> OutOfResources:
@@ -697,15 +709,15 @@ class UploadPart(tempfile.SpooledTemporaryFile[bytes]):
         if self._rolled:  # type: ignore[has-type]  # tempfile's own flag: set once, below or by the base class
             return
         self.folder.mkdir(parents=True, exist_ok=True)  # made for the first part over PART_IN_MEMORY
-        tmpfile_flag = getattr(os, "O_TMPFILE", None)  # Linux only
-        try:
-            if tmpfile_flag is None:
-                raise OSError(errno.EOPNOTSUPP, "no O_TMPFILE on this system")
-            fd = os.open(self.folder, tmpfile_flag | os.O_RDWR, 0o600)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                raise  # a full disk, no permission: write() says so
-            super().rollover()  # no O_TMPFILE here: tempfile's way, copied by spool_upload
+        fd = None
+        if hasattr(os, "O_TMPFILE"):  # Linux
+            try:
+                fd = os.open(self.folder, os.O_TMPFILE | os.O_RDWR, 0o600)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise  # a full disk, no permission: write() says so
+        if fd is None:  # no O_TMPFILE here: tempfile's way, copied by spool_upload
+            super().rollover()
             return
         memory = cast(io.BytesIO, self._file)  # where the part has been until now
         disk = os.fdopen(fd, "w+b")
@@ -719,17 +731,13 @@ class UploadPart(tempfile.SpooledTemporaryFile[bytes]):
 
     def write(self, s: Any) -> int:
         try:
-            if self._appended and self.tell() != self._written:
-                self._appended = False  # rewritten in place: the digest no longer describes the file
+            if self._appended and self.tell() != self._tally.size:
+                self._appended = False  # rewritten in place: the tally no longer describes the file
             count = super().write(s)  # rolls over (above) once past PART_IN_MEMORY: a failure there shows here
         except OSError as exc:
             raise self._failure(exc) from exc
         if self._appended:
-            piece = bytes(memoryview(s)[:count])
-            self._digest.update(piece)
-            if len(self._head) < SNIFF_BYTES:
-                self._head += piece[:SNIFF_BYTES - len(self._head)]
-            self._written += count
+            self._tally.add(memoryview(s)[:count])
         return count
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
@@ -752,7 +760,7 @@ class UploadPart(tempfile.SpooledTemporaryFile[bytes]):
         :class:`InstanceTooLarge`. The caller removes the name when done (the unnamed file goes with the part)."""
         if self.closed or not (self._nameable and self._appended):
             return None
-        if self._written > limit:
+        if self._tally.size > limit:
             raise InstanceTooLarge(f"upload exceeds the {limit // (1024 * 1024)} MB limit")
         self.flush()
         name = self.folder / f"{receive.PREFIX}upload-{secrets.token_hex(8)}.dcm"
@@ -767,7 +775,7 @@ class UploadPart(tempfile.SpooledTemporaryFile[bytes]):
         except OSError as exc:
             log.info("copying an upload's part instead of naming it in %s: %s", self.folder, exc.strerror or exc)
             return None
-        return SpooledUpload(name, self._digest.hexdigest(), self._written, sniff(self._head))
+        return self._tally.upload(name)
 
 
 def decode_upload_image(data: bytes | Path, kind: str) -> np.ndarray:
