@@ -27,6 +27,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "altsim": ("pipeline.altsim.cli:altsim", "Generate radiographs with a second, independently written simulator."),
     "train": ("pipeline.training.cli:train", "Train a model bundle."),
     "recalibrate": ("pipeline.training.cli:recalibrate", "Refit a type reader behind another detector."),
+    "average": ("pipeline.training.cli:average", "Average sibling bundles' weights into one network."),
     "evaluate": ("pipeline.evaluation.cli:evaluate", "Evaluate model bundles on a labelled folder."),
     "analyze": ("pipeline.cli_analyze:analyze", "Run the whole pipeline on local files."),
     "work": ("service.worker:work", "Run a job worker."),

@@ -296,3 +296,28 @@ def recalibrate(reader: Path, detector: Path, data: tuple[str, ...], out: Path |
                                                                                "metrics_on_fit_images",
                                                                                "second_scale", "mirror")}}
                               if fusion else {})}))
+
+
+@click.command(name="average")
+@click.option("--bundle", "bundles", multiple=True, required=True,
+              type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="A detector or type reader bundle to average; give two or more of one network (siblings: "
+                   "trained from the same weights with the same recipe and other seeds).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write the averaged bundle.")
+@click.option("--version", default=None, help="The averaged card's version (default: the first's, '-average').")
+@click.option("--weights-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+def average(bundles: tuple[Path, ...], out: Path, version: str | None, weights_dtype: str) -> None:
+    """Average the weights of sibling bundles into one network (a "model soup"; uncalibrated until refitted).
+
+    The mean of every weight and BatchNorm statistic; the card keeps the first bundle's name, input and
+    architecture, names every ingredient with its SHA-256, and drops what was fitted to one set of weights
+    (temperature, operating point, detection fusion, metrics): refit them with the command it prints.
+    """
+    from pipeline.models.bundle import BundleError
+    from pipeline.training.average import average_bundles, describe
+
+    try:
+        written = average_bundles(list(bundles), out, version=version, weights_dtype=weights_dtype)
+    except BundleError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps({"average": str(written), "note": describe(read_card(written))}))

@@ -1,0 +1,93 @@
+"""`fracture-node average`: sibling bundles' weights averaged into one network, refused across networks, and
+refitted by the commands its card names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.models.bundle import load_bundle, read_card
+from pipeline.training.average import FITTED_FIELDS
+from pipeline.training.cli import average, recalibrate, train
+from pipeline.training.toydata import write_toy_dataset
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_toy_dataset(tmp_path_factory.mktemp("toy-average"), count=24, seed=5, negatives=4)
+
+
+@pytest.fixture(scope="module")
+def readers(toy: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two tiny type readers started from the same detector with different seeds (no training step: their heads
+    differ, their backbones are the detector's), each with a fitted card."""
+    root = tmp_path_factory.mktemp("readers")
+    out = []
+    for seed in (1, 2):
+        path = root / f"reader{seed}"
+        result = CliRunner().invoke(train, [
+            "--task", "classify", "--data", str(toy), "--out", str(path), "--long-side", "192", "--patch", "64",
+            "--width", "4", "--batch-size", "4", "--max-steps", "0", "--checkpoint-dir", str(root / f"ckpt{seed}"),
+            "--workers", "0", "--val-fraction", "0.25", "--seed", str(seed), "--weights-dtype", "float32",
+            "--quiet", "--detector", str(model_dir / "detector")])
+        assert result.exit_code == 0, result.output
+        out.append(path)
+    return out
+
+
+def test_the_average_is_the_mean_of_every_tensor_and_its_card_names_the_ingredients(readers: list[Path],
+                                                                                      tmp_path: Path) -> None:
+    result = CliRunner().invoke(average, ["--bundle", str(readers[0]), "--bundle", str(readers[1]),
+                                          "--out", str(tmp_path / "soup"), "--version", "9.9.0",
+                                          "--weights-dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert "refit it before use (fracture-node recalibrate" in result.output
+    a, b = (load_bundle(p, expected_task="classify") for p in readers)
+    soup = load_bundle(tmp_path / "soup", expected_task="classify")
+    sa, sb, ss = a.model.state_dict(), b.model.state_dict(), soup.model.state_dict()
+    differing = [k for k in sa if sa[k].is_floating_point() and not torch.equal(sa[k], sb[k])]
+    assert differing, "the two ingredients should differ somewhere (their heads' seeds)"
+    for key in sa:
+        if sa[key].is_floating_point():
+            torch.testing.assert_close(ss[key], (sa[key] + sb[key]) / 2)
+        else:
+            assert torch.equal(ss[key], torch.maximum(sa[key], sb[key]))
+    card = soup.card
+    assert card["version"] == "9.9.0" and card["name"] == a.card["name"]
+    assert card["input"] == a.card["input"] and card["architecture"] == a.card["architecture"]
+    assert not set(FITTED_FIELDS) & set(card), "a calibration fitted to other weights must not travel"
+    assert soup.temperature == 1.0
+    assert [i["sha256"] for i in card["training"]["averaged_from"]] == [a.identity.sha256, b.identity.sha256]
+    assert [i["seed"] for i in card["training"]["averaged_from"]] == [1, 2]
+    assert "not for diagnostic use" in card["disclaimer"].lower()
+
+
+def test_the_average_is_refitted_by_the_command_its_card_names(readers: list[Path], toy: Path, model_dir: Path,
+                                                               tmp_path: Path) -> None:
+    soup = tmp_path / "soup"
+    made = CliRunner().invoke(average, ["--bundle", str(readers[0]), "--bundle", str(readers[1]),
+                                        "--out", str(soup)])
+    assert made.exit_code == 0, made.output
+    result = CliRunner().invoke(recalibrate, ["--classifier", str(soup), "--detector", str(model_dir / "detector"),
+                                              "--data", str(toy), "--out", str(tmp_path / "fitted"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    fitted = read_card(tmp_path / "fitted")
+    assert fitted["temperature"] > 0 and "validation" in fitted["metrics"]
+    assert fitted["weights"]["sha256"] == read_card(soup)["weights"]["sha256"]
+    assert len(fitted["training"]["averaged_from"]) == 2
+
+
+def test_only_bundles_of_one_network_are_averaged(readers: list[Path], model_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    for bundles, message in [
+        ([readers[0]], "two bundles or more"),
+        ([readers[0], model_dir / "detector"], "differs from"),
+        ([model_dir / "validity", model_dir / "validity"], "averaging is for the detector and the type reader"),
+    ]:
+        result = runner.invoke(average, [*[a for p in bundles for a in ("--bundle", str(p))],
+                                         "--out", str(tmp_path / "no")])
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert not (tmp_path / "no").exists()
