@@ -38,7 +38,7 @@ def readers(toy: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     return out
 
 
-def test_the_average_is_the_mean_of_every_tensor_and_its_card_names_the_ingredients(readers: list[Path],
+def test_the_average_is_the_mean_of_every_tensor_and_its_card_names_the_ingredients(readers: list[Path], toy: Path,
                                                                                       tmp_path: Path) -> None:
     result = CliRunner().invoke(average, ["--bundle", str(readers[0]), "--bundle", str(readers[1]),
                                           "--out", str(tmp_path / "soup"), "--version", "9.9.0",
@@ -62,6 +62,7 @@ def test_the_average_is_the_mean_of_every_tensor_and_its_card_names_the_ingredie
     assert soup.temperature == 1.0
     assert [i["sha256"] for i in card["training"]["averaged_from"]] == [a.identity.sha256, b.identity.sha256]
     assert [i["seed"] for i in card["training"]["averaged_from"]] == [1, 2]
+    assert all(str(toy) in i["data"] for i in card["training"]["averaged_from"])
     assert "not for diagnostic use" in card["disclaimer"].lower()
 
 

@@ -79,9 +79,9 @@ def average_bundles(bundles: list[Path], out: Path, version: str | None = None,
     card["created"] = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     card["training"] = {
         "averaged_from": [{"path": str(b.path), "name": b.identity.name, "version": b.identity.version,
-                           "sha256": b.identity.sha256, "seed": b.card.get("training", {}).get("seed"),
-                           "initialised_from": b.card.get("training", {}).get("initialised_from"),
-                           "command": b.card.get("training", {}).get("command")} for b in loaded],
+                           "sha256": b.identity.sha256,
+                           **{k: b.card.get("training", {}).get(k)
+                              for k in ("data", "seed", "initialised_from", "command")}} for b in loaded],
         "rule": "the element-wise mean of every floating-point tensor of the ingredients (BatchNorm's running "
                 "statistics included); integer tensors: the largest",
         "calibration": f"none: refit it before use ({REFIT[first.task]})",
