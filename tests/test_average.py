@@ -63,6 +63,13 @@ def test_the_average_is_the_mean_of_every_tensor_and_its_card_names_the_ingredie
     assert [i["sha256"] for i in card["training"]["averaged_from"]] == [a.identity.sha256, b.identity.sha256]
     assert [i["seed"] for i in card["training"]["averaged_from"]] == [1, 2]
     assert all(str(toy) in i["data"] for i in card["training"]["averaged_from"])
+    # The recipe both share is kept; what differs (the seed, and so the split of the toy data) or belongs to one
+    # run's calibration is not.
+    assert card["training"]["learning_rate"] == a.card["training"]["learning_rate"]
+    assert card["training"]["losses"] == a.card["training"]["losses"]
+    assert a.card["training"]["data"] != b.card["training"]["data"]
+    assert not {"seed", "data", "calibration_images"} & set(card["training"])
+    assert card["training"]["calibration"].startswith("none: refit it before use")
     assert "not for diagnostic use" in card["disclaimer"].lower()
 
 

@@ -20,6 +20,10 @@ from pipeline.models.bundle import BundleError, load_bundle, save_bundle
 #: Card fields fitted to, or measured on, one set of weights: dropped from an average.
 FITTED_FIELDS = ("metrics", "operating_point", "detection_fusion", "temperature")
 
+#: Training-record fields that describe one run's calibration or history, never carried into an average's card.
+RUN_FIELDS = ("calibration", "calibration_images", "calibration_data", "recalibrations", "first_calibration",
+              "recalibration_command", "history", "log", "note", "continued_from")
+
 #: How to refit what the average lacks, by task.
 REFIT = {
     "classify": "fracture-node recalibrate --classifier OUT --detector DETECTOR --data CAL [--fuse-detection ...]",
@@ -50,12 +54,21 @@ def average_state(states: list[dict[str, torch.Tensor]], names: list[str]) -> di
     return out
 
 
+def shared_training(cards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The training-record fields that every card holds with the same value (the recipe the ingredients share:
+    data, augmentation, losses, learning rate...), less those of one run's calibration or history
+    (:data:`RUN_FIELDS`)."""
+    records = [c.get("training", {}) for c in cards]
+    return {k: v for k, v in records[0].items()
+            if k not in RUN_FIELDS and all(k in r and r[k] == v for r in records[1:])}
+
+
 def average_bundles(bundles: list[Path], out: Path, version: str | None = None,
                     weights_dtype: str = "float16") -> Path:
     """Write the bundle at ``out`` whose weights are the mean of ``bundles``' (two or more detectors or type
     readers, each verified by its SHA-256; one task, architecture and input spec). Its card is the first
-    ingredient's without the fitted fields (:data:`FITTED_FIELDS`), with ``training.averaged_from`` naming every
-    ingredient."""
+    ingredient's without the fitted fields (:data:`FITTED_FIELDS`); its training record holds what every
+    ingredient's shares (:func:`shared_training`) and ``averaged_from``, naming every ingredient."""
     if len(bundles) < 2:
         raise BundleError("averaging needs two bundles or more")
     loaded = [load_bundle(b, runtime="torch") for b in bundles]
@@ -78,6 +91,7 @@ def average_bundles(bundles: list[Path], out: Path, version: str | None = None,
     card["version"] = version or f"{first.card['version']}-average"
     card["created"] = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     card["training"] = {
+        **shared_training([b.card for b in loaded]),
         "averaged_from": [{"path": str(b.path), "name": b.identity.name, "version": b.identity.version,
                            "sha256": b.identity.sha256,
                            **{k: b.card.get("training", {}).get(k)
