@@ -3,13 +3,14 @@ refitted by the commands its card names."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.models.bundle import load_bundle, read_card
+from pipeline.models.bundle import load_bundle, read_card, save_bundle
 from pipeline.training.average import FITTED_FIELDS
 from pipeline.training.cli import average, recalibrate, train
 from pipeline.training.toydata import write_toy_dataset
@@ -99,3 +100,38 @@ def test_only_bundles_of_one_network_are_averaged(readers: list[Path], model_dir
                                          "--out", str(tmp_path / "no")])
         assert result.exit_code != 0 and message in result.output, result.output
         assert not (tmp_path / "no").exists()
+
+
+def test_averaged_detectors_are_refitted_by_the_command_their_card_names(toy: Path, model_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    """Two detectors (the tiny one and a perturbed twin) averaged, then the Platt refit the card names: no training
+    step, so the refitted backbone is the average's, with a fitted temperature and operating point."""
+    detector = load_bundle(model_dir / "detector", expected_task="detect")
+    twin = copy.deepcopy(detector.model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=generator))
+    save_bundle(twin, {k: v for k, v in detector.card.items() if k != "weights"}, tmp_path / "twin",
+                dtype="float32")
+    made = CliRunner().invoke(average, ["--bundle", str(model_dir / "detector"), "--bundle", str(tmp_path / "twin"),
+                                        "--out", str(tmp_path / "soup"), "--weights-dtype", "float32"])
+    assert made.exit_code == 0, made.output
+    assert "fracture-node train --task fracture --init OUT --max-steps 0 --head-images 0" in made.output
+    soup = load_bundle(tmp_path / "soup", expected_task="detect")
+    assert "operating_point" not in soup.card and soup.operating_point == 0.5
+    refit = CliRunner().invoke(train, [
+        "--task", "fracture", "--init", str(tmp_path / "soup"), "--max-steps", "0", "--head-images", "0",
+        "--data", str(toy), "--calibration-data", str(toy), "--out", str(tmp_path / "fitted"),
+        "--long-side", str(soup.input_spec["long_side"]), "--crop", "64", "--width", "4", "--batch-size", "4",
+        "--workers", "0", "--checkpoint-dir", str(tmp_path / "ckpt"), "--weights-dtype", "float32", "--quiet"])
+    assert refit.exit_code == 0, refit.output
+    fitted = load_bundle(tmp_path / "fitted" / "detector", expected_task="detect")
+    # Fitted on the calibration images (the tiny network's figures are degenerate; that they were fitted is the point).
+    assert fitted.card["training"]["calibration_images"] == 24 and "temperature" in fitted.card
+    assert {"threshold", "indeterminate_band"} <= set(fitted.card["operating_point"])
+    assert fitted.card["training"]["calibration"].startswith("Platt scaling on the calibration images")
+    backbone = [k for k in soup.model.state_dict() if k.startswith("stem")]
+    assert backbone
+    for key in backbone:
+        torch.testing.assert_close(fitted.model.state_dict()[key], soup.model.state_dict()[key])
