@@ -1,6 +1,6 @@
 """Two model sets on the same images: each one's AUC and the difference, with a paired bootstrap interval.
 
-    .venv/bin/python bench/paired.py --base BASE.csv --new NEW.csv [--boot 2000] [--seed 1]
+    .venv/bin/python bench/paired.py --base BASE.csv --new NEW.csv [MORE.csv ...] [--boot 2000] [--seed 1]
 
 ``BASE.csv`` and ``NEW.csv`` are ``fracture-node evaluate --per-image`` rows of the same labelled folder. Over
 the radiographs of both (matched by file), prints JSON: for the call's probability (``probability``) and the
@@ -12,6 +12,11 @@ Session 21 added it to say how far a rule's margin stands from what 1 000 images
 Where both files carry the type columns (``type``, ``predicted_type``) and the map's (``peak_in_box``), the same
 draws also give the type's macro-F1 over the fractured images with a type (``type_macro_f1``) and the pointing
 game over the fractured images with a box (``pointing_game``), each with the same fields (session 25).
+
+Several ``--new`` files are scored as one set whose call, image by image, is the mean of theirs in logits (the
+sigmoid of the mean logit of each probability column): what running those stacks together and averaging their
+calls would give, read from their rows without running them (session 28). A mean of calls has no one type or map,
+so the type and map statistics are left out then.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import csv
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +44,27 @@ def _rows(path: Path) -> dict[str, dict[str, str]]:
         return {r["file"]: r for r in csv.DictReader(handle) if r["kind"] == "radiograph"}
 
 
-def paired(base: Path, new: Path, boot: int = 2000, seed: int = 1) -> dict[str, Any]:
-    a, b = _rows(base), _rows(new)
+def _mean_rows(paths: Sequence[Path]) -> dict[str, dict[str, str]]:
+    """Several sets' rows of the same images as one set: per image, each probability column the sigmoid of the
+    mean of the sets' logits; the label kept (it must agree), the type and map columns left out."""
+    sets = [_rows(p) for p in paths]
+    out: dict[str, dict[str, str]] = {}
+    for f in sorted(set.intersection(*(set(s) for s in sets))):
+        labels = {s[f]["fracture"] for s in sets}
+        if len(labels) != 1:
+            raise ValueError("the new files label the same image differently: not the same data")
+        row = {"file": f, "kind": "radiograph", "fracture": labels.pop()}
+        for column in COLUMNS:
+            p = np.clip([float(s[f][column]) for s in sets], 1e-6, 1 - 1e-6)
+            row[column] = repr(float(1 / (1 + np.exp(-np.mean(np.log(p / (1 - p)))))))
+        out[f] = row
+    return out
+
+
+def paired(base: Path, new: Path | Sequence[Path], boot: int = 2000, seed: int = 1) -> dict[str, Any]:
+    """``new``: one file, or several scored as the mean of their calls (:func:`_mean_rows`)."""
+    news = [new] if isinstance(new, Path) else list(new)
+    a, b = _rows(base), (_rows(news[0]) if len(news) == 1 else _mean_rows(news))
     files = sorted(set(a) & set(b))
     if not files:
         raise ValueError("the two files share no radiograph")
@@ -109,7 +134,8 @@ def _paired_statistics(a: dict[str, dict[str, str]], b: dict[str, dict[str, str]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", type=Path, required=True)
-    parser.add_argument("--new", type=Path, required=True)
+    parser.add_argument("--new", type=Path, nargs="+", required=True,
+                        help="one file, or several: scored as the mean of their calls in logits")
     parser.add_argument("--boot", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()

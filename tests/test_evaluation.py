@@ -105,6 +105,28 @@ def test_paired_bootstrap_scores_the_difference_on_the_same_images(tmp_path: Pat
     assert "type_macro_f1" not in got and "pointing_game" not in got  # rows without those columns
 
 
+def test_paired_scores_several_new_sets_as_the_mean_of_their_calls(tmp_path: Path) -> None:
+    """bench/paired.py with several --new files: one set whose call is the sigmoid of the sets' mean logit, image
+    by image (a set averaged with itself is itself); no type or map statistics for a mean of calls."""
+    rng = np.random.default_rng(9)
+    y = rng.random(300) < 0.5
+    pa = 1 / (1 + np.exp(-(rng.normal(0, 1, 300) + 0.8 * y)))
+    pb = 1 / (1 + np.exp(-(rng.normal(0, 1, 300) + 0.8 * y)))
+    a = _per_image_rows(tmp_path / "a.csv", y, pa, pa)
+    b = _per_image_rows(tmp_path / "b.csv", y, pb, pb)
+    got = paired.paired(a, [a, b], boot=100, seed=1)
+    logit = lambda p: np.log(np.round(p, 5) / (1 - np.round(p, 5)))  # noqa: E731 - the rows hold 5 decimals
+    mean = 1 / (1 + np.exp(-(logit(pa) + logit(pb)) / 2))
+    assert got["probability"]["new_auc"] == pytest.approx(roc_auc(mean, y.astype(int)), abs=1e-4)
+    assert got["probability"]["new_auc"] != pytest.approx(got["probability"]["base_auc"], abs=1e-4)
+    itself = paired.paired(a, [a, a], boot=50)["probability"]
+    assert itself["difference"] == 0 and itself["interval_95"] == [0, 0]
+    assert "type_macro_f1" not in got and "pointing_game" not in got
+    _per_image_rows(tmp_path / "c.csv", ~y, pb, pb)
+    with pytest.raises(ValueError, match="new files label the same image differently"):
+        paired.paired(a, [b, tmp_path / "c.csv"], boot=10)
+
+
 def _typed_rows(path: Path, labels: np.ndarray, truth: np.ndarray, predicted: np.ndarray, hits: np.ndarray) -> Path:
     with open(path, "w", newline="") as handle:
         out = csv.writer(handle)
