@@ -138,6 +138,11 @@ class Bundle:
         return dict(self.card.get("input", {}))
 
 
+def card_time() -> str:
+    """Now, in UTC, as model cards write their dates (``created``, a refit's ``date``)."""
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def make_card(
     *,
     name: str,
@@ -171,7 +176,7 @@ def make_card(
             "Not for", "not for"
         ),
         "disclaimer": DISCLAIMER,
-        "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": card_time(),
     }
     if extra:
         card.update(extra)

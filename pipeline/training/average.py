@@ -9,13 +9,12 @@ do not describe it, so the averaged card carries none of them and says how to re
 
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.models.bundle import BundleError, load_bundle, save_bundle
+from pipeline.models.bundle import BundleError, card_time, load_bundle, save_bundle
 
 #: Card fields fitted to, or measured on, one set of weights: dropped from an average.
 FITTED_FIELDS = ("metrics", "operating_point", "detection_fusion", "temperature")
@@ -89,7 +88,7 @@ def average_bundles(bundles: list[Path], out: Path, version: str | None = None,
     model.load_state_dict(state, strict=True)
     card = {k: v for k, v in first.card.items() if k not in (*FITTED_FIELDS, "weights")}
     card["version"] = version or f"{first.card['version']}-average"
-    card["created"] = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    card["created"] = card_time()
     card["training"] = {
         **shared_training([b.card for b in loaded]),
         "averaged_from": [{"path": str(b.path), "name": b.identity.name, "version": b.identity.version,

@@ -24,7 +24,6 @@ detector's call.
 
 from __future__ import annotations
 
-import datetime as _dt
 import shutil
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from pipeline.evaluation.metrics import (
     roc_auc,
     sensitivity_at_specificity,
 )
-from pipeline.models.bundle import Bundle, load_bundle, make_card, read_card, save_bundle, update_card
+from pipeline.models.bundle import Bundle, card_time, load_bundle, make_card, read_card, save_bundle, update_card
 from pipeline.models.imageio import read_gray
 from pipeline.models.nets import FractureNet, TypeOutput, TypeReader, count_parameters
 from pipeline.models.preprocess import cut_patch, fracture_input, resize_long_side, standardise_patch
@@ -604,7 +603,7 @@ def fit_detection_fusion(reader: TypeReader, long_side: int, patch: int, sites: 
             "single_reading": _single_reading(plain_x, None if second_scale is None else
                                               np.array(plain_coarse, dtype=np.float64), truth, figures)}
            if mirror else {}),
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": card_time(),
     }
 
 
@@ -664,7 +663,7 @@ def recalibrate_type_reader(reader_dir: Path, detector_dir: Path, calibration: l
     card = read_card(reader_dir)
     training = dict(card.get("training", {}))
     training["recalibrations"] = [*training.get("recalibrations", []), {
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": card_time(),
         "previous_calibration": training.get("calibration"), "previous_temperature": card.get("temperature"),
         "previous_metrics": card.get("metrics"), "previous_sites": type_sites(reader)}]
     training.update(calibration=how, calibration_images=len(held), calibration_data=calibration_data)
