@@ -9,7 +9,8 @@ import click
 import numpy as np
 import torch
 
-from pipeline.models.bundle import read_card
+from pipeline.models.bundle import BundleError, read_card
+from pipeline.training.average import average_bundles, describe
 from pipeline.training.datasets import DatasetError, Record, load_records, split_records
 from pipeline.training.loop import TrainConfig, train_fracture, train_validity
 from pipeline.training.type_reader import boost_log_prior, train_type_reader
@@ -313,9 +314,6 @@ def average(bundles: tuple[Path, ...], out: Path, version: str | None, weights_d
     architecture, names every ingredient with its SHA-256, and drops what was fitted to one set of weights
     (temperature, operating point, detection fusion, metrics): refit them with the command it prints.
     """
-    from pipeline.models.bundle import BundleError
-    from pipeline.training.average import average_bundles, describe
-
     try:
         written = average_bundles(list(bundles), out, version=version, weights_dtype=weights_dtype)
     except BundleError as exc:
