@@ -131,6 +131,8 @@ def test_averaged_detectors_are_refitted_by_the_command_their_card_names(toy: Pa
     assert fitted.card["training"]["calibration_images"] == 24 and "temperature" in fitted.card
     assert {"threshold", "indeterminate_band"} <= set(fitted.card["operating_point"])
     assert fitted.card["training"]["calibration"].startswith("Platt scaling on the calibration images")
+    # The detector's card names the weights it started from, as the reader's does (an average's lineage reads it).
+    assert fitted.card["training"]["initialised_from"] == str(tmp_path / "soup")
     backbone = [k for k in soup.model.state_dict() if k.startswith("stem")]
     assert backbone
     for key in backbone:

@@ -960,6 +960,7 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
         "calibration_images": len(val), "calibration_data": cfg.extra.get("calibration_data", "validation split"),
         "calibration": f"Platt scaling on the calibration images: shift {det_shift:+.4f} folded into the detection "
                        f"head's bias, temperature {det_t:.4f} in the card",
+        "initialised_from": str(init) if init is not None else None,
         "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "crop": cfg.crop,
         "learning_rate": cfg.lr, **augmentation_record(cfg),
         "losses": "BCE detection (crop-level label from the mask) + BCE segmentation of the fracture mask at 1/8 "
