@@ -95,7 +95,10 @@ def _type_boost(task: str, given: tuple[str, ...]) -> dict[str, int]:
                                  "with --site-share: the detector whose peaks place the site crops (default: "
                                  "--init, else the bundled detector).")
 @click.option("--crop", type=int, default=320, show_default=True, help="Training crop side (px, at input scale).")
-@click.option("--width", type=int, default=16, show_default=True, help="Backbone base width.")
+@click.option("--width", type=click.IntRange(min=4), default=None,
+              help="Backbone base width (default: the --init's, else 16). A fracture network wider than its --init "
+                   "starts as that network widened, computing what it computed (function-preserving); narrower is "
+                   "refused.")
 @click.option("--max-minutes", type=float, default=None,
               help="Time budget: the LR schedule is fitted to it from the measured speed (stretched in its first "
                    "half if the CPU turns out faster than first measured); stops early, then calibrates.")
@@ -163,7 +166,7 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
           val_fraction: float, epochs: int,
           out: Path | None, seed: int, batch_size: int | None, lr: float | None, long_side: int | None,
           patch: int, detector: Path | None, crop: int,
-          width: int, max_minutes: float | None, max_steps: int | None, checkpoint_dir: Path | None,
+          width: int | None, max_minutes: float | None, max_steps: int | None, checkpoint_dir: Path | None,
           checkpoint_every: int, resume: bool, init: Path | None, workers: int, threads: int, val_limit: int,
           cache_mb: int, crops_per_image: int, epochs_per_round: int, head_images: int,
           max_images: int | None, weights_dtype: str, quiet: bool, augment: float, processing: float,
@@ -194,6 +197,7 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
         train_recs = [r for i, r in enumerate(rads) if i in keep] + [r for r in train_recs if not r.is_radiograph]
     if not val_recs:
         raise click.ClickException("no validation images (use --val-data or a larger --val-fraction)")
+    width = width or _init_width(init) or 16
     out = out if out is not None else Path("var/models") / DEFAULT_OUT[task]
     ckpt = checkpoint_dir if checkpoint_dir is not None else Path("var/checkpoints") / f"{task}-seed{seed}"
     cfg = TrainConfig(
@@ -226,6 +230,20 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({k: str(v) for k, v in written.items()}))
+
+
+def _init_width(init: Path | None) -> int | None:
+    """The base width of the network ``--init`` names (a bundle's card, or a checkpoint's stem), if it says."""
+    if init is None:
+        return None
+    if init.is_dir():
+        try:
+            return read_card(init).get("architecture", {}).get("config", {}).get("width")
+        except BundleError as exc:
+            raise click.ClickException(str(exc)) from None
+    state = torch.load(init, map_location="cpu", weights_only=False).get("model", {})
+    stem = state.get("stem.0.weight")
+    return int(stem.shape[0]) if stem is not None else None
 
 
 @click.command(name="recalibrate")

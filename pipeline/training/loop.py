@@ -58,6 +58,7 @@ from pipeline.training.augment import (
 from pipeline.training.calibration import fit_platt, fit_temperature, operating_point, sigmoid
 from pipeline.training.datasets import Record
 from pipeline.training.peaks import detector_peaks, file_key, inside_box, read_peak_cache, write_peak_cache
+from pipeline.training.widen import fracture_net_width, widen_fracture_state
 
 ProgressFn = Callable[[dict[str, Any]], None]
 SCHEDULE_PROBE_STEPS = 60
@@ -780,19 +781,35 @@ def run_training_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg
             "log": str(log_path)}
 
 
-def init_from_bundle(model: torch.nn.Module, source: Path, show: bool) -> None:
+def init_from_bundle(model: torch.nn.Module, source: Path, show: bool, seed: int = 0) -> dict[str, Any] | None:
     """Start from a bundle or a training checkpoint; parameters whose shape differs are left as initialised
-    (e.g. a head that changed), and reported."""
+    (e.g. a head that changed), and reported. A :class:`FractureNet` narrower than ``model`` is widened first,
+    function-preserving (:mod:`pipeline.training.widen`, its random split seeded by ``seed``); the widening's
+    record is returned for the card (None when there was none)."""
     if source.is_dir():
         state = load_bundle(source).model.state_dict()
     else:
         state = torch.load(source, map_location="cpu", weights_only=False)["model"]
+    widened: dict[str, Any] | None = None
+    if isinstance(model, FractureNet) and "stem.0.weight" in state:
+        width, own_width = fracture_net_width(state), int(model.config["width"])
+        if width > own_width:
+            raise ValueError(f"--init {source} is a width-{width} network and this one is width {own_width}: "
+                             f"narrowing would throw its training away (leave --width out, or give {width})")
+        if width < own_width:
+            state = widen_fracture_state(state, own_width, seed=seed)
+            widened = {"from_width": width, "to_width": own_width, "seed": seed,
+                       "rule": "function-preserving (Net2WiderNet): each new channel copies an old one, and the "
+                               "layers reading a copied channel split its weights at random among the copies"}
+            if show:
+                print(f"--init {source}: widened from width {width} to {own_width}, computing what it computed")
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(set(own) - set(usable))
     model.load_state_dict(usable, strict=False)
     if show and skipped:
         print(f"--init {source}: kept the fresh initialisation of {', '.join(skipped)}")
+    return widened
 
 
 @torch.no_grad()
@@ -887,8 +904,9 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
     """
     torch.manual_seed(cfg.seed)
     model = FractureNet(width=cfg.width)
+    widened = None
     if init is not None:
-        init_from_bundle(model, init, show)
+        widened = init_from_bundle(model, init, show, seed=cfg.seed)
     train = [r for r in train if r.is_radiograph and r.fracture is not None]
     val = [r for r in val if r.is_radiograph and r.fracture is not None]
     crops = FractureCrops(train, cfg)
@@ -961,6 +979,7 @@ def train_fracture(train: list[Record], val: list[Record], cfg: TrainConfig, out
         "calibration": f"Platt scaling on the calibration images: shift {det_shift:+.4f} folded into the detection "
                        f"head's bias, temperature {det_t:.4f} in the card",
         "initialised_from": str(init) if init is not None else None,
+        **({"widened": widened} if widened is not None else {}),
         "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "crop": cfg.crop,
         "learning_rate": cfg.lr, **augmentation_record(cfg),
         "losses": "BCE detection (crop-level label from the mask) + BCE segmentation of the fracture mask at 1/8 "
