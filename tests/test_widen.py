@@ -114,4 +114,18 @@ def test_train_widens_its_init_and_says_so_and_a_refit_keeps_the_width(toy: Path
     # Starting a narrower network from it is refused with a message, not trained from scratch.
     code, output = _train(["--init", str(tmp_path / "wide" / "detector"), "--width", "4", "--max-steps", "0"],
                           tmp_path, toy, "narrowed")
-    assert code != 0 and "narrowing would throw its training away" in output
+    assert code != 0 and "width-6 network and this one is width 4" in output
+    assert "would throw its training away" in output
+
+
+def test_a_type_reader_of_another_width_than_its_detector_is_refused(toy: Path, model_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """The reader's backbone starts from the detector's; at another width every tensor would start fresh."""
+    result = CliRunner().invoke(train, [
+        "--task", "classify", "--data", str(toy), "--out", str(tmp_path / "reader"), "--long-side", "128",
+        "--patch", "64", "--width", "6", "--batch-size", "4", "--max-steps", "0", "--workers", "0",
+        "--val-fraction", "0.25", "--checkpoint-dir", str(tmp_path / "ckpt"), "--quiet",
+        "--detector", str(model_dir / "detector")])
+    assert result.exit_code != 0
+    assert "width-4 network and this one is width 6" in result.output
+    assert "only a detector is widened" in result.output

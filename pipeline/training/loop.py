@@ -785,25 +785,27 @@ def init_from_bundle(model: torch.nn.Module, source: Path, show: bool, seed: int
     """Start from a bundle or a training checkpoint; parameters whose shape differs are left as initialised
     (e.g. a head that changed), and reported. A :class:`FractureNet` narrower than ``model`` is widened first,
     function-preserving (:mod:`pipeline.training.widen`, its random split seeded by ``seed``); the widening's
-    record is returned for the card (None when there was none)."""
+    record is returned for the card (None when there was none). A backbone of any other width is refused rather
+    than dropped (every one of its tensors would keep the fresh initialisation)."""
     if source.is_dir():
         state = load_bundle(source).model.state_dict()
     else:
         state = torch.load(source, map_location="cpu", weights_only=False)["model"]
     widened: dict[str, Any] | None = None
-    if isinstance(model, FractureNet) and "stem.0.weight" in state:
-        width, own_width = fracture_net_width(state), int(model.config["width"])
-        if width > own_width:
-            raise ValueError(f"--init {source} is a width-{width} network and this one is width {own_width}: "
-                             f"narrowing would throw its training away (leave --width out, or give {width})")
-        if width < own_width:
+    own = model.state_dict()
+    if "stem.0.weight" in state and "stem.0.weight" in own:  # a detector's or type reader's backbone
+        width, own_width = fracture_net_width(state), fracture_net_width(own)
+        if width < own_width and isinstance(model, FractureNet):
             state = widen_fracture_state(state, own_width, seed=seed)
             widened = {"from_width": width, "to_width": own_width, "seed": seed,
                        "rule": "function-preserving (Net2WiderNet): each new channel copies an old one, and the "
                                "layers reading a copied channel split its weights at random among the copies"}
             if show:
                 print(f"--init {source}: widened from width {width} to {own_width}, computing what it computed")
-    own = model.state_dict()
+        elif width != own_width:
+            raise ValueError(f"{source} is a width-{width} network and this one is width {own_width}: starting from "
+                             f"it would throw its training away (give --width {width}"
+                             f"{'; only a detector is widened' if width < own_width else ''})")
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(set(own) - set(usable))
     model.load_state_dict(usable, strict=False)
