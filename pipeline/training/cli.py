@@ -12,6 +12,7 @@ import torch
 from pipeline.models.bundle import BundleError, read_card
 from pipeline.training.average import average_bundles, describe
 from pipeline.training.datasets import DatasetError, Record, load_records, split_records
+from pipeline.training.device import DEVICE_CHOICES, DeviceError, resolve_device
 from pipeline.training.loop import TrainConfig, train_fracture, train_validity
 from pipeline.training.type_reader import boost_log_prior, train_type_reader
 
@@ -147,7 +148,13 @@ def _type_boost(task: str, given: tuple[str, ...]) -> dict[str, int]:
                    "taken off that type's logit after training, so the shipped reader keeps the data's type prior. "
                    "Fracture and detect tasks (since session 27): each such image gives N times --crops-per-image "
                    "crops a round; the detection logit is recalibrated as always.")
-@click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes.")
+@click.option("--device", default="auto", show_default=True, metavar="|".join(DEVICE_CHOICES) + "|cuda:N",
+              help="Where the optimisation steps run: auto takes the first CUDA GPU torch sees, else the CPU. Crops "
+                   "are drawn, and calibration and the bundle done, on the CPU either way; the card records the "
+                   "device (training.device). A checkpoint resumes on either.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Processes drawing crops and patches (DataLoader workers; for the detector's rounds of crops, "
+                   "the processes drawing a round).")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
 @click.option("--val-limit", type=int, default=400, show_default=True, help="Images used for per-epoch validation.")
 @click.option("--cache-mb", type=int, default=3500, show_default=True)
@@ -171,8 +178,12 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
           cache_mb: int, crops_per_image: int, epochs_per_round: int, head_images: int,
           max_images: int | None, weights_dtype: str, quiet: bool, augment: float, processing: float,
           zoom_out: float, zoom_in: float, rotate: float, noise_max: float, type_weight: float,
-          site_share: float, type_boost: tuple[str, ...]) -> None:
+          site_share: float, type_boost: tuple[str, ...], device: str) -> None:
     """Train a model bundle (reproducible, checkpointed, resumable)."""
+    try:
+        where = resolve_device(device)
+    except DeviceError as exc:
+        raise click.ClickException(str(exc)) from None
     if task == "classify" and rotate:
         raise click.ClickException("--rotate applies to the validity and fracture tasks: the type reader's patches "
                                    "already take any angle")
@@ -210,7 +221,7 @@ def train(task: str, data: tuple[str, ...], val_data: tuple[str, ...], calibrati
         bank_per_image=crops_per_image, bank_epochs=epochs_per_round, head_images=head_images,
         weights_dtype=weights_dtype, data_description=_describe(train_recs, data), augment=augment,
         processing=processing, zoom_out=zoom_out, zoom_in=zoom_in, rotate=rotate, noise_max=noise_max,
-        type_loss_weight=type_weight, site_share=site_share, type_boost=boost,
+        type_loss_weight=type_weight, site_share=site_share, type_boost=boost, device=str(where),
         extra={"command": _command_line(),
                **({"calibration_data": ", ".join(calibration_data)} if calibration_data else {})},
     )

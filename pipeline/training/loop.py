@@ -57,6 +57,7 @@ from pipeline.training.augment import (
 )
 from pipeline.training.calibration import fit_platt, fit_temperature, operating_point, sigmoid
 from pipeline.training.datasets import Record
+from pipeline.training.device import describe_device, model_device, prepare, to_device
 from pipeline.training.peaks import detector_peaks, file_key, inside_box, read_peak_cache, write_peak_cache
 from pipeline.training.widen import fracture_net_width, widen_fracture_state
 
@@ -98,6 +99,7 @@ class TrainConfig:
     # fracture type -> times each fractured image of it is drawn (classify: patches an epoch; fracture: crops a round)
     type_boost: dict[str, int] = field(default_factory=dict)
     weights_dtype: str = "float16"
+    device: str = "cpu"  # where the optimisation loop runs: cpu, cuda or cuda:N (see pipeline.training.device)
     data_description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -550,16 +552,17 @@ def fracture_loss(out: Any, batch: dict[str, torch.Tensor],
     det = F.binary_cross_entropy_with_logits(out.detect, batch["det"], reduction="none")
     det_loss = (det * det_w).sum() / det_w.sum().clamp(min=1.0)
     seg_w = batch["seg_w"]
-    seg_loss = torch.zeros(())
+    seg_loss = det_loss.new_zeros(())
     if float(seg_w.sum()) > 0:
         target = batch["seg"]
         logits = out.seg
         if logits.shape[-2:] != target.shape[-2:]:
             logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
         sel = seg_w > 0
-        seg_loss = F.binary_cross_entropy_with_logits(logits[sel], target[sel], pos_weight=torch.tensor(4.0))
+        seg_loss = F.binary_cross_entropy_with_logits(logits[sel], target[sel],
+                                                      pos_weight=logits.new_tensor(4.0))
     tsel = batch["type"] >= 0
-    type_loss = torch.zeros(())
+    type_loss = det_loss.new_zeros(())
     if bool(tsel.any()):
         type_loss = F.cross_entropy(out.types[tsel], batch["type"][tsel], label_smoothing=0.05)
     total = det_loss + seg_loss + type_weight * type_loss
@@ -575,12 +578,13 @@ def predict_fracture(model: FractureNet, records: list[Record], long_side: int,
                      show: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Detection logits (N,) and type logits (N, 11) on whole images, as at inference."""
     model.eval()
+    device = model_device(model)
     det, types = [], []
     for rec in tqdm(records, desc="validate", leave=False, disable=not show):
         x, _g = prepare_fracture_input(read_gray(rec.path), long_side)
-        out = model(x)
+        out = model(x.to(device))
         det.append(float(out.detect[0]))
-        types.append(out.types[0].numpy())
+        types.append(out.types[0].float().cpu().numpy())
     return np.array(det), (np.stack(types) if types else np.zeros((0, len(FRACTURE_TYPES))))
 
 
@@ -660,16 +664,21 @@ def run_training_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg
                       loss_fn: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
                       validate: Callable[[], dict[str, float]], resume: bool, show: bool,
                       loader_workers: int | None = None) -> dict[str, Any]:
-    """Shared optimisation loop: checkpoints, resume, time budget, per-epoch validation."""
+    """Shared optimisation loop: checkpoints, resume, time budget, per-epoch validation.
+
+    Runs on ``cfg.device`` (``validate`` is called with the model there) and leaves the model on the CPU."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / "checkpoint.pt"
     log_path = ckpt_dir / "train_log.jsonl"
+    device = torch.device(cfg.device)
+    prepare(device)
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": [], "elapsed_s": 0.0}
     if resume and ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
+        opt.load_state_dict(saved["optimizer"])  # its state follows the parameters onto this run's device
         state = saved["state"]
         if show:
             print(f"resuming from {ckpt} at epoch {state['epoch']} batch {state['batch']} (step {state['step']})")
@@ -688,7 +697,7 @@ def run_training_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg
     sampler = EpochBatches(n, cfg.batch_size, cfg.seed, state["epoch"], state["batch"], cfg.epochs)
     loader: DataLoader[Any] = DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate,
                                          num_workers=cfg.num_workers if loader_workers is None else loader_workers,
-                                         persistent_workers=False)
+                                         persistent_workers=False, pin_memory=device.type == "cuda")
     started = time.time() - float(state["elapsed_s"])
     bar = tqdm(total=total, initial=min(state["step"], total), desc=f"train {cfg.task}", disable=not show,
                dynamic_ncols=True)
@@ -704,6 +713,7 @@ def run_training_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg
             break
         for group in opt.param_groups:
             group["lr"] = _lr_at(state["step"], total, cfg.lr)
+        batch = to_device(batch, device)
         out = model(batch["x"])
         loss, parts = loss_fn(out, batch)
         opt.zero_grad(set_to_none=True)
@@ -775,10 +785,11 @@ def run_training_loop(model: torch.nn.Module, dataset: Dataset[Any], n: int, cfg
             stopped = "data_exhausted"
     bar.close()
     _save_checkpoint(ckpt, model, opt, state)
+    model.cpu()
     model.eval()
     return {"steps": state["step"], "planned_steps": total, "epochs_completed": state["epoch"],
             "stopped": stopped, "elapsed_s": round(float(state["elapsed_s"]), 1), "history": state["history"],
-            "log": str(log_path)}
+            "log": str(log_path), "device": describe_device(device)}
 
 
 def init_from_bundle(model: torch.nn.Module, source: Path, show: bool, seed: int = 0) -> dict[str, Any] | None:
@@ -1078,10 +1089,11 @@ def validity_loss(out: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[to
 @torch.inference_mode()
 def predict_validity(model: ValidityNet, records: list[Record], size: int) -> np.ndarray:
     model.eval()
+    device = model_device(model)
     out = []
     for rec in records:
         x = torch.from_numpy(((letterbox(read_gray(rec.path), size) - 0.5) / 0.25).astype(np.float32))[None, None]
-        out.append(float(model(x)[0]))
+        out.append(float(model(x.to(device))[0]))
     return np.array(out)
 
 

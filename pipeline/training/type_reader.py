@@ -71,6 +71,7 @@ from pipeline.training.augment import (
 )
 from pipeline.training.calibration import fit_logistic, fit_temperature, operating_point, sigmoid
 from pipeline.training.datasets import Record
+from pipeline.training.device import model_device
 from pipeline.training.loop import (
     TrainConfig,
     augmentation_record,
@@ -325,7 +326,7 @@ def type_loss(out: TypeOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     logits = out.seg
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-    seg_loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(4.0))
+    seg_loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=logits.new_tensor(4.0))
     loss = cls_loss + seg_loss
     return loss, {"loss": float(loss.detach()), "type": float(cls_loss.detach()), "seg": float(seg_loss.detach())}
 
@@ -416,8 +417,10 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
         if val_x is None:
             return {}
         model.eval()
+        device = model_device(model)
         with torch.inference_mode():
-            logits = torch.cat([model(val_x[k:k + 64]).types for k in range(0, len(val_x), 64)]).numpy()
+            logits = torch.cat([model(val_x[k:k + 64].to(device)).types.float().cpu()
+                                for k in range(0, len(val_x), 64)]).numpy()
         return _scores(val_truth, logits - log_prior)  # as the reader will ship: its sampling factors taken out
 
     log_prior = boost_log_prior(cfg.type_boost).astype(np.float32)
