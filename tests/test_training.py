@@ -83,7 +83,11 @@ from pipeline.types import Radiograph
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_toy_dataset(tmp_path_factory.mktemp("toy"), count=32, seed=3, negatives=9)
+    # A fixed name: the seeded split hashes the file's last three path parts, the folder's name among them, and
+    # the tiny models below are trained on that split. Numbered, the folder was "toy0" when this module made the
+    # first "toy" of the session and "toy1" when tests/test_training_device.py ran first, and then two tests
+    # failed on the other split (docs/MODELS.md notes the split's dependence on the folder name).
+    return write_toy_dataset(tmp_path_factory.mktemp("toy0", numbered=False), count=32, seed=3, negatives=9)
 
 
 def _png(path: Path) -> None:

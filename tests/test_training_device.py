@@ -26,7 +26,7 @@ no_cuda = pytest.mark.skipif(HAS_CUDA, reason="this machine has a CUDA GPU")
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_toy_dataset(tmp_path_factory.mktemp("toy"), count=24, seed=5, negatives=8)
+    return write_toy_dataset(tmp_path_factory.mktemp("toy-device"), count=24, seed=5, negatives=8)
 
 
 def _fracture_args(toy: Path, out: Path, ckpt: Path, epochs: int, device: str) -> list[str]:

@@ -584,7 +584,7 @@ def predict_fracture(model: FractureNet, records: list[Record], long_side: int,
         x, _g = prepare_fracture_input(read_gray(rec.path), long_side)
         out = model(x.to(device))
         det.append(float(out.detect[0]))
-        types.append(out.types[0].float().cpu().numpy())
+        types.append(out.types[0].cpu().numpy())
     return np.array(det), (np.stack(types) if types else np.zeros((0, len(FRACTURE_TYPES))))
 
 

@@ -419,7 +419,7 @@ def train_type_reader(train: list[Record], val: list[Record], cfg: TrainConfig, 
         model.eval()
         device = model_device(model)
         with torch.inference_mode():
-            logits = torch.cat([model(val_x[k:k + 64].to(device)).types.float().cpu()
+            logits = torch.cat([model(val_x[k:k + 64].to(device)).types.cpu()
                                 for k in range(0, len(val_x), 64)]).numpy()
         return _scores(val_truth, logits - log_prior)  # as the reader will ship: its sampling factors taken out
 
