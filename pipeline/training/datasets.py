@@ -46,6 +46,7 @@ class Record:
     is_radiograph: bool = True
     kind: str | None = None  # negative kind for non-radiographs
     split: str | None = None
+    key: str = ""  # the file's path relative to its data set's root (the CSV's own path for MURA): what splits it
 
 
 def _truthy(value: str) -> bool:
@@ -85,13 +86,14 @@ def read_generator_layout(root: str | Path, include_negatives: bool = True) -> l
             records.append(Record(
                 path=root / row["file"], fracture=fracture, type=ftype,
                 mask=mask if mask.is_file() else None, box=box,  # type: ignore[arg-type]
-                region=(row.get("region") or None),
+                region=(row.get("region") or None), key=Path(row["file"]).as_posix(),
             ))
     neg_csv = root / "negatives.csv"
     if include_negatives and neg_csv.is_file():
         with open(neg_csv, newline="") as handle:
             for row in csv.DictReader(handle):
-                records.append(Record(path=root / row["file"], is_radiograph=False, kind=row.get("kind") or None))
+                records.append(Record(path=root / row["file"], is_radiograph=False, kind=row.get("kind") or None,
+                                      key=Path(row["file"]).as_posix()))
     return records
 
 
@@ -125,7 +127,8 @@ def read_folder_per_class(root: str | Path) -> list[Record]:
                 raise DatasetError(f"{class_dir}: class folder {class_dir.name!r} is not in the taxonomy ({exc})") \
                     from None
             for img in _images_under(class_dir):
-                records.append(Record(path=img, fracture=fracture, type=ftype, split=split))
+                records.append(Record(path=img, fracture=fracture, type=ftype, split=split,
+                                      key=img.relative_to(root).as_posix()))
     if not records:
         raise DatasetError(f"{root}: no images found in class folders")
     return records
@@ -171,9 +174,11 @@ def read_mura_csv(csv_path: str | Path, root: str | Path | None = None) -> list[
                 raise DatasetError(f"{csv_path}:{n}: {row[0]!r} not found under {', '.join(map(str, bases))}")
             region_match = re.search(r"XR_([A-Z]+)", row[0].upper())
             region = region_match.group(1).lower() if region_match else None
+            listed = Path(row[0].strip()).as_posix()
             images = _images_under(found) if found.is_dir() else [found]
             for img in images:
-                records.append(Record(path=img, fracture=label, region=region, split=split))
+                key = f"{listed}/{img.relative_to(found).as_posix()}" if found.is_dir() else listed
+                records.append(Record(path=img, fracture=label, region=region, split=split, key=key))
     if not records:
         raise DatasetError(f"{csv_path}: no images listed")
     return records
@@ -192,8 +197,9 @@ def load_records(source: str | Path) -> list[Record]:
 
 
 def split_records(records: list[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Deterministic split: explicit ``split`` columns win, otherwise a seeded hash of the file's last three path
-    components (not the absolute path: the same dataset splits the same wherever it is stored)."""
+    """Deterministic split: explicit ``split`` columns win, otherwise a seeded hash of the file's path relative to
+    its data set's root (``Record.key``), so a data set splits the same wherever it is stored and whatever its
+    folder is called. A record without a key (made by hand) is hashed on its last three path parts."""
     if any(r.split in ("val",) for r in records):
         train = [r for r in records if r.split in (None, "train")]
         val = [r for r in records if r.split == "val"]
@@ -202,7 +208,8 @@ def split_records(records: list[Record], val_fraction: float, seed: int) -> tupl
     for r in records:
         if r.split == "test":
             continue
-        h = hashlib.sha256(f"{seed}:{'/'.join(r.path.parts[-3:])}".encode()).digest()
+        name = r.key or "/".join(r.path.parts[-3:])
+        h = hashlib.sha256(f"{seed}:{name}".encode()).digest()
         (val if int.from_bytes(h[:4], "big") / 2**32 < val_fraction else train).append(r)
     return train, val
 
