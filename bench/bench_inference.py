@@ -33,6 +33,9 @@ from pipeline.explain import edge_view, hybrid_overlay  # noqa: E402
 from pipeline.models.imageio import load_file  # noqa: E402
 from pipeline.run import load_models, run_fracture_models  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from node_harness import machine, percentile  # noqa: E402
+
 
 def make_image(path: Path, size: int) -> None:
     """A 16-bit PNG (``path`` ending .png) or an uncompressed DX DICOM (.dcm) of a generated fractured radiograph
@@ -93,7 +96,7 @@ def main() -> None:
         "threads": args.threads if args.runtime != "numpy" else "BLAS default",
         "runs": args.runs,
         "core_ms_median": round(statistics.median(core), 1),
-        "core_ms_p90": round(sorted(core)[int(0.9 * (len(core) - 1))], 1),
+        "core_ms_p90": round(percentile(core, 0.9), 1),
         "core": "decode + validity (rules + CNN) + detection + classification + Grad-CAM of the detector"
                 + (" and of the type reader" if outs.type_heatmap is not None else ""),
         "stages_ms_median": {name: round(statistics.median(v), 1) for name, v in stages.items()},
@@ -101,6 +104,7 @@ def main() -> None:
                   "and Grad-CAM",
         "explanation_images_ms_median": round(statistics.median(explain), 1),
         "target_ms": 150,
+        "machine": machine(),
     }
     print(json.dumps(result, indent=2))
 
