@@ -155,15 +155,10 @@ def test_cli_rejects_bad_rate(tmp_path: Path) -> None:
 def test_interleaved_monitoring_set_alternates_sources_and_keeps_masks(dataset: Path, tmp_path: Path) -> None:
     """bench/interleave_sets.py: the first rows of a generator folder and an altsim folder, alternating, read by
     the importer with each image's own mask and box."""
-    import importlib.util
-
     from pipeline.training.toydata import write_toy_dataset
+    from tests import bench_scripts
 
-    spec = importlib.util.spec_from_file_location(
-        "interleave_sets", Path(__file__).resolve().parents[1] / "bench" / "interleave_sets.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = bench_scripts.load("interleave_sets")
     toy = write_toy_dataset(tmp_path / "toy", count=6, seed=5)
     out = tmp_path / "mixed"
     assert module.interleave(out, 4, [toy, dataset]) == 8

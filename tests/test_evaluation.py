@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -23,22 +22,11 @@ from pipeline.evaluation.metrics import (
 )
 from pipeline.taxonomy import FRACTURE_TYPES
 from pipeline.training.toydata import write_toy_dataset, write_untrained_bundles
+from tests import bench_scripts
 
-_SPEC = importlib.util.spec_from_file_location(
-    "per_image_breakdown", Path(__file__).resolve().parents[1] / "bench" / "per_image_breakdown.py")
-assert _SPEC is not None and _SPEC.loader is not None
-per_image_breakdown = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(per_image_breakdown)
-_LOOKS_SPEC = importlib.util.spec_from_file_location("looks",
-                                                     Path(__file__).resolve().parents[1] / "bench" / "looks.py")
-assert _LOOKS_SPEC is not None and _LOOKS_SPEC.loader is not None
-looks = importlib.util.module_from_spec(_LOOKS_SPEC)
-_LOOKS_SPEC.loader.exec_module(looks)
-_PAIRED_SPEC = importlib.util.spec_from_file_location("paired",
-                                                      Path(__file__).resolve().parents[1] / "bench" / "paired.py")
-assert _PAIRED_SPEC is not None and _PAIRED_SPEC.loader is not None
-paired = importlib.util.module_from_spec(_PAIRED_SPEC)
-_PAIRED_SPEC.loader.exec_module(paired)
+per_image_breakdown = bench_scripts.load("per_image_breakdown")
+looks = bench_scripts.load("looks")
+paired = bench_scripts.load("paired")
 
 
 def test_auc_known_values() -> None:

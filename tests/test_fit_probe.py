@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,12 +13,9 @@ from click.testing import CliRunner
 
 from pipeline.evaluation.cli import evaluate
 from pipeline.training.toydata import write_toy_dataset, write_untrained_bundles
+from tests import bench_scripts
 
-_SPEC = importlib.util.spec_from_file_location("fit_probe",
-                                               Path(__file__).resolve().parents[1] / "bench" / "fit_probe.py")
-assert _SPEC is not None and _SPEC.loader is not None
-fit_probe = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(fit_probe)
+fit_probe = bench_scripts.load("fit_probe")
 
 
 def test_map_in_box_reads_the_cells_over_the_box_grown_by_one_cell() -> None:

@@ -7,8 +7,6 @@ The simulator is loaded from its file (it is a bench script, not a package); onl
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import cv2
@@ -16,19 +14,9 @@ import numpy as np
 import pytest
 
 from pipeline.training.datasets import read_generator_layout
+from tests import bench_scripts
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("othersim", ROOT / "bench" / "othersim.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["othersim"] = mod  # so that its multiprocessing workers can pickle its functions by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-othersim = _load()
+othersim = bench_scripts.load("othersim", register=True)  # its workers pickle its functions by name
 N = 8
 
 

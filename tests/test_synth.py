@@ -330,14 +330,9 @@ def test_negative_random_kind_and_unknown_kind():
 
 
 def _visibility():  # type: ignore[no-untyped-def]
-    import importlib.util
+    from tests import bench_scripts
 
-    spec = importlib.util.spec_from_file_location("visibility", Path(__file__).resolve().parents[1] / "bench" /
-                                                  "visibility.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("visibility")
 
 
 def test_the_intact_twin_differs_only_at_the_fracture_and_the_noise_draws_only_in_noise() -> None:
